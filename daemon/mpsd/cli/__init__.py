@@ -1,0 +1,1 @@
+"""Command-line entry points: `mpsd` (the daemon) and `mpsctl` (its operator client)."""

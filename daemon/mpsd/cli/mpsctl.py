@@ -1,0 +1,132 @@
+"""`mpsctl`: the operator's client. Status over the admin socket; generate over the public API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+import grpc
+
+from mpsd import paths
+from mpsd.cli.status_format import format_status, format_worker, to_plain
+from mpsd.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:7700"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except grpc.RpcError as exc:
+        print(f"mpsctl: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpsctl", description="operate a running mpsd")
+    parser.add_argument("--state-dir", type=pathlib.Path, help="the daemon's state directory (default: $MPSD_STATE_DIR or the platform's)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    status = commands.add_parser("status", help="daemon, models, memory and workers")
+    status.add_argument("worker", nargs="?", help="show one worker in full")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(handler=_status)
+    generate = commands.add_parser("generate", help="stream generated text to the terminal")
+    generate.add_argument("prompt")
+    generate.add_argument("--model", default="", help="model name (default: the only model)")
+    generate.add_argument("--max-tokens", type=int)
+    generate.add_argument("--temperature", type=float)
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    generate.add_argument("--address", help="public API HOST:PORT (default: $MPSD_ADDRESS, else asked of the daemon)")
+    generate.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    generate.set_defaults(handler=_generate)
+    wait = commands.add_parser("wait", help="wait until every configured worker is READY")
+    wait.add_argument("--timeout", type=float, default=300.0)
+    wait.set_defaults(handler=_wait)
+    return parser
+
+
+def _admin_stub(args) -> admin_pb2_grpc.AdminStub:
+    state_dir = args.state_dir or paths.default_state_dir()
+    channel = grpc.insecure_channel(f"unix:{paths.admin_socket_path(state_dir)}")
+    return admin_pb2_grpc.AdminStub(channel)
+
+
+def _fetch_status(args, timeout: float = 5.0) -> dict:
+    return to_plain(_admin_stub(args).Status(admin_pb2.StatusRequest(), timeout=timeout))
+
+
+def _status(args) -> int:
+    status = _fetch_status(args)
+    if args.worker:
+        worker = next((w for w in status["workers"] if w["id"] == args.worker), None)
+        if worker is None:
+            print(f"mpsctl: no worker {args.worker!r}; workers: {', '.join(w['id'] for w in status['workers'])}", file=sys.stderr)
+            return 1
+        print(json.dumps(worker, indent=2) if args.json else format_worker(worker))
+        return 0
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def _wait(args) -> int:
+    deadline = time.monotonic() + args.timeout
+    last = "daemon not answering yet"
+    while time.monotonic() < deadline:
+        try:
+            workers = _fetch_status(args, timeout=2.0)["workers"]
+        except grpc.RpcError as exc:
+            last = f"daemon not answering ({exc.code().name})"
+        else:
+            states = {w["id"]: w["state"] for w in workers}
+            if all(s == "READY" for s in states.values()):
+                print("all workers READY: " + ", ".join(states))
+                return 0
+            fatal = [w for w in workers if w["state"] == "FATAL"]
+            if fatal:
+                print(f"mpsctl: worker {fatal[0]['id']} is FATAL: {fatal[0]['reason']}", file=sys.stderr)
+                return 1
+            last = ", ".join(f"{k} {v}" for k, v in states.items())
+        time.sleep(0.25)
+    print(f"mpsctl: timed out after {args.timeout:g}s; last seen: {last}", file=sys.stderr)
+    return 1
+
+
+def _public_address(args) -> str:
+    if args.address or os.environ.get("MPSD_ADDRESS"):
+        return args.address or os.environ["MPSD_ADDRESS"]
+    try:
+        return _fetch_status(args, timeout=2.0)["daemon"]["listen"] or DEFAULT_ADDRESS
+    except grpc.RpcError:
+        return DEFAULT_ADDRESS
+
+
+def _generate(args) -> int:
+    request = inference_pb2.GenerateRequest(model=args.model, prompt=args.prompt, stop=args.stop)
+    for field, value in (("max_tokens", args.max_tokens), ("temperature", args.temperature),
+                         ("top_p", args.top_p), ("seed", args.seed)):
+        if value is not None:
+            setattr(request, field, value)
+    with grpc.insecure_channel(_public_address(args)) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        for message in stub.Generate(request, timeout=args.timeout):
+            if message.HasField("finish"):
+                finish = message.finish
+                print(f"\n[{finish.reason}: {finish.usage.prompt_tokens} prompt + {finish.usage.completion_tokens} "
+                      f"generated tokens, worker {finish.worker_id} pid {finish.worker_pid}]", file=sys.stderr)
+            else:
+                sys.stdout.write(message.text)
+                sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

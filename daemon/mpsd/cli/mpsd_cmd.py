@@ -1,0 +1,69 @@
+"""`mpsd serve`: run the daemon in the foreground. `mpsd build-demo`: build the demo model."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import pathlib
+import sys
+
+from mpsd import __version__, paths
+from mpsd.cli.logs import setup_logging
+from mpsd.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mpsd", description="model process supervisor daemon")
+    parser.add_argument("--version", action="version", version=f"mpsd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument("--config", type=pathlib.Path, help="TOML config file (default: the embedded demo config)")
+    serve.add_argument("--listen", help="public API address HOST:PORT (default from config: 127.0.0.1:7700)")
+    serve.add_argument("--state-dir", type=pathlib.Path, help="where the admin socket lives (default: $MPSD_STATE_DIR or the platform's)")
+    serve.add_argument("--data-dir", type=pathlib.Path, help="where the demo model is built (default: $MPSD_DATA_DIR or the platform's)")
+    build = commands.add_parser("build-demo", help="build the demo model now (it is built on first use otherwise)")
+    build.add_argument("--data-dir", type=pathlib.Path)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _build_demo(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from mpsd.supervisor.daemon import Daemon, DaemonError
+    from mpsd.supervisor.demo_build import DemoBuildFailed
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"mpsd: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.daemon.log_format)
+    state_dir = args.state_dir or config.daemon.state_dir or paths.default_state_dir()
+    daemon = Daemon(config, state_dir, args.listen or config.daemon.listen, args.data_dir or paths.default_data_dir())
+    try:
+        return asyncio.run(daemon.run())
+    except (DaemonError, DemoBuildFailed, ValueError, OSError) as exc:
+        logging.getLogger("mpsd").error("cannot serve: %s", exc)
+        return 1
+
+
+def _build_demo(args: argparse.Namespace) -> int:
+    from mpsd.supervisor.daemon import worker_env
+    from mpsd.supervisor.demo_build import DemoBuildFailed, ensure_demo_model
+
+    setup_logging("text")
+    config = load_config(None)
+    target = paths.demo_model_dir(args.data_dir or paths.default_data_dir())
+    try:
+        asyncio.run(ensure_demo_model(target, worker_env(config.models[0])))
+    except DemoBuildFailed as exc:
+        print(f"mpsd: {exc}", file=sys.stderr)
+        return 1
+    print(f"demo model ready in {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

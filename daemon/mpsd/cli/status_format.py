@@ -1,0 +1,79 @@
+"""Status as plain data (for --json) and as a table (for people). Formatting only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf.descriptor import FieldDescriptor
+
+from mpsd.units import format_bytes, format_duration
+
+
+def to_plain(message) -> dict[str, Any]:
+    """Every field, defaults included, with 64-bit integers as JSON numbers (not strings)."""
+    plain: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.message_type and field.message_type.GetOptions().map_entry:
+            plain[field.name] = {k: _scalar_or_plain(v) for k, v in value.items()}
+        elif field.label == FieldDescriptor.LABEL_REPEATED:
+            plain[field.name] = [_scalar_or_plain(v) for v in value]
+        else:
+            plain[field.name] = _scalar_or_plain(value)
+    return plain
+
+
+def _scalar_or_plain(value):
+    return to_plain(value) if hasattr(value, "DESCRIPTOR") else value
+
+
+def format_status(status: dict[str, Any]) -> str:
+    daemon, memory = status["daemon"], status["memory"]
+    lines = [
+        f"mpsd {daemon['version']}  pid {daemon['pid']}  up {format_duration(daemon['uptime_s'])}  "
+        f"public {daemon['listen']}  config {daemon['config_path']}",
+        f"memory ({memory['probe']}): used {format_bytes(memory['used_bytes'])} of {format_bytes(memory['budget_bytes'])}, "
+        f"available {format_bytes(memory['available_bytes'])}",
+        "",
+    ]
+    lines += _table(
+        ["MODEL", "BACKEND", "DEVICE", "READY", "QUEUED", "CONTEXT"],
+        [[m["name"], m["backend"], m["device"], f"{m['ready']}/{m['replicas']}", f"{m['queued']}/{m['queue_limit']}",
+          str(m["context_length"] or "-")] for m in status["models"]],
+    )
+    lines.append("")
+    lines += _table(
+        ["WORKER", "PID", "STATE", "UPTIME", "RESTARTS", "INFLIGHT", "TOKENS", "MEMORY", "BACKEND MEMORY", "LAST EXIT"],
+        [_worker_row(w) for w in status["workers"]],
+    )
+    unhealthy = [w for w in status["workers"] if w["state"] != "READY"]
+    for worker in unhealthy:
+        lines.append(f"{worker['id']}: {worker['state']}: {worker['reason']}")
+    return "\n".join(lines)
+
+
+def format_worker(worker: dict[str, Any]) -> str:
+    lines = [f"{key}: {value}" for key, value in worker.items() if key not in ("backend_memory",)]
+    lines.append("backend_memory: " + _backend_memory(worker))
+    return "\n".join(lines)
+
+
+def _worker_row(worker: dict[str, Any]) -> list[str]:
+    return [
+        worker["id"], str(worker["pid"] or "-"), worker["state"],
+        format_duration(worker["uptime_s"]) if worker["pid"] else "-",
+        str(worker["restarts"]), str(worker["inflight"]), str(worker["tokens"]),
+        format_bytes(worker["memory_bytes"]) if worker["memory_bytes"] else "-",
+        _backend_memory(worker), worker["last_exit"] or "-",
+    ]
+
+
+def _backend_memory(worker: dict[str, Any]) -> str:
+    if worker["backend_memory"]:
+        return " ".join(f"{k}={format_bytes(v)}" for k, v in sorted(worker["backend_memory"].items()))
+    return f"({worker['device'] or '?'}: none reported)"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]

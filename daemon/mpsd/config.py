@@ -1,0 +1,268 @@
+"""The daemon's configuration: TOML in, typed and validated objects out.
+
+Every error names the file and the key, because the person reading it is
+usually looking at a launchd log with no other context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+import tomllib
+from typing import Any
+
+from mpsd import paths
+from mpsd.units import parse_duration, parse_size
+
+BACKENDS = ("torch-lm", "torch-module")
+LM_BACKENDS = ("torch-lm",)
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+FACTORY_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+EMBEDDED_DEFAULT = """
+# The embedded default: the demo model, built locally on first use, two workers.
+[daemon]
+listen = "127.0.0.1:7700"
+
+[[models]]
+name = "demo"
+backend = "torch-lm"
+path = "@demo"
+replicas = 2
+"""
+
+
+class ConfigError(ValueError):
+    """A config problem, worded for the person who wrote the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonConfig:
+    listen: str = "127.0.0.1:7700"
+    state_dir: pathlib.Path | None = None
+    drain_grace_s: float = 30.0
+    stop_timeout_s: float = 10.0
+    health_interval_s: float = 1.0
+    health_timeout_s: float = 5.0
+    log_format: str = "text"
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    probe: str = "auto"
+    budget_bytes: int | None = None
+    headroom_bytes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    backend: str
+    path: str | None = None
+    factory: str | None = None
+    replicas: int = 1
+    device: str = "auto"
+    concurrency: int = 1
+    threads: int = 0
+    footprint_bytes: int | None = None
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    queue_limit: int = 64
+    load_timeout_s: float = 300.0
+
+    @property
+    def generates(self) -> bool:
+        return self.backend in LM_BACKENDS
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    daemon: DaemonConfig
+    memory: MemoryConfig
+    models: tuple[ModelConfig, ...]
+    source: str  # file path, or "<embedded default>"
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def load_config(path: pathlib.Path | None) -> Config:
+    """Reads path, or the embedded default (the demo model) when path is None."""
+    if path is None:
+        return parse_config(EMBEDDED_DEFAULT, source="<embedded default>", base_dir=pathlib.Path.cwd())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
+    return parse_config(text, source=str(path), base_dir=path.resolve().parent)
+
+
+def parse_config(text: str, *, source: str, base_dir: pathlib.Path) -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    reader = _Reader(source)
+    reader.only_keys(raw, "", ("daemon", "memory", "models"))
+    daemon = _daemon(reader, reader.table(raw, "daemon"), base_dir)
+    memory = _memory(reader, reader.table(raw, "memory"), base_dir)
+    raw_models = raw.get("models", [])
+    if not isinstance(raw_models, list) or not all(isinstance(m, dict) for m in raw_models):
+        raise ConfigError(f"{source}: models: use [[models]] tables")
+    if not raw_models:
+        raise ConfigError(f"{source}: models: configure at least one [[models]] table")
+    models = tuple(_model(reader, m, i, base_dir) for i, m in enumerate(raw_models))
+    names = [m.name for m in models]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"{source}: models: the name {name!r} is used twice")
+    return Config(daemon=daemon, memory=memory, models=models, source=source)
+
+
+class _Reader:
+    """Typed getters that word errors as 'FILE: KEY: what is wrong'."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {key}: {message}")
+
+    def only_keys(self, table: dict[str, Any], prefix: str, allowed: tuple[str, ...]) -> None:
+        for key in table:
+            if key not in allowed:
+                raise self.fail(prefix + key, f"unknown key (known here: {', '.join(allowed)})")
+
+    def table(self, raw: dict[str, Any], key: str) -> dict[str, Any]:
+        value = raw.get(key, {})
+        if not isinstance(value, dict):
+            raise self.fail(key, "must be a table")
+        return value
+
+    def string(self, table: dict[str, Any], key: str, label: str, default: str | None = None) -> str | None:
+        value = table.get(key, default)
+        if value is not None and not isinstance(value, str):
+            raise self.fail(label, f"must be a string, got {value!r}")
+        return value
+
+    def integer(self, table: dict[str, Any], key: str, label: str, default: int, minimum: int) -> int:
+        value = table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.fail(label, f"must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    def duration(self, table: dict[str, Any], key: str, label: str, default: float) -> float:
+        try:
+            return parse_duration(table.get(key, default))
+        except ValueError as exc:
+            raise self.fail(label, str(exc)) from None
+
+    def size(self, table: dict[str, Any], key: str, label: str) -> int | None:
+        if key not in table:
+            return None
+        try:
+            return parse_size(table[key])
+        except ValueError as exc:
+            raise self.fail(label, str(exc)) from None
+
+
+def _daemon(reader: _Reader, table: dict[str, Any], base_dir: pathlib.Path) -> DaemonConfig:
+    fields = ("listen", "state_dir", "drain_grace", "stop_timeout", "health_interval", "health_timeout", "log_format")
+    reader.only_keys(table, "daemon.", fields)
+    defaults = DaemonConfig()
+    listen = reader.string(table, "listen", "daemon.listen", defaults.listen)
+    _check_listen(reader, listen)
+    state_dir = reader.string(table, "state_dir", "daemon.state_dir")
+    log_format = reader.string(table, "log_format", "daemon.log_format", "text")
+    if log_format not in ("text", "json"):
+        raise reader.fail("daemon.log_format", f"must be 'text' or 'json', got {log_format!r}")
+    return DaemonConfig(
+        listen=listen,
+        state_dir=(base_dir / pathlib.Path(state_dir).expanduser()) if state_dir else None,
+        drain_grace_s=reader.duration(table, "drain_grace", "daemon.drain_grace", defaults.drain_grace_s),
+        stop_timeout_s=reader.duration(table, "stop_timeout", "daemon.stop_timeout", defaults.stop_timeout_s),
+        health_interval_s=reader.duration(table, "health_interval", "daemon.health_interval", defaults.health_interval_s),
+        health_timeout_s=reader.duration(table, "health_timeout", "daemon.health_timeout", defaults.health_timeout_s),
+        log_format=log_format,
+    )
+
+
+def _check_listen(reader: _Reader, listen: str) -> None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise reader.fail("daemon.listen", f"must be HOST:PORT like '127.0.0.1:7700', got {listen!r}")
+
+
+def _memory(reader: _Reader, table: dict[str, Any], base_dir: pathlib.Path) -> MemoryConfig:
+    reader.only_keys(table, "memory.", ("probe", "budget", "headroom"))
+    probe = reader.string(table, "probe", "memory.probe", "auto")
+    if probe not in ("auto", "host") and not probe.startswith("file:"):
+        raise reader.fail("memory.probe", f"must be 'auto', 'host' or 'file:PATH', got {probe!r}")
+    if probe.startswith("file:"):
+        probe = "file:" + str(base_dir / pathlib.Path(probe[5:]).expanduser())
+    return MemoryConfig(
+        probe=probe,
+        budget_bytes=reader.size(table, "budget", "memory.budget"),
+        headroom_bytes=reader.size(table, "headroom", "memory.headroom") or 0,
+    )
+
+
+_MODEL_KEYS = (
+    "name", "backend", "path", "factory", "replicas", "device", "concurrency", "threads",
+    "footprint", "env", "queue", "load_timeout",
+)
+
+
+def _model(reader: _Reader, table: dict[str, Any], index: int, base_dir: pathlib.Path) -> ModelConfig:
+    at = f"models[{index}]."
+    reader.only_keys(table, at, _MODEL_KEYS)
+    name = reader.string(table, "name", at + "name")
+    if not name or not NAME_PATTERN.match(name):
+        raise reader.fail(at + "name", f"must be 1-63 letters, digits, '.', '_' or '-', got {name!r}")
+    at = f"models[{index}] ({name})."
+    backend = reader.string(table, "backend", at + "backend")
+    if backend not in BACKENDS:
+        raise reader.fail(at + "backend", f"must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    device = reader.string(table, "device", at + "device", "auto")
+    if not DEVICE_PATTERN.match(device):
+        raise reader.fail(at + "device", f"must be auto, cpu, mps, cuda or cuda:N, got {device!r}")
+    return ModelConfig(
+        name=name,
+        backend=backend,
+        path=_model_path(reader, table, at, backend, base_dir),
+        factory=_model_factory(reader, table, at, backend),
+        replicas=reader.integer(table, "replicas", at + "replicas", 1, 0),
+        device=device,
+        concurrency=reader.integer(table, "concurrency", at + "concurrency", 1, 1),
+        threads=reader.integer(table, "threads", at + "threads", 0, 0),
+        footprint_bytes=reader.size(table, "footprint", at + "footprint"),
+        env=_model_env(reader, table, at),
+        queue_limit=reader.integer(table, "queue", at + "queue", 64, 0),
+        load_timeout_s=reader.duration(table, "load_timeout", at + "load_timeout", 300.0),
+    )
+
+
+def _model_path(reader: _Reader, table: dict[str, Any], at: str, backend: str, base_dir: pathlib.Path) -> str | None:
+    path = reader.string(table, "path", at + "path")
+    if backend in LM_BACKENDS and not path:
+        raise reader.fail(at + "path", f"backend {backend} needs the model directory ('@demo' for the demo model)")
+    if path is None or path == paths.DEMO_MODEL_REF:
+        return path
+    return str(base_dir / pathlib.Path(path).expanduser())
+
+
+def _model_factory(reader: _Reader, table: dict[str, Any], at: str, backend: str) -> str | None:
+    factory = reader.string(table, "factory", at + "factory")
+    if backend == "torch-module" and not factory:
+        raise reader.fail(at + "factory", "backend torch-module needs factory = 'package.module:function'")
+    if factory and not FACTORY_PATTERN.match(factory):
+        raise reader.fail(at + "factory", f"must look like 'package.module:function', got {factory!r}")
+    return factory
+
+
+def _model_env(reader: _Reader, table: dict[str, Any], at: str) -> dict[str, str]:
+    env = table.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise reader.fail(at + "env", "must be a table of string values, e.g. env = { OMP_PROC_BIND = 'true' }")
+    return dict(env)

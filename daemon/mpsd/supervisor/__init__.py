@@ -1,0 +1,1 @@
+"""The supervisor side of mpsd. Nothing under here imports torch or mlx."""

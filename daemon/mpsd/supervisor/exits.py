@@ -1,0 +1,81 @@
+"""Why a worker process ended, from its wait status and its last stderr lines.
+
+Pure: given a return code (negative = killed by that signal, as asyncio
+reports it) and text, it returns a verdict. The signature table is the one
+place that knows what out-of-memory looks like on each backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import signal
+from typing import Sequence
+
+from mpsd.exitcodes import EXIT_BOOT_FAILURE
+
+
+class ExitKind(str, enum.Enum):
+    CLEAN = "clean"
+    CRASH = "crash"
+    OOM = "oom"
+    KILLED = "killed"
+    BOOT_FAILURE = "boot-failure"
+
+
+# (substring, what it means). Substrings come from real failures; see
+# ../shared/MACOS-FACTS.md "How out-of-memory looks".
+OOM_SIGNATURES: tuple[tuple[str, str], ...] = (
+    ("kIOGPUCommandBufferCallbackErrorOutOfMemory", "Metal command buffer ran out of GPU memory"),
+    ("Insufficient Memory", "Metal reported insufficient memory"),
+    ("[metal::malloc]", "MLX could not allocate Metal memory"),
+    ("[malloc] Unable to allocate", "MLX could not allocate memory"),
+    ("MPS backend out of memory", "PyTorch MPS ran out of memory"),
+    ("CUDA out of memory", "PyTorch CUDA ran out of memory"),
+    ("torch.OutOfMemoryError", "PyTorch CUDA ran out of memory"),
+)
+# Another process's GPU fault took this one down: not this worker's OOM.
+NOT_OOM_SIGNATURES = ("kIOGPUCommandBufferCallbackErrorInnocentVictim",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitVerdict:
+    kind: ExitKind
+    description: str
+
+
+def find_oom_signature(lines: Sequence[str]) -> str | None:
+    """The meaning of the last OOM signature in lines, or None."""
+    text = "\n".join(lines)
+    if any(marker in text for marker in NOT_OOM_SIGNATURES):
+        return None
+    for substring, meaning in OOM_SIGNATURES:
+        if substring in text:
+            return meaning
+    return None
+
+
+def classify_exit(returncode: int, stderr_tail: Sequence[str], *, stop_requested: bool = False) -> ExitVerdict:
+    if returncode == 0:
+        return ExitVerdict(ExitKind.CLEAN, "exited cleanly")
+    if returncode == EXIT_BOOT_FAILURE:
+        last = next((line for line in reversed(stderr_tail) if line.strip()), "no stderr")
+        return ExitVerdict(ExitKind.BOOT_FAILURE, f"could not load its model: {last.strip()}")
+    oom = find_oom_signature(stderr_tail)
+    if oom:
+        return ExitVerdict(ExitKind.OOM, f"out of memory ({oom}), {_status_text(returncode)}")
+    if returncode < 0 and -returncode == signal.SIGKILL:
+        cause = "stop timeout" if stop_requested else "SIGKILL from outside: often the kernel's OOM killer or an operator"
+        return ExitVerdict(ExitKind.KILLED, f"killed by SIGKILL ({cause})")
+    if returncode < 0 and stop_requested and -returncode in (signal.SIGTERM, signal.SIGINT):
+        return ExitVerdict(ExitKind.CLEAN, f"stopped by {signal.Signals(-returncode).name}")
+    return ExitVerdict(ExitKind.CRASH, f"crashed: {_status_text(returncode)}")
+
+
+def _status_text(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"

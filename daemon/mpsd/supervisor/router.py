@@ -1,0 +1,148 @@
+"""Which worker serves a request: per-model pools of slots and a bounded queue.
+
+The pool owns in-flight counts; the fleet tells it when a worker becomes
+READY or leaves READY. A freed slot goes straight to the oldest waiter, so
+queued requests are served in order and no wake-up stampede happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+from typing import Any, Callable
+
+
+class QueueFull(Exception):
+    """The model's queue is at its bound: answered as RESOURCE_EXHAUSTED."""
+
+
+class NoWorkers(Exception):
+    """No worker of this model is live or coming: answered as UNAVAILABLE."""
+
+
+@dataclasses.dataclass(eq=False)
+class Slot:
+    """One READY worker process; a restarted worker gets a new Slot."""
+
+    worker_id: str
+    stub: Any
+    inflight: int = 0
+    last_assigned: int = 0
+
+
+def choose_worker(slots: list[Slot], concurrency: int, exclude: frozenset[Slot] = frozenset()) -> Slot | None:
+    """Least outstanding first; among equals, the one assigned longest ago."""
+    free = [s for s in slots if s.inflight < concurrency and s not in exclude]
+    return min(free, key=lambda s: (s.inflight, s.last_assigned), default=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    slot: Slot
+
+    @property
+    def worker_id(self) -> str:
+        return self.slot.worker_id
+
+    @property
+    def stub(self) -> Any:
+        return self.slot.stub
+
+
+class ModelPool:
+    def __init__(self, name: str, concurrency: int, queue_limit: int, has_prospects: Callable[[], bool]) -> None:
+        self.name = name
+        self._concurrency = concurrency
+        self._queue_limit = queue_limit
+        self._has_prospects = has_prospects
+        self._slots: dict[str, Slot] = {}
+        self._waiters: collections.deque[tuple[asyncio.Future, frozenset[Slot]]] = collections.deque()
+        self._sequence = itertools.count(1)
+        self.context_length = 0
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    @property
+    def ready_count(self) -> int:
+        return len(self._slots)
+
+    def inflight(self, worker_id: str) -> int:
+        slot = self._slots.get(worker_id)
+        return slot.inflight if slot else 0
+
+    def add_worker(self, worker_id: str, stub: Any, context_length: int) -> None:
+        self._slots[worker_id] = Slot(worker_id, stub)
+        self.context_length = context_length or self.context_length
+        self._hand_out()
+
+    def remove_worker(self, worker_id: str) -> None:
+        self._slots.pop(worker_id, None)
+        self.check_prospects()
+
+    def check_prospects(self) -> None:
+        """Fails queued requests once no worker is live and none is coming."""
+        if not self._slots and not self._has_prospects():
+            self.fail_waiters(NoWorkers(f"model {self.name!r} has no live worker and none is coming"))
+
+    def fail_waiters(self, error: Exception) -> None:
+        while self._waiters:
+            future, _ = self._waiters.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+    async def acquire(self, timeout_s: float | None, exclude: frozenset[Slot] = frozenset()) -> Lease:
+        """A slot now, or a place in the queue until one frees; raises QueueFull, NoWorkers, TimeoutError."""
+        if not self._waiters:
+            slot = choose_worker(list(self._slots.values()), self._concurrency, exclude)
+            if slot:
+                return self._take(slot)
+        if not self._slots and not self._has_prospects():
+            raise NoWorkers(f"model {self.name!r} has no live worker and none is coming")
+        if len(self._waiters) >= self._queue_limit:
+            raise QueueFull(f"model {self.name!r}: queue is full ({self._queue_limit} waiting); retry later")
+        future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        entry = (future, exclude)
+        self._waiters.append(entry)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except BaseException:
+            self._abandon(entry)
+            raise
+
+    def release(self, lease: Lease) -> None:
+        if lease.slot.inflight > 0:
+            lease.slot.inflight -= 1
+        self._hand_out()
+
+    def _take(self, slot: Slot) -> Lease:
+        slot.inflight += 1
+        slot.last_assigned = next(self._sequence)
+        return Lease(slot)
+
+    def _hand_out(self) -> None:
+        while self._waiters:
+            future, exclude = self._waiters[0]
+            if future.done():
+                self._waiters.popleft()
+                continue
+            slot = choose_worker(list(self._slots.values()), self._concurrency, exclude)
+            if slot is None:
+                return
+            self._waiters.popleft()
+            future.set_result(self._take(slot))
+
+    def _abandon(self, entry: tuple[asyncio.Future, frozenset[Slot]]) -> None:
+        """A waiter gave up (deadline, cancel): leave the queue, or return a slot it was just handed."""
+        future, _ = entry
+        try:
+            self._waiters.remove(entry)
+        except ValueError:
+            pass
+        if future.done() and not future.cancelled() and future.exception() is None:
+            self.release(future.result())
+        elif not future.done():
+            future.cancel()

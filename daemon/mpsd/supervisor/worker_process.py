@@ -1,0 +1,92 @@
+"""One worker OS process: exec, output capture, signals, and its gRPC channel.
+
+This is the only place that touches the process; the fleet decides, this
+carries out. Workers get their own session (process group) so a signal to the
+daemon's group never reaches them by accident, and the daemon stops them
+itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Callable
+
+import grpc
+
+from mpsd.v1 import worker_pb2_grpc
+
+STDERR_TAIL_LINES = 50
+log = logging.getLogger("mpsd.worker")
+
+
+class WorkerProcess:
+    def __init__(self, worker_id: str, spec: dict, env: dict[str, str]) -> None:
+        self.worker_id = worker_id
+        self.socket_path: str = spec["socket"]
+        self._spec = spec
+        self._env = env
+        self._process: asyncio.subprocess.Process | None = None
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._channel: grpc.aio.Channel | None = None
+        self.stub: worker_pb2_grpc.WorkerStub | None = None
+        self._pumps: list[asyncio.Task] = []
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid if self._process else 0
+
+    async def start(self) -> None:
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mpsd.worker", "--spec", json.dumps(self._spec),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=self._env,
+            start_new_session=True,
+        )
+        self._pumps = [
+            asyncio.create_task(self._pump(self._process.stderr, self.stderr_tail.append)),
+            asyncio.create_task(self._pump(self._process.stdout, lambda line: None)),
+        ]
+        self._channel = grpc.aio.insecure_channel(f"unix:{self.socket_path}")
+        self.stub = worker_pb2_grpc.WorkerStub(self._channel)
+
+    async def _pump(self, stream: asyncio.StreamReader, keep: Callable[[str], None]) -> None:
+        """Logs each line as it comes: an OOM line must be seen before the exit is."""
+        while True:
+            raw = await stream.readline()
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            keep(line)
+            log.info("%s | %s", self.worker_id, line)
+
+    async def wait(self) -> int:
+        """The return code once the process is gone and its output fully read."""
+        assert self._process is not None
+        returncode = await self._process.wait()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        await self.close_channel()
+        return returncode
+
+    def send_signal(self, signum: signal.Signals) -> None:
+        """ESRCH means it is already gone: the reaper will report it, nothing to do here."""
+        if self._process is None or self._process.returncode is not None:
+            return
+        try:
+            self._process.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    async def close_channel(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None

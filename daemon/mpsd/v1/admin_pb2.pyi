@@ -1,0 +1,116 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DaemonStatus(_message.Message):
+    __slots__ = ("version", "pid", "uptime_s", "listen", "state_dir", "config_path")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    LISTEN_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIR_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_PATH_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    pid: int
+    uptime_s: float
+    listen: str
+    state_dir: str
+    config_path: str
+    def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., listen: _Optional[str] = ..., state_dir: _Optional[str] = ..., config_path: _Optional[str] = ...) -> None: ...
+
+class ModelStatus(_message.Message):
+    __slots__ = ("name", "backend", "replicas", "ready", "queued", "queue_limit", "concurrency", "device", "context_length")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    backend: str
+    replicas: int
+    ready: int
+    queued: int
+    queue_limit: int
+    concurrency: int
+    device: str
+    context_length: int
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., replicas: _Optional[int] = ..., ready: _Optional[int] = ..., queued: _Optional[int] = ..., queue_limit: _Optional[int] = ..., concurrency: _Optional[int] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ...) -> None: ...
+
+class MemoryStatus(_message.Message):
+    __slots__ = ("probe", "budget_bytes", "used_bytes", "available_bytes")
+    PROBE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    probe: str
+    budget_bytes: int
+    used_bytes: int
+    available_bytes: int
+    def __init__(self, probe: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ...) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("id", "model", "pid", "state", "reason", "state_age_s", "uptime_s", "restarts", "inflight", "tokens", "requests", "memory_bytes", "backend_memory", "backend_memory_note", "device", "last_exit")
+    class BackendMemoryEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    STATE_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_MEMORY_NOTE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    LAST_EXIT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    model: str
+    pid: int
+    state: str
+    reason: str
+    state_age_s: float
+    uptime_s: float
+    restarts: int
+    inflight: int
+    tokens: int
+    requests: int
+    memory_bytes: int
+    backend_memory: _containers.ScalarMap[str, int]
+    backend_memory_note: str
+    device: str
+    last_exit: str
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., state_age_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., restarts: _Optional[int] = ..., inflight: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., device: _Optional[str] = ..., last_exit: _Optional[str] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("daemon", "models", "memory", "workers")
+    DAEMON_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    daemon: DaemonStatus
+    models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
+    memory: MemoryStatus
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
+    def __init__(self, daemon: _Optional[_Union[DaemonStatus, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., memory: _Optional[_Union[MemoryStatus, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...

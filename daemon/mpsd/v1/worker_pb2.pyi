@@ -1,0 +1,43 @@
+from mpsd.v1 import inference_pb2 as _inference_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerStats(_message.Message):
+    __slots__ = ("worker_id", "pid", "backend", "device", "context_length", "tokens", "requests", "inflight", "backend_memory", "backend_memory_note")
+    class BackendMemoryEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_MEMORY_NOTE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    pid: int
+    backend: str
+    device: str
+    context_length: int
+    tokens: int
+    requests: int
+    inflight: int
+    backend_memory: _containers.ScalarMap[str, int]
+    backend_memory_note: str
+    def __init__(self, worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., inflight: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ...) -> None: ...

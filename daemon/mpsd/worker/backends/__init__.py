@@ -1,0 +1,1 @@
+"""Model backends a worker can run. Imported only inside worker processes."""

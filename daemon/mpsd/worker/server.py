@@ -1,0 +1,101 @@
+"""The worker's internal gRPC service: one loaded model behind a unix socket.
+
+Handlers run on grpc's thread pool; the daemon already limits how many
+requests a worker gets at once, so the pool is only sized with a little room
+for health probes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import grpc
+
+from mpsd.generate_params import InvalidRequest, parse_generate_request
+from mpsd.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
+from mpsd.worker.backends.base import Finished
+from mpsd.worker.tensors import to_array, to_tensor
+
+
+class Counters:
+    """Counts owned by the worker itself, so they stay true whatever the daemon sees."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.tokens = 0
+        self.requests = 0
+        self.inflight = 0
+
+    def add(self, *, tokens: int = 0, requests: int = 0, inflight: int = 0) -> None:
+        with self._lock:
+            self.tokens += tokens
+            self.requests += requests
+            self.inflight += inflight
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, worker_id: str, backend_name: str, model) -> None:
+        self._worker_id = worker_id
+        self._backend_name = backend_name
+        self._model = model
+        self._counters = Counters()
+        self._pid = os.getpid()
+
+    def Generate(self, request, context):
+        if not hasattr(self._model, "generate"):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model of backend {self._backend_name} does not generate; use Predict")
+        try:
+            params = parse_generate_request(request)
+        except InvalidRequest as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self._counters.add(inflight=1)
+        try:
+            yield from self._stream(params, context)
+        except InvalidRequest as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        finally:
+            self._counters.add(inflight=-1, requests=1)
+
+    def _stream(self, params, context):
+        for event in self._model.generate(params, context.is_active):
+            if isinstance(event, Finished):
+                yield inference_pb2.GenerateResponse(finish=inference_pb2.Finish(
+                    reason=event.reason,
+                    usage=inference_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
+                    worker_id=self._worker_id,
+                    worker_pid=self._pid,
+                ))
+                return
+            self._counters.add(tokens=1)
+            yield inference_pb2.GenerateResponse(index=event.index, text=event.text, token_id=max(event.token_id, 0))
+
+    def Predict(self, request, context):
+        if not hasattr(self._model, "predict"):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model of backend {self._backend_name} does not take Predict; use Generate")
+        self._counters.add(inflight=1)
+        try:
+            inputs = {name: to_array(name, tensor) for name, tensor in request.inputs.items()}
+            outputs = self._model.predict(inputs)
+        except InvalidRequest as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        finally:
+            self._counters.add(inflight=-1, requests=1)
+        return inference_pb2.PredictResponse(
+            outputs={name: to_tensor(array) for name, array in outputs.items()}, worker_id=self._worker_id,
+        )
+
+    def Stats(self, request, context):
+        report = self._model.memory_report()
+        return worker_pb2.WorkerStats(
+            worker_id=self._worker_id,
+            pid=self._pid,
+            backend=self._backend_name,
+            device=self._model.device,
+            context_length=getattr(self._model, "context_length", 0),
+            tokens=self._counters.tokens,
+            requests=self._counters.requests,
+            inflight=self._counters.inflight,
+            backend_memory=report.bytes_by_kind,
+            backend_memory_note=report.note,
+        )
