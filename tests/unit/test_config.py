@@ -1,0 +1,75 @@
+import pathlib
+
+import pytest
+
+from mpsd.config import ConfigError, load_config, parse_config
+
+
+def parse(text: str, tmp_path: pathlib.Path = pathlib.Path("/cfg")):
+    return parse_config(text, source="test.toml", base_dir=tmp_path)
+
+
+def test_embedded_default_serves_the_demo_model_with_two_workers():
+    config = load_config(None)
+    assert config.daemon.listen == "127.0.0.1:7700"
+    assert [(m.name, m.backend, m.path, m.replicas) for m in config.models] == [("demo", "torch-lm", "@demo", 2)]
+
+
+def test_full_model_table(tmp_path):
+    config = parse("""
+[daemon]
+listen = "127.0.0.1:0"
+drain_grace = "5s"
+[memory]
+probe = "file:mem.json"
+budget = "96GiB"
+headroom = "4GiB"
+[[models]]
+name = "lm"
+backend = "torch-lm"
+path = "models/lm"
+replicas = 3
+device = "cpu"
+concurrency = 2
+threads = 1
+footprint = "2GiB"
+env = { FOO = "bar" }
+queue = 5
+load_timeout = "1m"
+[[models]]
+name = "mlp"
+backend = "torch-module"
+factory = "pkg.mod:make"
+""", tmp_path)
+    lm, mlp = config.models
+    assert lm.path == str(tmp_path / "models/lm")
+    assert (lm.replicas, lm.device, lm.concurrency, lm.threads, lm.queue_limit) == (3, "cpu", 2, 1, 5)
+    assert lm.footprint_bytes == 2 * 1024**3 and lm.env == {"FOO": "bar"} and lm.load_timeout_s == 60
+    assert mlp.factory == "pkg.mod:make" and not mlp.generates
+    assert config.memory.budget_bytes == 96 * 1024**3 and config.memory.probe == f"file:{tmp_path / 'mem.json'}"
+    assert config.daemon.drain_grace_s == 5
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[[models]]\nname='a'\nbackend='torch-lm'\npath='x'\nreplica=2", r"test.toml: models\[0\].replica: unknown key"),
+    ("[[models]]\nname='a'\nbackend='tf'\npath='x'", r"models\[0\] \(a\).backend: must be one of"),
+    ("[[models]]\nname='a'\nbackend='torch-lm'", r"models\[0\] \(a\).path: backend torch-lm needs"),
+    ("[[models]]\nname='a'\nbackend='torch-module'\nfactory='nocolon'", r"factory: must look like"),
+    ("[[models]]\nname='a'\nbackend='torch-lm'\npath='x'\nreplicas='two'", r"replicas: must be an integer >= 0"),
+    ("[[models]]\nname='a'\nbackend='torch-lm'\npath='x'\ndevice='gpu'", r"device: must be auto, cpu, mps"),
+    ("[[models]]\nname='a'\nbackend='torch-lm'\npath='x'\nfootprint='big'", r"footprint: expected a size"),
+    ("[daemon]\nlisten='7700'\n[[models]]\nname='a'\nbackend='torch-lm'\npath='x'", r"daemon.listen: must be HOST:PORT"),
+    ("[daemon]\nport=1\n[[models]]\nname='a'\nbackend='torch-lm'\npath='x'", r"daemon.port: unknown key"),
+    ("[[models]]\nname='a'\nbackend='torch-lm'\npath='x'\n[[models]]\nname='a'\nbackend='torch-lm'\npath='y'", "used twice"),
+    ("", "at least one"),
+    ("[[models]\n", "not valid TOML"),
+    ("[memory]\nprobe='magic'\n[[models]]\nname='a'\nbackend='torch-lm'\npath='x'", r"memory.probe: must be"),
+])
+def test_errors_name_the_file_and_key(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(text)
+
+
+def test_unreadable_file_names_it(tmp_path):
+    with pytest.raises(ConfigError, match="missing.toml: cannot read config"):
+        load_config(tmp_path / "missing.toml")

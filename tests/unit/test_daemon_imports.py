@@ -1,0 +1,28 @@
+"""The daemon side must never import torch or mlx (they would initialise Metal/CUDA in the supervisor)."""
+
+import pkgutil
+import subprocess
+import sys
+
+import mpsd
+
+
+def daemon_modules() -> list[str]:
+    names = ["mpsd", "mpsd.config", "mpsd.units", "mpsd.paths", "mpsd.generate_params", "mpsd.exitcodes"]
+    for package in ("mpsd.supervisor", "mpsd.cli", "mpsd.v1"):
+        module = __import__(package, fromlist=["_"])
+        names += [package] + [f"{package}.{m.name}" for m in pkgutil.iter_modules(module.__path__)]
+    return names
+
+
+def test_daemon_modules_do_not_import_torch_or_mlx():
+    modules = daemon_modules()
+    assert "mpsd.supervisor.daemon" in modules and "mpsd.cli.mpsctl" in modules
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mlx', 'transformers'))\n"
+        "print(','.join(bad))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "", f"daemon side imported: {result.stdout}"

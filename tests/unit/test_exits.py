@@ -1,0 +1,60 @@
+import signal
+
+import pytest
+
+from mpsd.exitcodes import EXIT_BOOT_FAILURE
+from mpsd.supervisor.exits import OOM_SIGNATURES, ExitKind, classify_exit, find_oom_signature
+
+# One recorded line per signature (../shared/MACOS-FACTS.md), each must be recognised.
+RECORDED_OOM_LINES = {
+    "kIOGPUCommandBufferCallbackErrorOutOfMemory":
+        "[METAL] Command buffer execution failed: Insufficient Memory (00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)",
+    "Insufficient Memory": "ggml_metal_graph_compute: command buffer 0 failed with status 5 Insufficient Memory",
+    "[metal::malloc]": "RuntimeError: [metal::malloc] Attempting to allocate 137438953472 bytes which is greater than the maximum allowed buffer size of 77309411328 bytes.",
+    "[malloc] Unable to allocate": "RuntimeError: [malloc] Unable to allocate 8589934592 bytes.",
+    "MPS backend out of memory": "RuntimeError: MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.20 GB, max allowed: 18.13 GB). Tried to allocate 256.00 MB on private pool.",
+    "CUDA out of memory": "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.",
+    "torch.OutOfMemoryError": "torch.OutOfMemoryError: allocation failed",
+}
+
+
+def test_every_signature_has_a_recorded_line():
+    assert {s for s, _ in OOM_SIGNATURES} == set(RECORDED_OOM_LINES)
+
+
+@pytest.mark.parametrize("signature,line", sorted(RECORDED_OOM_LINES.items()))
+def test_each_oom_signature_is_recognised(signature, line):
+    assert find_oom_signature(["loading", line]) is not None
+    verdict = classify_exit(-signal.SIGABRT, ["libc++abi: terminating due to uncaught exception", line])
+    assert verdict.kind == ExitKind.OOM
+
+
+def test_metal_abort_is_oom_with_the_signal_in_the_description():
+    verdict = classify_exit(-6, [RECORDED_OOM_LINES["kIOGPUCommandBufferCallbackErrorOutOfMemory"]])
+    assert verdict.kind == ExitKind.OOM and "SIGABRT" in verdict.description
+
+
+def test_innocent_victim_is_not_this_workers_oom():
+    line = "[METAL] Command buffer execution failed: Insufficient Memory (00000005:kIOGPUCommandBufferCallbackErrorInnocentVictim)"
+    assert classify_exit(-6, [line]).kind == ExitKind.CRASH
+
+
+def test_plain_abort_is_a_crash():
+    assert classify_exit(-6, ["Fatal Python error: Aborted"]).kind == ExitKind.CRASH
+
+
+def test_sigkill_is_killed_and_says_likely_cause():
+    verdict = classify_exit(-9, [])
+    assert verdict.kind == ExitKind.KILLED and "OOM killer" in verdict.description
+
+
+def test_boot_failure_carries_the_last_stderr_line():
+    verdict = classify_exit(EXIT_BOOT_FAILURE, ["mpsd worker 1: boot failure: no config.json", ""])
+    assert verdict.kind == ExitKind.BOOT_FAILURE and "no config.json" in verdict.description
+
+
+def test_clean_and_requested_stops():
+    assert classify_exit(0, []).kind == ExitKind.CLEAN
+    assert classify_exit(-15, [], stop_requested=True).kind == ExitKind.CLEAN
+    assert classify_exit(-15, []).kind == ExitKind.CRASH
+    assert classify_exit(1, ["Traceback"]).kind == ExitKind.CRASH

@@ -1,0 +1,91 @@
+import asyncio
+
+import pytest
+
+from mpsd.supervisor.router import ModelPool, NoWorkers, QueueFull, Slot, choose_worker
+
+
+def test_least_outstanding_first_then_least_recently_assigned():
+    a, b, c = Slot("a", None, inflight=1, last_assigned=5), Slot("b", None, inflight=0, last_assigned=9), Slot("c", None, inflight=0, last_assigned=2)
+    assert choose_worker([a, b, c], concurrency=2) is c
+    assert choose_worker([a, b, c], concurrency=2, exclude=frozenset({c})) is b
+    assert choose_worker([Slot("x", None, inflight=1)], concurrency=1) is None
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_two_requests_go_to_two_workers_then_queue_in_order():
+    async def scenario():
+        pool = ModelPool("m", concurrency=1, queue_limit=2, has_prospects=lambda: True)
+        pool.add_worker("w0", "stub0", 1024)
+        pool.add_worker("w1", "stub1", 1024)
+        first, second = await pool.acquire(1), await pool.acquire(1)
+        assert {first.worker_id, second.worker_id} == {"w0", "w1"}
+        third = asyncio.create_task(pool.acquire(5))
+        fourth = asyncio.create_task(pool.acquire(5))
+        await asyncio.sleep(0)
+        assert pool.queued == 2
+        with pytest.raises(QueueFull, match="queue is full"):
+            await pool.acquire(1)
+        pool.release(second)
+        assert (await third).worker_id == second.worker_id  # oldest waiter gets the freed slot
+        assert not fourth.done()
+        pool.release(first)
+        assert (await fourth).worker_id == first.worker_id
+    run(scenario())
+
+
+def test_waiter_times_out_and_leaves_the_queue():
+    async def scenario():
+        pool = ModelPool("m", concurrency=1, queue_limit=4, has_prospects=lambda: True)
+        with pytest.raises(asyncio.TimeoutError):
+            await pool.acquire(0.05)
+        assert pool.queued == 0
+    run(scenario())
+
+
+def test_queued_requests_fail_when_no_worker_is_coming():
+    async def scenario():
+        hopeful = [True]
+        pool = ModelPool("m", concurrency=1, queue_limit=4, has_prospects=lambda: hopeful[0])
+        waiter = asyncio.create_task(pool.acquire(5))
+        await asyncio.sleep(0)
+        hopeful[0] = False
+        pool.check_prospects()
+        with pytest.raises(NoWorkers):
+            await waiter
+        with pytest.raises(NoWorkers):
+            await pool.acquire(1)
+    run(scenario())
+
+
+def test_a_new_worker_serves_the_queue():
+    async def scenario():
+        pool = ModelPool("m", concurrency=1, queue_limit=4, has_prospects=lambda: True)
+        waiter = asyncio.create_task(pool.acquire(5))
+        await asyncio.sleep(0)
+        pool.add_worker("w0", "stub", 0)
+        assert (await waiter).stub == "stub"
+    run(scenario())
+
+
+def test_cancelled_waiter_returns_a_slot_it_was_just_handed():
+    async def scenario():
+        pool = ModelPool("m", concurrency=1, queue_limit=4, has_prospects=lambda: True)
+        pool.add_worker("w0", "stub", 0)
+        held = await pool.acquire(1)
+        waiter = asyncio.create_task(pool.acquire(5))
+        await asyncio.sleep(0)
+        pool.release(held)  # hands the slot to the waiter ...
+        waiter.cancel()     # ... which is cancelled before it runs
+        try:
+            lease = await waiter  # Python 3.11's wait_for may still return the result: the caller owns it
+        except asyncio.CancelledError:
+            lease = None
+        if lease is not None:
+            pool.release(lease)
+        assert pool.inflight("w0") == 0  # either way, no slot leaks
+        assert (await pool.acquire(1)).worker_id == "w0"
+    run(scenario())
