@@ -120,7 +120,8 @@ def _generate(args) -> int:
         for message in stub.Generate(request, timeout=args.timeout):
             if message.HasField("finish"):
                 finish = message.finish
-                print(f"\n[{finish.reason}: {finish.usage.prompt_tokens} prompt + {finish.usage.completion_tokens} "
+                sys.stdout.write("\n")
+                print(f"[{finish.reason}: {finish.usage.prompt_tokens} prompt + {finish.usage.completion_tokens} "
                       f"generated tokens, worker {finish.worker_id} pid {finish.worker_pid}]", file=sys.stderr)
             else:
                 sys.stdout.write(message.text)

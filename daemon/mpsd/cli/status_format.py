@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf.descriptor import FieldDescriptor
-
 from mpsd.units import format_bytes, format_duration
-
 
 def to_plain(message) -> dict[str, Any]:
     """Every field, defaults included, with 64-bit integers as JSON numbers (not strings)."""
@@ -16,16 +13,14 @@ def to_plain(message) -> dict[str, Any]:
         value = getattr(message, field.name)
         if field.message_type and field.message_type.GetOptions().map_entry:
             plain[field.name] = {k: _scalar_or_plain(v) for k, v in value.items()}
-        elif field.label == FieldDescriptor.LABEL_REPEATED:
+        elif field.is_repeated:
             plain[field.name] = [_scalar_or_plain(v) for v in value]
         else:
             plain[field.name] = _scalar_or_plain(value)
     return plain
 
-
 def _scalar_or_plain(value):
     return to_plain(value) if hasattr(value, "DESCRIPTOR") else value
-
 
 def format_status(status: dict[str, Any]) -> str:
     daemon, memory = status["daemon"], status["memory"]
@@ -51,12 +46,10 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"{worker['id']}: {worker['state']}: {worker['reason']}")
     return "\n".join(lines)
 
-
 def format_worker(worker: dict[str, Any]) -> str:
     lines = [f"{key}: {value}" for key, value in worker.items() if key not in ("backend_memory",)]
     lines.append("backend_memory: " + _backend_memory(worker))
     return "\n".join(lines)
-
 
 def _worker_row(worker: dict[str, Any]) -> list[str]:
     return [
@@ -67,12 +60,10 @@ def _worker_row(worker: dict[str, Any]) -> list[str]:
         _backend_memory(worker), worker["last_exit"] or "-",
     ]
 
-
 def _backend_memory(worker: dict[str, Any]) -> str:
     if worker["backend_memory"]:
         return " ".join(f"{k}={format_bytes(v)}" for k, v in sorted(worker["backend_memory"].items()))
     return f"({worker['device'] or '?'}: none reported)"
-
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]

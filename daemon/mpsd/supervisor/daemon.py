@@ -56,6 +56,8 @@ def worker_env(model: ModelConfig) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH", "")) if p)
     env.setdefault("OMP_NUM_THREADS", str(model.threads))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # progress bars make unreadable log lines
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env["HF_HUB_OFFLINE"] = env.get("HF_HUB_OFFLINE", "1")
     env.update(model.env)
     return env

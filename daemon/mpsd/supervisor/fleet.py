@@ -156,6 +156,8 @@ class Fleet:
             "concurrency": model.concurrency, "parent_pid": os.getpid(),
             "stop_grace_s": self._config.daemon.stop_timeout_s / 2,
         }
+        if worker.process is not None:
+            self._background(worker.process.close_channel())
         worker.process = WorkerProcess(worker.id, spec, self._worker_env(model))
         worker.stats = None
         worker.probe_failures = 0
@@ -259,6 +261,7 @@ class Fleet:
                     self._tick_draining(worker, self._clock())
             await asyncio.sleep(TICK_S)
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(w.process.close_channel() for w in self.workers.values() if w.process))
 
     def _background(self, coroutine) -> None:
         task = asyncio.create_task(coroutine)

@@ -74,7 +74,6 @@ class WorkerProcess:
         assert self._process is not None
         returncode = await self._process.wait()
         await asyncio.gather(*self._pumps, return_exceptions=True)
-        await self.close_channel()
         return returncode
 
     def send_signal(self, signum: signal.Signals) -> None:
@@ -87,6 +86,7 @@ class WorkerProcess:
             pass
 
     async def close_channel(self) -> None:
+        """Only once no call can be using it: closing cancels calls, which hides the real error."""
         if self._channel is not None:
             await self._channel.close()
             self._channel = None

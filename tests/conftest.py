@@ -1,0 +1,44 @@
+import subprocess
+import sys
+
+import pytest
+
+from support import Daemon, data_dir, demo_config
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> None:
+    """Builds the demo model once (a no-op when ./dev already built it)."""
+    subprocess.run(
+        [sys.executable, "-m", "mpsd.cli.mpsd_cmd", "build-demo", "--data-dir", str(data_dir())],
+        check=True, timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(demo_model, tmp_path_factory):
+    """One daemon with two demo workers, shared by a module's tests to save start-up time."""
+    daemon = Daemon(tmp_path_factory.mktemp("mpsd"), demo_config(replicas=2, queue=2))
+    try:
+        daemon.start()
+        daemon.wait_ready(2)
+        yield daemon
+    finally:
+        daemon.close()
+
+
+@pytest.fixture
+def make_daemon(demo_model, tmp_path):
+    """A daemon of the test's own, for tests that stop or kill it."""
+    daemons: list[Daemon] = []
+
+    def make(config_text: str) -> Daemon:
+        daemon = Daemon(tmp_path / f"d{len(daemons)}", config_text)
+        daemons.append(daemon)
+        return daemon.start()
+
+    try:
+        yield make
+    finally:
+        for daemon in daemons:
+            daemon.close()

@@ -1,0 +1,100 @@
+"""Starting, stopping and losing processes: drain, orphans, deaths mid-stream, boot failures, Predict."""
+
+import os
+import signal
+
+import grpc
+import numpy as np
+import pytest
+
+from mpsd.v1 import inference_pb2
+from support import demo_config, pid_alive, wait_for
+
+
+def worker_pids(daemon) -> list[int]:
+    return [w["pid"] for w in daemon.status()["workers"] if w["pid"]]
+
+
+def test_sigterm_drains_in_flight_streams_then_leaves_no_worker(make_daemon):
+    daemon = make_daemon(demo_config(replicas=2))
+    daemon.wait_ready(2)
+    pids = worker_pids(daemon)
+    call = daemon.inference().Generate(inference_pb2.GenerateRequest(prompt="The", max_tokens=200, temperature=0), timeout=120)
+    assert not next(call).HasField("finish")
+    daemon.process.send_signal(signal.SIGTERM)
+    rest = list(call)  # the stream in flight finishes despite the signal
+    assert rest[-1].HasField("finish") and rest[-1].finish.usage.completion_tokens == 200
+    assert daemon.process.wait(60) == 0
+    wait_for(lambda: not any(pid_alive(p) for p in pids), 5, "workers to be gone")
+    assert "draining" in daemon.log() and "-> STOPPED" in daemon.log()
+
+
+def test_sigkill_of_the_daemon_leaves_no_worker_alive_after_3s(make_daemon):
+    daemon = make_daemon(demo_config(replicas=2))
+    daemon.wait_ready(2)
+    pids = worker_pids(daemon)
+    assert len(pids) == 2
+    daemon.process.kill()
+    daemon.process.wait(5)
+    wait_for(lambda: not any(pid_alive(p) for p in pids), 3, "orphaned workers to exit")
+
+
+def test_worker_death_mid_stream_ends_it_with_unavailable_and_it_restarts(make_daemon):
+    daemon = make_daemon(demo_config(replicas=1))
+    daemon.wait_ready(1)
+    pid = worker_pids(daemon)[0]
+    call = daemon.inference().Generate(inference_pb2.GenerateRequest(prompt="The", max_tokens=1000, temperature=0), timeout=120)
+    assert not next(call).HasField("finish")
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(grpc.RpcError) as error:
+        list(call)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "demo-0" in error.value.details()
+    worker = wait_for(lambda: (w := daemon.worker("demo-0"))["state"] == "READY" and w["pid"] != pid and w, 60, "a restarted worker")
+    assert worker["restarts"] == 1 and "SIGKILL" in worker["last_exit"]
+    assert daemon.generate("The", max_tokens=3)[-1].HasField("finish")
+
+
+def test_a_model_that_cannot_load_goes_fatal_at_once(make_daemon, tmp_path):
+    daemon = make_daemon(f"""
+[[models]]
+name = "broken"
+backend = "torch-lm"
+path = "{tmp_path / 'no-such-model'}"
+""")
+    worker = wait_for(lambda: (w := daemon.worker("broken-0"))["state"] == "FATAL" and w, 60, "FATAL")
+    assert "config.json" in worker["reason"] and worker["restarts"] == 0
+    with pytest.raises(grpc.RpcError) as error:
+        daemon.generate("The", model="broken")
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_predict_runs_a_plain_module_from_a_factory(make_daemon):
+    import torch
+
+    from fixtures.tiny_modules import seeded_linear
+
+    daemon = make_daemon("""
+[[models]]
+name = "linear"
+backend = "torch-module"
+factory = "fixtures.tiny_modules:seeded_linear"
+""")
+    daemon.wait_ready(1)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    request = inference_pb2.PredictRequest(model="linear", inputs={
+        "input": inference_pb2.Tensor(dtype="float32", shape=[2, 4], data=x.tobytes())})
+    reply = daemon.inference().Predict(request, timeout=30)
+    out = reply.outputs["output"]
+    got = np.frombuffer(out.data, dtype=out.dtype).reshape(tuple(out.shape))
+    with torch.no_grad():
+        expected = seeded_linear()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    bad = inference_pb2.PredictRequest(model="linear", inputs={
+        "input": inference_pb2.Tensor(dtype="float32", shape=[2, 4], data=b"short")})
+    with pytest.raises(grpc.RpcError) as error:
+        daemon.inference().Predict(bad, timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "inputs['input'].data" in error.value.details()
+    with pytest.raises(grpc.RpcError) as wrong_verb:
+        daemon.generate("The", model="linear")
+    assert wrong_verb.value.code() == grpc.StatusCode.FAILED_PRECONDITION

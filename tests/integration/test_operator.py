@@ -1,0 +1,74 @@
+"""What an operator sees: mpsctl status and generate, health, reflection, socket permissions."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+
+def mpsctl(daemon, *args, timeout=60):
+    return subprocess.run(
+        [sys.executable, "-m", "mpsd.cli.mpsctl", "--state-dir", str(daemon.state_dir), *args],
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_status_json_has_the_contracted_shape(shared_daemon):
+    shared_daemon.generate("The", max_tokens=3)
+    result = mpsctl(shared_daemon, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert set(status) >= {"daemon", "models", "memory", "workers"}
+    assert status["daemon"]["version"] and status["daemon"]["uptime_s"] > 0
+    assert status["memory"]["budget_bytes"] > 0
+    assert [m["name"] for m in status["models"]] == ["demo"] and status["models"][0]["context_length"] == 1024
+    for worker in status["workers"]:
+        assert set(worker) >= {"id", "model", "pid", "state", "reason", "restarts", "inflight", "tokens", "memory_bytes"}
+        assert worker["state"] == "READY" and worker["pid"] > 0 and worker["memory_bytes"] > 10_000_000
+        assert isinstance(worker["tokens"], int) and worker["device"] == "cpu"
+        assert worker["backend_memory_note"]  # CPU torch reports none, and says so
+    assert sum(w["tokens"] for w in status["workers"]) >= 3
+
+
+def test_status_table_and_one_worker(shared_daemon):
+    result = mpsctl(shared_daemon, "status")
+    assert result.returncode == 0, result.stderr
+    assert "WORKER" in result.stdout and "demo-0" in result.stdout and "READY" in result.stdout
+    one = mpsctl(shared_daemon, "status", "demo-1")
+    assert one.returncode == 0 and "state: READY" in one.stdout
+    missing = mpsctl(shared_daemon, "status", "demo-9")
+    assert missing.returncode == 1 and "no worker 'demo-9'" in missing.stderr
+
+
+def test_mpsctl_generate_streams_to_the_terminal(shared_daemon):
+    result = mpsctl(shared_daemon, "generate", "The module", "--max-tokens", "12", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert "12 generated tokens" in result.stderr or "[stop" in result.stderr
+
+
+def test_mpsctl_reports_errors_without_a_traceback(shared_daemon):
+    result = mpsctl(shared_daemon, "generate", "The", "--model", "nope")
+    assert result.returncode == 1 and "NOT_FOUND" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_health_and_reflection_on_the_public_port(shared_daemon):
+    channel = shared_daemon.channel()
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "mpsd.v1.Inference", "demo"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert "mpsd.v1.Inference" in names and "grpc.health.v1.Health" in names
+
+
+def test_admin_socket_is_private(shared_daemon):
+    sock = shared_daemon.state_dir / "admin.sock"
+    assert stat.S_ISSOCK(os.stat(sock).st_mode)
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(shared_daemon.state_dir).st_mode) == 0o700

@@ -1,0 +1,152 @@
+"""Starting and stopping a real mpsd for integration tests.
+
+The daemon runs as a real process with real workers; tests talk to it over
+real sockets. Every helper polls with a deadline, never a fixed sleep, and
+the fixture kills whatever is left in `finally`.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import psutil
+
+from mpsd import paths
+from mpsd.cli.status_format import to_plain
+from mpsd.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LISTEN_LINE = re.compile(r"public API listening on (\S+)")
+
+
+def data_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("MPSD_DATA_DIR") or paths.default_data_dir())
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class Daemon:
+    def __init__(self, tmp_path: pathlib.Path, config_text: str) -> None:
+        self.dir = tmp_path
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        self.state_dir = tmp_path / "state"
+        self.config_path = tmp_path / "mpsd.toml"
+        self.config_path.write_text(config_text)
+        self.log_path = tmp_path / "mpsd.log"
+        self.process: subprocess.Popen | None = None
+        self.address = ""
+        self._channels: list[grpc.Channel] = []
+        self.seen_worker_pids: set[int] = set()
+
+    def start(self, timeout: float = 30) -> "Daemon":
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mpsd.cli.mpsd_cmd", "serve", "--config", str(self.config_path),
+             "--listen", "127.0.0.1:0", "--state-dir", str(self.state_dir), "--data-dir", str(data_dir())],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.log_path, "wb"),
+            start_new_session=True, env=self._env(),
+        )
+        match = wait_for(lambda: self._exited_early() or LISTEN_LINE.search(self.log()), timeout, "the listening line")
+        self.address = match.group(1)
+        return self
+
+    @staticmethod
+    def _env() -> dict[str, str]:
+        """Workers inherit this PYTHONPATH: it is how they find tests/fixtures factories."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "tests"), env.get("PYTHONPATH", "")) if p)
+        return env
+
+    def _exited_early(self):
+        if self.process.poll() is not None:
+            raise AssertionError(f"mpsd exited with {self.process.returncode}:\n{self.log()}")
+        return None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def channel(self) -> grpc.Channel:
+        channel = grpc.insecure_channel(self.address)
+        self._channels.append(channel)
+        return channel
+
+    def inference(self) -> inference_pb2_grpc.InferenceStub:
+        return inference_pb2_grpc.InferenceStub(self.channel())
+
+    def admin(self) -> admin_pb2_grpc.AdminStub:
+        channel = grpc.insecure_channel(f"unix:{paths.admin_socket_path(self.state_dir)}")
+        self._channels.append(channel)
+        return admin_pb2_grpc.AdminStub(channel)
+
+    def status(self) -> dict:
+        status = to_plain(self.admin().Status(admin_pb2.StatusRequest(), timeout=10))
+        self.seen_worker_pids |= {w["pid"] for w in status["workers"] if w["pid"]}
+        return status
+
+    def worker(self, worker_id: str) -> dict:
+        return next(w for w in self.status()["workers"] if w["id"] == worker_id)
+
+    def wait_ready(self, count: int, timeout: float = 120) -> dict:
+        def ready():
+            self._exited_early()
+            status = self.status()
+            return status if sum(w["state"] == "READY" for w in status["workers"]) >= count else None
+        return wait_for(ready, timeout, f"{count} READY workers", interval=0.2)
+
+    def generate(self, prompt: str = "The module", **fields) -> list[inference_pb2.GenerateResponse]:
+        request = inference_pb2.GenerateRequest(prompt=prompt, **fields)
+        return list(self.inference().Generate(request, timeout=60))
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        for pid in self.seen_worker_pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def demo_config(replicas: int = 2, queue: int = 2, extra: str = "") -> str:
+    return f"""
+[daemon]
+drain_grace = "20s"
+health_interval = "0.5s"
+
+[[models]]
+name = "demo"
+backend = "torch-lm"
+path = "@demo"
+replicas = {replicas}
+threads = 1
+queue = {queue}
+{extra}
+"""
