@@ -126,8 +126,12 @@ class Daemon:
         for channel in self._channels:
             channel.close()
         if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
         for pid in self.seen_worker_pids:
             try:
                 os.kill(pid, signal.SIGKILL)

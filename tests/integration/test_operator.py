@@ -72,3 +72,6 @@ def test_admin_socket_is_private(shared_daemon):
     assert stat.S_ISSOCK(os.stat(sock).st_mode)
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(shared_daemon.state_dir).st_mode) == 0o700
+    run_dir = shared_daemon.state_dir / "run"  # the workers' sockets
+    assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700
+    assert sorted(p.suffix for p in run_dir.iterdir()) == [".sock", ".sock"]

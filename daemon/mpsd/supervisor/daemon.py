@@ -16,7 +16,6 @@ import pathlib
 import shutil
 import signal
 import socket
-import tempfile
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -80,7 +79,10 @@ class Daemon:
         admin_path = paths.admin_socket_path(self.state_dir)
         paths.check_socket_path(admin_path)
         _claim_admin_socket(admin_path)
-        run_dir = pathlib.Path(tempfile.mkdtemp(prefix="mpsd-"))  # mkdtemp makes it 0700
+        run_dir = self.state_dir / "run"
+        paths.check_socket_path(run_dir / "9999.sock")
+        shutil.rmtree(run_dir, ignore_errors=True)  # a killed daemon's leftovers; no live daemon uses it
+        paths.ensure_private_dir(run_dir)
         try:
             return await self._run(admin_path, run_dir)
         finally:

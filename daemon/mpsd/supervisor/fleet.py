@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import os
 import pathlib
@@ -80,6 +81,7 @@ class Fleet:
         self._clock = clock
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
+        self._socket_numbers = itertools.count()
         self.workers: dict[str, WorkerRecord] = {}
         for model in config.models:
             for index in range(model.replicas):
@@ -148,7 +150,7 @@ class Fleet:
     # -- actions ----------------------------------------------------------
 
     def _spawn(self, worker: WorkerRecord) -> None:
-        socket_path = str(self._run_dir / f"{worker.id}.sock")
+        socket_path = str(self._run_dir / f"{next(self._socket_numbers)}.sock")  # short: sun_path is ~104 bytes
         model = worker.model
         spec = {
             "worker_id": worker.id, "socket": socket_path, "backend": model.backend, "path": model.path,
