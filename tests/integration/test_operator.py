@@ -75,3 +75,9 @@ def test_admin_socket_is_private(shared_daemon):
     run_dir = shared_daemon.state_dir / "run"  # the workers' sockets
     assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700
     assert sorted(p.suffix for p in run_dir.iterdir()) == [".sock", ".sock"]
+
+
+def test_mpsctl_says_plainly_when_no_daemon_answers(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mpsd.cli.mpsctl", "--state-dir", str(tmp_path), "status"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "no mpsd answers on" in result.stderr and "Traceback" not in result.stderr

@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as exc:
         print(f"mpsctl: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except DaemonUnreachable as exc:
+        print(f"mpsctl: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -60,8 +63,18 @@ def _admin_stub(args) -> admin_pb2_grpc.AdminStub:
     return admin_pb2_grpc.AdminStub(channel)
 
 
+class DaemonUnreachable(Exception):
+    pass
+
+
 def _fetch_status(args, timeout: float = 5.0) -> dict:
-    return to_plain(_admin_stub(args).Status(admin_pb2.StatusRequest(), timeout=timeout))
+    try:
+        return to_plain(_admin_stub(args).Status(admin_pb2.StatusRequest(), timeout=timeout))
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        socket_path = paths.admin_socket_path(args.state_dir or paths.default_state_dir())
+        raise DaemonUnreachable(f"no mpsd answers on {socket_path}: is it running, with this --state-dir?") from None
 
 
 def _status(args) -> int:
@@ -83,8 +96,8 @@ def _wait(args) -> int:
     while time.monotonic() < deadline:
         try:
             workers = _fetch_status(args, timeout=2.0)["workers"]
-        except grpc.RpcError as exc:
-            last = f"daemon not answering ({exc.code().name})"
+        except (grpc.RpcError, DaemonUnreachable) as exc:
+            last = str(exc)
         else:
             states = {w["id"]: w["state"] for w in workers}
             if all(s == "READY" for s in states.values()):
@@ -105,7 +118,7 @@ def _public_address(args) -> str:
         return args.address or os.environ["MPSD_ADDRESS"]
     try:
         return _fetch_status(args, timeout=2.0)["daemon"]["listen"] or DEFAULT_ADDRESS
-    except grpc.RpcError:
+    except (grpc.RpcError, DaemonUnreachable):
         return DEFAULT_ADDRESS
 
 
