@@ -1,18 +1,26 @@
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
+from mpsd import paths
 from support import Daemon, data_dir, demo_config
 
 
 @pytest.fixture(scope="session")
-def demo_model() -> None:
-    """Builds the demo model once (a no-op when ./dev already built it)."""
+def demo_model() -> pathlib.Path:
+    """Builds the demo model once, the way the daemon does (a no-op when ./dev already built it)."""
     subprocess.run(
         [sys.executable, "-m", "mpsd.cli.mpsd_cmd", "build-demo", "--data-dir", str(data_dir())],
         check=True, timeout=600,
     )
+    return paths.demo_model_dir(data_dir())
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(demo_model) -> pathlib.Path:
+    return demo_model
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -104,6 +105,7 @@ def build_demo_model(out_dir: pathlib.Path, *, progress: Progress = print) -> No
         if is_demo_model_complete(out_dir):
             progress(f"demo model: already built by another process in {out_dir}")
             return
+        _refuse_foreign(out_dir)  # before a minute of training, not after
         _remove_stale_builds(out_dir)
         _build_and_install(out_dir, DemoSpec(), progress)
 
@@ -178,17 +180,23 @@ def _build_and_install(out_dir: pathlib.Path, spec: DemoSpec, progress: Progress
         raise
 
 
+def _refuse_foreign(out_dir: pathlib.Path) -> None:
+    """Only an empty directory or an older demo build may be replaced; anything else may be a user's data."""
+    if not out_dir.exists() or _read_marker(out_dir) is not None:
+        return
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        return
+    raise DemoModelError(f"{out_dir} exists and is not a demo model; remove it or choose another directory")
+
+
 def _move_into_place(staging: pathlib.Path, out_dir: pathlib.Path) -> None:
-    """Replaces only an empty directory or an older demo build; anything else may be a user's data."""
-    if out_dir.exists():
-        if _read_marker(out_dir) is not None:
-            retired = pathlib.Path(tempfile.mkdtemp(prefix=_temp_prefix(out_dir), dir=out_dir.parent))
-            os.replace(out_dir, retired)  # rename(2) onto the empty retired dir; removed below
-            shutil.rmtree(retired, ignore_errors=True)
-        elif out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        else:
-            raise DemoModelError(f"{out_dir} exists and is not a demo model; remove it or choose another directory")
+    _refuse_foreign(out_dir)
+    if _read_marker(out_dir) is not None:
+        retired = pathlib.Path(tempfile.mkdtemp(prefix=_temp_prefix(out_dir), dir=out_dir.parent))
+        os.replace(out_dir, retired)  # rename(2) onto the empty retired dir; removed below
+        shutil.rmtree(retired, ignore_errors=True)
+    elif out_dir.exists():
+        out_dir.rmdir()  # empty, as _refuse_foreign checked
     os.replace(staging, out_dir)
     _fsync_dir(out_dir.parent)
 
@@ -239,6 +247,13 @@ def demo_corpus() -> str:
 
 
 def _docstrings() -> Iterator[str]:
+    # Touching every public name trips deprecation shims (typing.re, ...); they are not our users' concern.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield from _module_docstrings()
+
+
+def _module_docstrings() -> Iterator[str]:
     for name in CORPUS_MODULES:
         try:
             module = importlib.import_module(name)
