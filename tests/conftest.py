@@ -23,13 +23,20 @@ def demo_model_dir(demo_model) -> pathlib.Path:
     return demo_model
 
 
+@pytest.fixture(scope="session")
+def slow_model(demo_model) -> pathlib.Path:
+    from fixtures.slow_model import ensure_slow_model
+
+    return ensure_slow_model(demo_model, data_dir() / "models" / "test-slow-gpt2")
+
+
 @pytest.fixture(scope="module")
-def shared_daemon(demo_model, tmp_path_factory):
-    """One daemon with two demo workers, shared by a module's tests to save start-up time."""
-    daemon = Daemon(tmp_path_factory.mktemp("mpsd"), demo_config(replicas=2, queue=2))
+def shared_daemon(demo_model, slow_model, tmp_path_factory):
+    """One daemon with two demo and two slow workers, shared by a module's tests to save start-up time."""
+    daemon = Daemon(tmp_path_factory.mktemp("mpsd"), demo_config(replicas=2, queue=2, slow_model=slow_model))
     try:
         daemon.start()
-        daemon.wait_ready(2)
+        daemon.wait_ready(4)
         yield daemon
     finally:
         daemon.close()

@@ -115,6 +115,7 @@ class Daemon:
         return wait_for(ready, timeout, f"{count} READY workers", interval=0.2)
 
     def generate(self, prompt: str = "The module", **fields) -> list[inference_pb2.GenerateResponse]:
+        fields.setdefault("model", "demo")
         request = inference_pb2.GenerateRequest(prompt=prompt, **fields)
         return list(self.inference().Generate(request, timeout=60))
 
@@ -139,8 +140,9 @@ class Daemon:
                 pass
 
 
-def demo_config(replicas: int = 2, queue: int = 2, extra: str = "") -> str:
-    return f"""
+def demo_config(replicas: int = 2, queue: int = 2, slow_model: pathlib.Path | None = None, slow_replicas: int = 2) -> str:
+    """The demo model, plus (when given) the slow fixture model as model "slow"."""
+    text = f"""
 [daemon]
 drain_grace = "20s"
 health_interval = "0.5s"
@@ -152,5 +154,19 @@ path = "@demo"
 replicas = {replicas}
 threads = 1
 queue = {queue}
-{extra}
 """
+    if slow_model:
+        text += f"""
+[[models]]
+name = "slow"
+backend = "torch-lm"
+path = "{slow_model}"
+replicas = {slow_replicas}
+threads = 1
+queue = {queue}
+"""
+    return text
+
+
+def slow_config(replicas: int, slow_model: pathlib.Path) -> str:
+    return demo_config(replicas=0, slow_model=slow_model, slow_replicas=replicas)

@@ -44,7 +44,7 @@ def test_two_concurrent_streams_are_served_by_two_worker_pids(shared_daemon):
 
     def stream():
         call = shared_daemon.inference().Generate(
-            inference_pb2.GenerateRequest(prompt="The", max_tokens=60, temperature=0), timeout=60)
+            inference_pb2.GenerateRequest(model="demo", prompt="The", max_tokens=60, temperature=0), timeout=60)
         first = next(call)
         assert not first.HasField("finish")
         barrier.wait()  # both streams are in flight now
@@ -58,12 +58,13 @@ def test_two_concurrent_streams_are_served_by_two_worker_pids(shared_daemon):
     assert len(finishes) == 2
     pids = {f.worker_pid for f in finishes}
     assert len(pids) == 2
-    assert pids == {w["pid"] for w in shared_daemon.status()["workers"]}
+    assert pids == {w["pid"] for w in shared_daemon.status()["workers"] if w["model"] == "demo"}
 
 
 def hold_stream(daemon, max_tokens=1000):
+    """A stream on the slow model (~100 tokens/s): it keeps its worker busy for seconds."""
     call = daemon.inference().Generate(
-        inference_pb2.GenerateRequest(prompt="The", max_tokens=max_tokens, temperature=0), timeout=120)
+        inference_pb2.GenerateRequest(model="slow", prompt="The", max_tokens=max_tokens, temperature=0), timeout=120)
     assert not next(call).HasField("finish")
     return call
 
@@ -71,16 +72,17 @@ def hold_stream(daemon, max_tokens=1000):
 def test_full_queue_answers_resource_exhausted_and_queued_requests_are_served(shared_daemon):
     held = [hold_stream(shared_daemon), hold_stream(shared_daemon)]  # both workers busy
     results = []
-    queued = [threading.Thread(target=lambda: results.append(shared_daemon.generate("The", max_tokens=5))) for _ in range(2)]
+    queued = [threading.Thread(target=lambda: results.append(shared_daemon.generate("The", model="slow", max_tokens=5)))
+              for _ in range(2)]
     try:
         with pytest.raises(grpc.RpcError) as late:  # queued, but its deadline passes first
-            list(shared_daemon.inference().Generate(inference_pb2.GenerateRequest(prompt="The"), timeout=0.3))
+            list(shared_daemon.inference().Generate(inference_pb2.GenerateRequest(model="slow", prompt="The"), timeout=0.3))
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         for t in queued:
             t.start()
-        wait_for(lambda: shared_daemon.status()["models"][0]["queued"] == 2, 30, "two queued requests")
+        wait_for(lambda: slow_status(shared_daemon)["queued"] == 2, 30, "two queued requests")
         with pytest.raises(grpc.RpcError) as error:
-            shared_daemon.generate("The", max_tokens=5)
+            shared_daemon.generate("The", model="slow", max_tokens=5)
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue is full" in error.value.details()
     finally:
@@ -89,6 +91,10 @@ def test_full_queue_answers_resource_exhausted_and_queued_requests_are_served(sh
     for t in queued:
         t.join(60)
     assert len(results) == 2 and all(r[-1].HasField("finish") for r in results), "queued requests were served"
+
+
+def slow_status(daemon) -> dict:
+    return next(m for m in daemon.status()["models"] if m["name"] == "slow")
 
 
 def total_tokens(daemon) -> int:
@@ -105,7 +111,7 @@ def test_client_cancel_stops_the_workers_generation(shared_daemon):
     wait_for(lambda: all(w["inflight"] == 0 for w in shared_daemon.status()["workers"]), 10, "the slot to be released")
     # The worker's own counter must stop growing, well short of the 1000 asked for.
     settled = wait_for(lambda: _stable_count(shared_daemon), 10, "the token count to settle")
-    assert settled - before < 500, f"worker generated {settled - before} tokens after a cancel at ~6"
+    assert settled - before < 300, f"worker generated {settled - before} tokens after a cancel at ~6"
 
 
 def _stable_count(daemon):
@@ -116,6 +122,7 @@ def _stable_count(daemon):
 
 @pytest.mark.parametrize("fields,code,field", [
     ({"model": "nope"}, grpc.StatusCode.NOT_FOUND, "model"),
+    ({"model": ""}, grpc.StatusCode.INVALID_ARGUMENT, "model"),
     ({"prompt": ""}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
     ({"max_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
     ({"max_tokens": 5000}, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
@@ -127,6 +134,7 @@ def _stable_count(daemon):
 def test_bad_input_gets_a_clear_error_and_nothing_else_happens(shared_daemon, fields, code, field):
     before = shared_daemon.status()["workers"]
     fields.setdefault("prompt", "The")
+    fields.setdefault("model", "demo")
     with pytest.raises(grpc.RpcError) as error:
         list(shared_daemon.inference().Generate(inference_pb2.GenerateRequest(**fields), timeout=30))
     assert error.value.code() == code

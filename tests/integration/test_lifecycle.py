@@ -8,22 +8,27 @@ import numpy as np
 import pytest
 
 from mpsd.v1 import inference_pb2
-from support import demo_config, pid_alive, wait_for
+from support import demo_config, pid_alive, slow_config, wait_for
 
 
 def worker_pids(daemon) -> list[int]:
     return [w["pid"] for w in daemon.status()["workers"] if w["pid"]]
 
 
-def test_sigterm_drains_in_flight_streams_then_leaves_no_worker(make_daemon):
-    daemon = make_daemon(demo_config(replicas=2))
+def test_sigterm_drains_in_flight_streams_then_leaves_no_worker(make_daemon, slow_model):
+    daemon = make_daemon(slow_config(2, slow_model))
     daemon.wait_ready(2)
     pids = worker_pids(daemon)
-    call = daemon.inference().Generate(inference_pb2.GenerateRequest(prompt="The", max_tokens=200, temperature=0), timeout=120)
+    call = daemon.inference().Generate(
+        inference_pb2.GenerateRequest(model="slow", prompt="The", max_tokens=150, temperature=0), timeout=120)
     assert not next(call).HasField("finish")
     daemon.process.send_signal(signal.SIGTERM)
-    rest = list(call)  # the stream in flight finishes despite the signal
-    assert rest[-1].HasField("finish") and rest[-1].finish.usage.completion_tokens == 200
+    wait_for(lambda: "draining" in daemon.log(), 10, "the daemon to start draining")
+    with pytest.raises(grpc.RpcError) as refused:  # new work is refused while draining ...
+        daemon.generate("The", model="slow", max_tokens=3)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    rest = list(call)  # ... but the stream in flight finishes
+    assert rest[-1].HasField("finish") and rest[-1].finish.usage.completion_tokens == 150
     assert daemon.process.wait(60) == 0
     wait_for(lambda: not any(pid_alive(p) for p in pids), 5, "workers to be gone")
     assert "draining" in daemon.log() and "-> STOPPED" in daemon.log()
@@ -39,20 +44,21 @@ def test_sigkill_of_the_daemon_leaves_no_worker_alive_after_3s(make_daemon):
     wait_for(lambda: not any(pid_alive(p) for p in pids), 3, "orphaned workers to exit")
 
 
-def test_worker_death_mid_stream_ends_it_with_unavailable_and_it_restarts(make_daemon):
-    daemon = make_daemon(demo_config(replicas=1))
+def test_worker_death_mid_stream_ends_it_with_unavailable_and_it_restarts(make_daemon, slow_model):
+    daemon = make_daemon(slow_config(1, slow_model))
     daemon.wait_ready(1)
     pid = worker_pids(daemon)[0]
-    call = daemon.inference().Generate(inference_pb2.GenerateRequest(prompt="The", max_tokens=1000, temperature=0), timeout=120)
+    call = daemon.inference().Generate(
+        inference_pb2.GenerateRequest(model="slow", prompt="The", max_tokens=1000, temperature=0), timeout=120)
     assert not next(call).HasField("finish")
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(grpc.RpcError) as error:
         list(call)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "demo-0" in error.value.details()
-    worker = wait_for(lambda: (w := daemon.worker("demo-0"))["state"] == "READY" and w["pid"] != pid and w, 60, "a restarted worker")
+    assert "slow-0" in error.value.details()
+    worker = wait_for(lambda: (w := daemon.worker("slow-0"))["state"] == "READY" and w["pid"] != pid and w, 60, "a restarted worker")
     assert worker["restarts"] == 1 and "SIGKILL" in worker["last_exit"]
-    assert daemon.generate("The", max_tokens=3)[-1].HasField("finish")
+    assert daemon.generate("The", model="slow", max_tokens=3)[-1].HasField("finish")
 
 
 def test_a_model_that_cannot_load_goes_fatal_at_once(make_daemon, tmp_path):

@@ -80,11 +80,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             call.cancel()  # the client left or the stream ended: stop the worker's generation
 
     async def _pool_for(self, name: str, context, *, generate: bool) -> ModelPool:
+        known = ", ".join(sorted(self._pools)) or "none"
         if not name and len(self._pools) == 1:
             name = next(iter(self._pools))
+        elif not name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model: required when several models are configured ({known})")
         pool = self._pools.get(name)
         if pool is None:
-            known = ", ".join(sorted(self._pools)) or "none"
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model: no model named {name!r} (configured: {known})")
         if generate != (name in self._generative):
             verb = "Generate" if generate else "Predict"
