@@ -81,3 +81,26 @@ def test_mpsctl_says_plainly_when_no_daemon_answers(tmp_path):
     result = subprocess.run([sys.executable, "-m", "mpsd.cli.mpsctl", "--state-dir", str(tmp_path), "status"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1 and "no mpsd answers on" in result.stderr and "Traceback" not in result.stderr
+
+
+def serve(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "mpsd.cli.mpsd_cmd", "serve", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_bad_config_is_refused_naming_file_and_key(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text("[[models]]\nname = 'm'\nbackend = 'torch-lm'\npath = 'x'\nreplicas = -1\n")
+    result = serve("--config", str(config), "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 2
+    assert f"{config}: models[0] (m).replicas: must be an integer >= 0" in result.stderr
+
+
+def test_a_second_daemon_on_the_same_state_dir_or_port_is_refused(shared_daemon, tmp_path):
+    same_state = serve("--config", str(shared_daemon.config_path), "--state-dir", str(shared_daemon.state_dir),
+                       "--listen", "127.0.0.1:0")
+    assert same_state.returncode == 1 and "another mpsd is running" in same_state.stderr
+    same_port = serve("--config", str(shared_daemon.config_path), "--state-dir", str(tmp_path / "other"),
+                      "--listen", shared_daemon.address)
+    assert same_port.returncode == 1 and f"cannot listen on {shared_daemon.address}" in same_port.stderr
+    assert shared_daemon.status()["daemon"]["listen"] == shared_daemon.address  # the first one is untouched

@@ -53,7 +53,8 @@ def worker_env(model: ModelConfig) -> dict[str, str]:
     """The daemon's environment (PYTHONPATH included), the model's env, and thread caps."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH", "")) if p)
-    env.setdefault("OMP_NUM_THREADS", str(model.threads))
+    if model.threads > 0:
+        env.setdefault("OMP_NUM_THREADS", str(model.threads))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # progress bars make unreadable log lines
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -138,7 +139,8 @@ class Daemon:
         await fleet.stop_all(timeout)
 
     async def _start_public(self, pools: dict[str, ModelPool]) -> grpc.aio.Server:
-        server = grpc.aio.server()
+        # Without this, Linux lets a second daemon bind the same port and the two split the traffic.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         generative = {m.name for m in self.config.models if m.generates}
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(pools, generative), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
