@@ -3,7 +3,8 @@ import signal
 import pytest
 
 from mpsd.exitcodes import EXIT_BOOT_FAILURE
-from mpsd.supervisor.exits import OOM_SIGNATURES, ExitKind, classify_exit, find_oom_signature
+from mpsd.oom import OOM_SIGNATURES, exception_oom, find_oom_signature
+from mpsd.supervisor.exits import ExitKind, classify_exit
 
 # One recorded line per signature (../shared/MACOS-FACTS.md), each must be recognised.
 RECORDED_OOM_LINES = {
@@ -58,3 +59,12 @@ def test_clean_and_requested_stops():
     assert classify_exit(-15, [], stop_requested=True).kind == ExitKind.CLEAN
     assert classify_exit(-15, []).kind == ExitKind.CRASH
     assert classify_exit(1, ["Traceback"]).kind == ExitKind.CRASH
+
+
+def test_an_oom_exception_inside_a_request_is_recognised():
+    class OutOfMemoryError(RuntimeError):
+        pass
+    OutOfMemoryError.__module__ = "torch"
+    assert exception_oom(OutOfMemoryError("allocation failed")) is not None
+    assert exception_oom(RuntimeError(RECORDED_OOM_LINES["MPS backend out of memory"])) is not None
+    assert exception_oom(ValueError("shapes do not match")) is None

@@ -1,8 +1,8 @@
 """Why a worker process ended, from its wait status and its last stderr lines.
 
 Pure: given a return code (negative = killed by that signal, as asyncio
-reports it) and text, it returns a verdict. The signature table is the one
-place that knows what out-of-memory looks like on each backend.
+reports it) and text, it returns a verdict. What out-of-memory text looks
+like lives in mpsd.oom, shared with the worker.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import signal
 from typing import Sequence
 
 from mpsd.exitcodes import EXIT_BOOT_FAILURE
+from mpsd.oom import find_oom_signature
 
 
 class ExitKind(str, enum.Enum):
@@ -23,36 +24,10 @@ class ExitKind(str, enum.Enum):
     BOOT_FAILURE = "boot-failure"
 
 
-# (substring, what it means). Substrings come from real failures; see
-# ../shared/MACOS-FACTS.md "How out-of-memory looks".
-OOM_SIGNATURES: tuple[tuple[str, str], ...] = (
-    ("kIOGPUCommandBufferCallbackErrorOutOfMemory", "Metal command buffer ran out of GPU memory"),
-    ("Insufficient Memory", "Metal reported insufficient memory"),
-    ("[metal::malloc]", "MLX could not allocate Metal memory"),
-    ("[malloc] Unable to allocate", "MLX could not allocate memory"),
-    ("MPS backend out of memory", "PyTorch MPS ran out of memory"),
-    ("CUDA out of memory", "PyTorch CUDA ran out of memory"),
-    ("torch.OutOfMemoryError", "PyTorch CUDA ran out of memory"),
-)
-# Another process's GPU fault took this one down: not this worker's OOM.
-NOT_OOM_SIGNATURES = ("kIOGPUCommandBufferCallbackErrorInnocentVictim",)
-
-
 @dataclasses.dataclass(frozen=True)
 class ExitVerdict:
     kind: ExitKind
     description: str
-
-
-def find_oom_signature(lines: Sequence[str]) -> str | None:
-    """The meaning of the last OOM signature in lines, or None."""
-    text = "\n".join(lines)
-    if any(marker in text for marker in NOT_OOM_SIGNATURES):
-        return None
-    for substring, meaning in OOM_SIGNATURES:
-        if substring in text:
-            return meaning
-    return None
 
 
 def classify_exit(returncode: int, stderr_tail: Sequence[str], *, stop_requested: bool = False) -> ExitVerdict:

@@ -1,0 +1,71 @@
+"""May another worker start? A pure function of memory, footprints and the fleet.
+
+Rule: with `other = max(0, used - Σ live footprints)` (what the rest of the
+machine holds, whether or not the probe's `used` counts our workers), a new
+worker fits when `other + Σ live footprints + its footprint + headroom ≤
+budget`. Starts are serialized: while a started worker has not yet reported
+what it really holds, nobody else starts into memory not yet seen to settle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from mpsd.units import format_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    worker_id: str
+    footprint_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    worker_id: str
+    admit: bool
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryView:
+    budget_bytes: int
+    used_bytes: int
+    headroom_bytes: int
+
+
+def free_bytes(memory: MemoryView, live_footprints: Sequence[int]) -> int:
+    """Room left for new workers after the rest of the machine, our live workers and headroom."""
+    live = sum(live_footprints)
+    other = max(0, memory.used_bytes - live)
+    return memory.budget_bytes - memory.headroom_bytes - other - live
+
+
+def decide(memory: MemoryView, live_footprints: Sequence[int], candidates: Sequence[Candidate],
+           settling: str | None) -> list[Decision]:
+    """Admits at most one candidate (the first that fits), refuses those that cannot fit, leaves the rest waiting."""
+    if settling is not None:
+        return []
+    free = free_bytes(memory, live_footprints)
+    decisions: list[Decision] = []
+    admitted = False
+    for candidate in candidates:
+        fits = candidate.footprint_bytes <= free
+        if fits and not admitted:
+            decisions.append(Decision(candidate.worker_id, True, _admit_reason(candidate, free, memory)))
+            free -= candidate.footprint_bytes
+            admitted = True
+        elif not fits:
+            decisions.append(Decision(candidate.worker_id, False, _refuse_reason(candidate, free, memory)))
+    return decisions
+
+
+def _admit_reason(candidate: Candidate, free: int, memory: MemoryView) -> str:
+    return (f"admitted: needs {format_bytes(candidate.footprint_bytes)}, {format_bytes(max(free, 0))} free of "
+            f"{format_bytes(memory.budget_bytes)} budget after {format_bytes(memory.headroom_bytes)} headroom")
+
+
+def _refuse_reason(candidate: Candidate, free: int, memory: MemoryView) -> str:
+    return (f"needs {format_bytes(candidate.footprint_bytes)}, {format_bytes(max(free, 0))} free of "
+            f"{format_bytes(memory.budget_bytes)} budget after {format_bytes(memory.headroom_bytes)} headroom")
