@@ -47,6 +47,11 @@ class DaemonConfig:
     health_interval_s: float = 1.0
     health_timeout_s: float = 5.0
     log_format: str = "text"
+    restart_delay_s: float = 0.5
+    restart_max_delay_s: float = 30.0
+    restart_reset_after_s: float = 30.0
+    fatal_failures: int = 5
+    fatal_window_s: float = 120.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +173,10 @@ class _Reader:
 
 
 def _daemon(reader: _Reader, table: dict[str, Any], base_dir: pathlib.Path) -> DaemonConfig:
-    fields = ("listen", "state_dir", "drain_grace", "stop_timeout", "health_interval", "health_timeout", "log_format")
+    fields = (
+        "listen", "state_dir", "drain_grace", "stop_timeout", "health_interval", "health_timeout", "log_format",
+        "restart_delay", "restart_max_delay", "restart_reset_after", "fatal_failures", "fatal_window",
+    )
     reader.only_keys(table, "daemon.", fields)
     defaults = DaemonConfig()
     listen = reader.string(table, "listen", "daemon.listen", defaults.listen)
@@ -185,6 +193,12 @@ def _daemon(reader: _Reader, table: dict[str, Any], base_dir: pathlib.Path) -> D
         health_interval_s=reader.duration(table, "health_interval", "daemon.health_interval", defaults.health_interval_s),
         health_timeout_s=reader.duration(table, "health_timeout", "daemon.health_timeout", defaults.health_timeout_s),
         log_format=log_format,
+        restart_delay_s=reader.duration(table, "restart_delay", "daemon.restart_delay", defaults.restart_delay_s),
+        restart_max_delay_s=reader.duration(table, "restart_max_delay", "daemon.restart_max_delay", defaults.restart_max_delay_s),
+        restart_reset_after_s=reader.duration(
+            table, "restart_reset_after", "daemon.restart_reset_after", defaults.restart_reset_after_s),
+        fatal_failures=reader.integer(table, "fatal_failures", "daemon.fatal_failures", defaults.fatal_failures, 1),
+        fatal_window_s=reader.duration(table, "fatal_window", "daemon.fatal_window", defaults.fatal_window_s),
     )
 
 
@@ -197,8 +211,8 @@ def _check_listen(reader: _Reader, listen: str) -> None:
 def _memory(reader: _Reader, table: dict[str, Any], base_dir: pathlib.Path) -> MemoryConfig:
     reader.only_keys(table, "memory.", ("probe", "budget", "headroom"))
     probe = reader.string(table, "probe", "memory.probe", "auto")
-    if probe not in ("auto", "host") and not probe.startswith("file:"):
-        raise reader.fail("memory.probe", f"must be 'auto', 'host' or 'file:PATH', got {probe!r}")
+    if probe not in ("auto", "host", "macos", "nvml") and not re.match(r"^(file:.+|nvml:[0-9]+)$", probe):
+        raise reader.fail("memory.probe", f"must be auto, host, macos, nvml, nvml:N or file:PATH, got {probe!r}")
     if probe.startswith("file:"):
         probe = "file:" + str(base_dir / pathlib.Path(probe[5:]).expanduser())
     return MemoryConfig(

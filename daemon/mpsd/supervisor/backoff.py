@@ -18,6 +18,15 @@ class RestartPolicy:
     jitter: float = 0.2          # +/- this fraction of the delay
     max_failures: int = 5        # failures without reaching READY within the window ...
     window_s: float = 120.0      # ... that make the worker FATAL
+    reset_after_s: float = 30.0  # READY this long: the next failure starts the delays afresh
+
+    @classmethod
+    def from_config(cls, daemon) -> "RestartPolicy":
+        return cls(
+            initial_delay_s=daemon.restart_delay_s, max_delay_s=daemon.restart_max_delay_s,
+            max_failures=daemon.fatal_failures, window_s=daemon.fatal_window_s,
+            reset_after_s=daemon.restart_reset_after_s,
+        )
 
 
 def restart_delay(consecutive_failures: int, policy: RestartPolicy, rand: random.Random | None = None) -> float:

@@ -23,17 +23,18 @@ from grpc_reflection.v1alpha import reflection
 
 import mpsd
 from mpsd import paths
-from mpsd.config import Config, ModelConfig
+from mpsd.config import Config, ModelConfig, load_config
 from mpsd.supervisor.admin_api import AdminService
 from mpsd.supervisor.demo_build import ensure_demo_model, resolve_demo_paths
-from mpsd.supervisor.fleet import Fleet, WorkerRecord
-from mpsd.supervisor.memory import make_probe
+from mpsd.supervisor.fleet import ControlError, Fleet, WorkerRecord
+from mpsd.supervisor.memory import ReportedWorkingSet, make_probe
 from mpsd.supervisor.public_api import InferenceService
-from mpsd.supervisor.router import ModelPool
+from mpsd.supervisor.router import ModelPool, NoWorkers
 from mpsd.supervisor.states import HOPEFUL_STATES, WorkerState
 from mpsd.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger("mpsd")
+EMBEDDED_SOURCE = "<embedded default>"
 PACKAGE_PARENT = str(pathlib.Path(mpsd.__file__).resolve().parent.parent)
 
 
@@ -63,17 +64,25 @@ def worker_env(model: ModelConfig) -> dict[str, str]:
     return env
 
 
+def prepare_config(config: Config, data_dir: pathlib.Path) -> tuple[Config, pathlib.Path | None]:
+    """Resolves '@demo' and per-worker thread counts; returns the demo directory if it is used."""
+    config, demo_dir = resolve_demo_paths(config, data_dir)
+    cpus = os.cpu_count() or 1
+    models = tuple(dataclasses.replace(m, threads=default_threads(m, config.models, cpus)) for m in config.models)
+    return dataclasses.replace(config, models=models), demo_dir
+
+
 class Daemon:
     def __init__(self, config: Config, state_dir: pathlib.Path, listen: str, data_dir: pathlib.Path) -> None:
-        config, self._demo_dir = resolve_demo_paths(config, data_dir)
-        cpus = os.cpu_count() or 1
-        models = tuple(dataclasses.replace(m, threads=default_threads(m, config.models, cpus)) for m in config.models)
-        self.config = dataclasses.replace(config, models=models)
+        self.config, self._demo_dir = prepare_config(config, data_dir)
+        self._data_dir = data_dir
         self.state_dir = state_dir
         self.listen = listen
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._health = health.aio.HealthServicer()
+        self.pools: dict[str, ModelPool] = {}
+        self.fleet: Fleet | None = None
 
     async def run(self) -> int:
         paths.ensure_private_dir(self.state_dir)
@@ -95,23 +104,49 @@ class Daemon:
         self._install_signal_handlers()
         if self._demo_dir:
             await ensure_demo_model(self._demo_dir, worker_env(self.config.models[0]))
-        pools: dict[str, ModelPool] = {}
-        fleet = Fleet(self.config, run_dir, worker_env, lambda w, old, new: self._on_transition(pools, fleet, w, old, new))
-        for model in self.config.models:
-            pools[model.name] = ModelPool(
-                model.name, model.concurrency, model.queue_limit,
-                has_prospects=lambda name=model.name: any(w.state in HOPEFUL_STATES for w in fleet.workers_of(name)),
-            )
-        public = await self._start_public(pools)
-        admin = await self._start_admin(admin_path, fleet, pools)
-        fleet_task = asyncio.create_task(fleet.run())
-        log.info("mpsd %s serving %s from %s", mpsd.__version__, ", ".join(pools), self.config.source)
+        self._working_set = ReportedWorkingSet()  # a Mac's Metal ceiling, as a worker reports it
+        probe = make_probe(self.config.memory, working_set_bytes=self._working_set)
+        self.fleet = Fleet(self.config, run_dir, worker_env, self._on_transition, probe,
+                           report_working_set=self._working_set.set)
+        self._sync_pools()
+        public = await self._start_public()
+        admin = await self._start_admin(admin_path)
+        fleet_task = asyncio.create_task(self.fleet.run())
+        log.info("mpsd %s serving %s from %s", mpsd.__version__, ", ".join(self.pools), self.config.source)
         await self._stop.wait()
-        await self._drain(public, fleet)
+        await self._drain(public, self.fleet)
         fleet_task.cancel()
         await admin.stop(0)
         log.info("mpsd stopped")
         return 0
+
+    def _sync_pools(self) -> None:
+        """One pool per configured model; a removed model's queued requests are told so."""
+        for name, model in self.fleet.models.items():
+            pool = self.pools.get(name)
+            if pool is None:
+                self.pools[name] = ModelPool(name, model.concurrency, model.queue_limit, has_prospects=self._prospects(name))
+            else:
+                pool.reconfigure(model.concurrency, model.queue_limit)
+        for name in [n for n in self.pools if n not in self.fleet.models]:
+            self.pools.pop(name).fail_waiters(NoWorkers(f"model {name!r} was removed from the config"))
+
+    def _prospects(self, name: str):
+        return lambda: any(w.state in HOPEFUL_STATES for w in self.fleet.workers_of(name))
+
+    async def reload(self) -> str:
+        """Re-reads the config file the daemon started with and applies what changed."""
+        if self.config.source == EMBEDDED_SOURCE:
+            raise ControlError("mpsd runs on the embedded default; start it with --config FILE to reload")
+        fresh, demo_dir = prepare_config(load_config(pathlib.Path(self.config.source)), self._data_dir)
+        if demo_dir:
+            await ensure_demo_model(demo_dir, worker_env(fresh.models[0]))
+        message = self.fleet.apply_config(fresh)
+        self.fleet.probe = make_probe(fresh.memory, working_set_bytes=self._working_set)
+        self._sync_pools()
+        unchanged = "" if fresh.daemon == self.config.daemon else "; [daemon] changes take effect at the next start"
+        self.config = dataclasses.replace(fresh, models=tuple(self.fleet.models.values()))
+        return message + unchanged
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -138,11 +173,11 @@ class Daemon:
         timeout = 0.0 if self._force.is_set() else self.config.daemon.stop_timeout_s
         await fleet.stop_all(timeout)
 
-    async def _start_public(self, pools: dict[str, ModelPool]) -> grpc.aio.Server:
+    async def _start_public(self) -> grpc.aio.Server:
         # Without this, Linux lets a second daemon bind the same port and the two split the traffic.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        generative = {m.name for m in self.config.models if m.generates}
-        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(pools, generative), server)
+        service = InferenceService(self.pools, lambda name: self.fleet.models[name].generates)
+        inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
@@ -161,10 +196,10 @@ class Daemon:
         log.info("public API listening on %s", self.listen)
         return server
 
-    async def _start_admin(self, admin_path: pathlib.Path, fleet: Fleet, pools: dict[str, ModelPool]) -> grpc.aio.Server:
+    async def _start_admin(self, admin_path: pathlib.Path) -> grpc.aio.Server:
         server = grpc.aio.server()
-        info = {"listen": self.listen, "state_dir": self.state_dir}
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.config, fleet, pools, make_probe(self.config.memory), info), server)
+        info = {"listen": self.listen, "state_dir": self.state_dir, "config_path": self.config.source}
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.fleet, self.pools, info, self.reload), server)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others may connect
         try:
             server.add_insecure_port(f"unix:{admin_path}")
@@ -175,8 +210,10 @@ class Daemon:
         log.info("admin API on %s (mode 0600)", admin_path)
         return server
 
-    def _on_transition(self, pools: dict[str, ModelPool], fleet: Fleet, worker: WorkerRecord, old: WorkerState, new: WorkerState) -> None:
-        pool = pools[worker.model.name]
+    def _on_transition(self, worker: WorkerRecord, old: WorkerState, new: WorkerState) -> None:
+        pool = self.pools.get(worker.model.name)
+        if pool is None:
+            return  # its model was removed; nothing routes to it any more
         if new == WorkerState.READY:
             context_length = worker.stats.context_length if worker.stats else 0
             pool.add_worker(worker.id, worker.process.stub, context_length)

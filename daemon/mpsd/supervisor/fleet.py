@@ -2,9 +2,9 @@
 
 Only this module assigns a worker's state, through `_transition`, which
 checks the move is legal, records why and when, logs one line and tells the
-listener (the router). Causes arrive by two doors: a process exited
-(`_on_exit`) and the periodic `tick` for deadlines (load timeout, backoff
-expiry, health, stop grace).
+listener (the router). Causes arrive by three doors: a process exited
+(`_on_exit`), the periodic `tick` for deadlines and admission, and an
+operator's command (scale, restart, drain, reload), all on the event loop.
 """
 
 from __future__ import annotations
@@ -22,18 +22,29 @@ from typing import Callable
 import grpc
 
 from mpsd.config import Config, ModelConfig
+from mpsd.supervisor import admission
 from mpsd.supervisor.backoff import RestartPolicy, restart_delay, should_give_up
 from mpsd.supervisor.exits import ExitKind, classify_exit
+from mpsd.supervisor.footprint import Footprint, estimate_bytes, worker_peak_bytes
+from mpsd.supervisor.memory import MemorySnapshot, apply_overrides, process_footprint_bytes
 from mpsd.supervisor.states import PROCESS_STATES, WorkerState, check_transition
 from mpsd.supervisor.worker_process import WorkerProcess
+from mpsd.units import format_bytes
 from mpsd.v1 import worker_pb2
 
 log = logging.getLogger("mpsd.fleet")
 TICK_S = 0.1
 READY_PROBE_TIMEOUT_S = 1.0
 HEALTH_FAILURES_BEFORE_KILL = 3
+OOM_RETRY_MIN_GAIN_BYTES = 64 << 20
+# Backend figures that carry Metal's recommended working set (only a worker can read it).
+WORKING_SET_KEYS = ("mps_recommended_max", "mlx_max_recommended_working_set")
 
 Listener = Callable[["WorkerRecord", WorkerState, WorkerState], None]
+
+
+class ControlError(Exception):
+    """An operator command that cannot be done; the message says why."""
 
 
 @dataclasses.dataclass
@@ -41,26 +52,36 @@ class WorkerRecord:
     id: str
     model: ModelConfig
     state: WorkerState = WorkerState.PENDING
-    reason: str = "configured"
+    reason: str = "configured; waiting for admission"
     state_since: float = 0.0
     process: WorkerProcess | None = None
-    restarts: int = 0
+    starts: int = 0
     failure_times: list[float] = dataclasses.field(default_factory=list)
     consecutive_failures: int = 0
     last_exit: str = ""
     stderr_tail: list[str] = dataclasses.field(default_factory=list)
     stats: worker_pb2.WorkerStats | None = None
+    peak_bytes: int = 0
+    oom_events_seen: int = 0
+    free_at_oom: int = 0
     next_attempt_at: float = 0.0
     stop_deadline: float = 0.0
     started_at: float = 0.0
+    ready_at: float = 0.0
     last_probe_at: float = 0.0
     last_probe_ok_at: float = 0.0
     probe_failures: int = 0
     probing: bool = False
+    after_stop: str = ""  # "restart" or "remove": what an operator asked for once it has stopped
 
     @property
     def pid(self) -> int:
         return self.process.pid if self.process and self.state in PROCESS_STATES else 0
+
+    @property
+    def restarts(self) -> int:
+        """Start attempts after the first."""
+        return max(self.starts - 1, 0)
 
 
 class Fleet:
@@ -70,26 +91,37 @@ class Fleet:
         run_dir: pathlib.Path,
         worker_env: Callable[[ModelConfig], dict[str, str]],
         listener: Listener,
-        policy: RestartPolicy = RestartPolicy(),
+        probe,
         clock: Callable[[], float] = time.monotonic,
+        footprint_of_pid: Callable[[int], int] = process_footprint_bytes,
+        report_working_set: Callable[[int], None] = lambda value: None,
     ) -> None:
-        self._config = config
+        self.config = config
         self._run_dir = run_dir
         self._worker_env = worker_env
         self._listener = listener
-        self._policy = policy
+        self.probe = probe
+        self._policy = RestartPolicy.from_config(config.daemon)
         self._clock = clock
+        self._footprint_of_pid = footprint_of_pid
+        self._report_working_set = report_working_set
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
         self._socket_numbers = itertools.count()
+        self._next_index: dict[str, int] = {}
+        self.models: dict[str, ModelConfig] = {}
+        self.footprints: dict[str, Footprint] = {}
         self.workers: dict[str, WorkerRecord] = {}
+        self.memory: MemorySnapshot | None = None
+        self.memory_error = ""
         for model in config.models:
-            for index in range(model.replicas):
-                worker_id = f"{model.name}-{index}"
-                self.workers[worker_id] = WorkerRecord(id=worker_id, model=model, state_since=clock())
+            self._add_model(model)
 
     def workers_of(self, model_name: str) -> list[WorkerRecord]:
         return [w for w in self.workers.values() if w.model.name == model_name]
+
+    def footprint_of(self, worker: WorkerRecord) -> int:
+        return self.footprints[worker.model.name].bytes
 
     # -- the one door for state changes ---------------------------------
 
@@ -104,7 +136,7 @@ class Fleet:
     # -- the periodic door ----------------------------------------------
 
     async def run(self) -> None:
-        """Drives deadlines until stop_all() has finished."""
+        """Drives deadlines and admission until stop_all() has begun."""
         while not self._stopping:
             self.tick()
             await asyncio.sleep(TICK_S)
@@ -115,10 +147,8 @@ class Fleet:
             handler = _TICK_HANDLERS.get(worker.state)
             if handler:
                 handler(self, worker, now)
-
-    def _tick_pending(self, worker: WorkerRecord, now: float) -> None:
         if not self._stopping:
-            self._spawn(worker)
+            self._admit()
 
     def _tick_starting(self, worker: WorkerRecord, now: float) -> None:
         if now - worker.started_at > worker.model.load_timeout_s:
@@ -129,11 +159,10 @@ class Fleet:
             self._probe(worker, now)
 
     def _tick_ready(self, worker: WorkerRecord, now: float) -> None:
-        interval = self._config.daemon.health_interval_s
-        if not worker.probing and now - worker.last_probe_at >= interval:
+        if not worker.probing and now - worker.last_probe_at >= self.config.daemon.health_interval_s:
             self._probe(worker, now)
         silent_for = now - worker.last_probe_ok_at
-        if worker.probe_failures >= HEALTH_FAILURES_BEFORE_KILL and silent_for > self._config.daemon.health_timeout_s:
+        if worker.probe_failures >= HEALTH_FAILURES_BEFORE_KILL and silent_for > self.config.daemon.health_timeout_s:
             worker.reason = f"no answer to health probes for {silent_for:.1f}s: killed as hung"
             log.warning("worker %s %s", worker.id, worker.reason)
             worker.process.send_signal(signal.SIGKILL)
@@ -141,30 +170,82 @@ class Fleet:
 
     def _tick_backoff(self, worker: WorkerRecord, now: float) -> None:
         if now >= worker.next_attempt_at and not self._stopping:
-            self._transition(worker, WorkerState.PENDING, "backoff expired; restarting")
+            self._transition(worker, WorkerState.PENDING, "backoff expired; waiting for admission")
 
     def _tick_draining(self, worker: WorkerRecord, now: float) -> None:
         if now >= worker.stop_deadline:
             worker.process.send_signal(signal.SIGKILL)
 
-    # -- actions ----------------------------------------------------------
+    # -- admission --------------------------------------------------------
 
-    def _spawn(self, worker: WorkerRecord) -> None:
-        socket_path = str(self._run_dir / f"{next(self._socket_numbers)}.sock")  # short: sun_path is ~104 bytes
+    def _admit(self) -> None:
+        """Applies the pure admission decision to PENDING, REFUSED and OOM workers."""
+        waiting = [w for w in self.workers.values() if w.state in (WorkerState.PENDING, WorkerState.REFUSED, WorkerState.OOM)]
+        if not waiting:
+            return
+        view = self._memory_view()
+        if view is None:
+            for worker in waiting:
+                if worker.state == WorkerState.PENDING:
+                    self._transition(worker, WorkerState.REFUSED, f"memory probe failed: {self.memory_error}")
+            return
+        live = [self.footprint_of(w) for w in self.workers.values() if w.state in PROCESS_STATES]
+        free = admission.free_bytes(view, live)
+        self._retry_ooms(free)
+        candidates = [admission.Candidate(w.id, self.footprint_of(w)) for w in self.workers.values()
+                      if w.state in (WorkerState.PENDING, WorkerState.REFUSED)]
+        settling = next((w.id for w in self.workers.values() if w.state == WorkerState.STARTING), None)
+        for decision in admission.decide(view, live, candidates, settling):
+            self._apply_decision(self.workers[decision.worker_id], decision)
+
+    def _memory_view(self) -> admission.MemoryView | None:
+        try:
+            self.memory = apply_overrides(self.probe.snapshot(), self.config.memory)
+        except (OSError, ValueError, KeyError) as exc:
+            if str(exc) != self.memory_error:
+                log.warning("memory probe %s failed: %s", self.probe.name, exc)
+            self.memory_error = str(exc)
+            return None
+        self.memory_error = ""
+        return admission.MemoryView(self.memory.budget_bytes, self.memory.used_bytes, self.config.memory.headroom_bytes)
+
+    def _retry_ooms(self, free: int) -> None:
+        """One new attempt per real change in memory, never a loop into the same wall."""
+        for worker in self.workers.values():
+            if worker.state != WorkerState.OOM:
+                continue
+            gain = max(OOM_RETRY_MIN_GAIN_BYTES, self.footprint_of(worker) // 10)
+            if free >= worker.free_at_oom + gain:
+                self._transition(worker, WorkerState.PENDING,
+                                 f"memory freed ({format_bytes(max(free, 0))} free now); trying once more")
+
+    def _apply_decision(self, worker: WorkerRecord, decision: admission.Decision) -> None:
+        if decision.admit:
+            if worker.state == WorkerState.REFUSED:
+                self._transition(worker, WorkerState.PENDING, "memory freed; " + decision.reason)
+            self._spawn(worker, decision.reason)
+        elif worker.state == WorkerState.PENDING:
+            self._transition(worker, WorkerState.REFUSED, decision.reason)
+        else:
+            worker.reason = decision.reason  # still refused; the numbers moved
+
+    # -- processes --------------------------------------------------------
+
+    def _spawn(self, worker: WorkerRecord, reason: str) -> None:
         model = worker.model
         spec = {
-            "worker_id": worker.id, "socket": socket_path, "backend": model.backend, "path": model.path,
-            "factory": model.factory, "device": model.device, "threads": model.threads,
-            "concurrency": model.concurrency, "parent_pid": os.getpid(),
-            "stop_grace_s": self._config.daemon.stop_timeout_s / 2,
+            "worker_id": worker.id, "socket": str(self._run_dir / f"{next(self._socket_numbers)}.sock"),
+            "backend": model.backend, "path": model.path, "factory": model.factory, "device": model.device,
+            "threads": model.threads, "concurrency": model.concurrency, "parent_pid": os.getpid(),
+            "stop_grace_s": self.config.daemon.drain_grace_s,
         }
         if worker.process is not None:
             self._background(worker.process.close_channel())
         worker.process = WorkerProcess(worker.id, spec, self._worker_env(model))
-        worker.stats = None
-        worker.probe_failures = 0
+        worker.stats, worker.probe_failures, worker.peak_bytes, worker.oom_events_seen = None, 0, 0, 0
         worker.started_at = self._clock()
-        self._transition(worker, WorkerState.STARTING, "admitted; loading the model")
+        worker.starts += 1
+        self._transition(worker, WorkerState.STARTING, f"{reason}; loading the model")
         self._background(self._start_and_reap(worker, worker.process))
 
     async def _start_and_reap(self, worker: WorkerRecord, process: WorkerProcess) -> None:
@@ -182,7 +263,7 @@ class Fleet:
         self._background(self._probe_once(worker, worker.process))
 
     async def _probe_once(self, worker: WorkerRecord, process: WorkerProcess) -> None:
-        timeout = READY_PROBE_TIMEOUT_S if worker.state == WorkerState.STARTING else self._config.daemon.health_timeout_s
+        timeout = READY_PROBE_TIMEOUT_S if worker.state == WorkerState.STARTING else self.config.daemon.health_timeout_s
         try:
             if process.stub is None or not os.path.exists(process.socket_path):
                 raise ConnectionError("socket not there yet")
@@ -193,56 +274,184 @@ class Fleet:
             return
         finally:
             worker.probing = False
-        if worker.process is not process:
+        if worker.process is not process or worker.state not in (WorkerState.STARTING, WorkerState.READY):
             return
-        worker.stats, worker.probe_failures, worker.last_probe_ok_at = stats, 0, self._clock()
+        worker.probe_failures, worker.last_probe_ok_at = 0, self._clock()
+        self.record_stats(worker, stats)
         if worker.state == WorkerState.STARTING:
             elapsed = self._clock() - worker.started_at
+            worker.ready_at = self._clock()
             self._transition(worker, WorkerState.READY, f"model loaded and warmed in {elapsed:.1f}s on {stats.device}")
+
+    def record_stats(self, worker: WorkerRecord, stats: worker_pb2.WorkerStats) -> None:
+        """Learns the model's footprint from what the worker holds, and OOMs it survived."""
+        worker.stats = stats
+        working_set = max((stats.backend_memory.get(k, 0) for k in WORKING_SET_KEYS), default=0)
+        if working_set:
+            self._report_working_set(working_set)
+        peak = worker_peak_bytes(self._footprint_of_pid(worker.pid), dict(stats.backend_memory))
+        worker.peak_bytes = max(worker.peak_bytes, peak)
+        footprint = self.footprints[worker.model.name]
+        footprint.observe(worker.peak_bytes)
+        if stats.oom_events > worker.oom_events_seen:
+            worker.oom_events_seen = stats.oom_events
+            footprint.raise_after_oom(worker.peak_bytes)
+            log.warning("worker %s: out of memory inside a request (%s); %s footprint raised to %s",
+                        worker.id, stats.last_oom, worker.model.name, format_bytes(footprint.bytes))
 
     # -- the exit door ----------------------------------------------------
 
     def _on_exit(self, worker: WorkerRecord, process: WorkerProcess, returncode: int | None, spawn_error: str) -> None:
-        if worker.process is not process:
+        if worker.process is not process or worker.id not in self.workers:
             return
         worker.stderr_tail = list(process.stderr_tail)
         stop_requested = worker.state == WorkerState.DRAINING
         if returncode is None:
-            verdict_kind, description = ExitKind.BOOT_FAILURE, spawn_error
+            kind, description = ExitKind.BOOT_FAILURE, spawn_error
         else:
             verdict = classify_exit(returncode, worker.stderr_tail, stop_requested=stop_requested)
-            verdict_kind, description = verdict.kind, verdict.description
+            kind, description = verdict.kind, verdict.description
         if worker.reason.endswith("killed as hung"):
             description = f"{worker.reason} ({description})"
-        worker.last_exit = f"{verdict_kind.value}: {description}"
+        worker.last_exit = f"{kind.value}: {description}"
         if stop_requested or self._stopping:
             self._transition(worker, WorkerState.STOPPED, f"stopped ({description})")
-        elif verdict_kind == ExitKind.BOOT_FAILURE:
+            self._after_stop(worker)
+        elif kind == ExitKind.BOOT_FAILURE:
             self._transition(worker, WorkerState.FATAL, f"boot failure, not retried: {description}")
+        elif kind == ExitKind.OOM:
+            self._after_oom(worker, description)
         else:
-            self._after_failure(worker, verdict_kind, description)
+            self._after_failure(worker, description)
 
-    def _after_failure(self, worker: WorkerRecord, kind: ExitKind, description: str) -> None:
+    def _after_oom(self, worker: WorkerRecord, description: str) -> None:
+        footprint = self.footprints[worker.model.name]
+        footprint.raise_after_oom(worker.peak_bytes)
+        view = self._memory_view()
+        live = [self.footprint_of(w) for w in self.workers.values() if w.state in PROCESS_STATES and w is not worker]
+        worker.free_at_oom = admission.free_bytes(view, live) if view else 0
+        self._transition(worker, WorkerState.OOM, (
+            f"{description}; {worker.model.name} footprint raised to {format_bytes(footprint.bytes)} "
+            f"({footprint.source}); not restarted until memory frees"))
+
+    def _after_failure(self, worker: WorkerRecord, description: str) -> None:
         now = self._clock()
         was_ready = worker.state == WorkerState.READY
-        worker.consecutive_failures = 1 if was_ready else worker.consecutive_failures + 1
+        if was_ready and now - worker.ready_at >= self._policy.reset_after_s:
+            worker.consecutive_failures, worker.failure_times = 0, []
+        worker.consecutive_failures += 1
         if not was_ready:
             worker.failure_times.append(now)
         if should_give_up(worker.failure_times, now, self._policy):
-            self._transition(
-                worker, WorkerState.FATAL,
-                f"{len(worker.failure_times)} failures without becoming ready; giving up. Last: {description}",
-            )
+            self._transition(worker, WorkerState.FATAL, (
+                f"{len(worker.failure_times)} failures within {self._policy.window_s:g}s without becoming ready; "
+                f"giving up. Last: {description}"))
             return
         delay = restart_delay(worker.consecutive_failures, self._policy)
         worker.next_attempt_at = now + delay
-        worker.restarts += 1
-        target = WorkerState.OOM if kind == ExitKind.OOM else WorkerState.BACKOFF
-        self._transition(worker, target, f"{description}; restarting in {delay:.1f}s")
+        self._transition(worker, WorkerState.BACKOFF, f"{description}; restarting in {delay:.1f}s")
 
-    def _tick_oom(self, worker: WorkerRecord, now: float) -> None:
-        if now >= worker.next_attempt_at and not self._stopping:
-            self._transition(worker, WorkerState.PENDING, "retrying after out-of-memory")
+    def _after_stop(self, worker: WorkerRecord) -> None:
+        action, worker.after_stop = worker.after_stop, ""
+        if action == "restart" and not self._stopping:
+            self._transition(worker, WorkerState.PENDING, "restarted by operator; waiting for admission")
+        elif action == "remove":
+            del self.workers[worker.id]
+
+    # -- operator commands ------------------------------------------------
+
+    def scale(self, model_name: str, replicas: int) -> str:
+        if model_name not in self.models:
+            raise ControlError(f"no model named {model_name!r} (configured: {', '.join(sorted(self.models))})")
+        current = [w for w in self.workers_of(model_name) if w.after_stop != "remove"]
+        self.models[model_name] = dataclasses.replace(self.models[model_name], replicas=replicas)
+        if replicas > len(current):
+            added = [self._add_worker(self.models[model_name]).id for _ in range(replicas - len(current))]
+            return f"{model_name}: {len(current)} -> {replicas} replicas; added {', '.join(added)}"
+        retired = sorted(current, key=lambda w: _index(w.id))[replicas:]
+        for worker in retired:
+            self._stop_worker(worker, "scaled down", after="remove")
+        names = ", ".join(w.id for w in retired) or "none"
+        return f"{model_name}: {len(current)} -> {replicas} replicas; stopping {names}"
+
+    def restart_worker(self, worker_id: str) -> str:
+        worker = self._worker(worker_id)
+        if worker.state in PROCESS_STATES:
+            if worker.state == WorkerState.DRAINING:
+                worker.after_stop = "restart"
+                return f"{worker_id} is already draining; it will start again once stopped"
+            self._stop_worker(worker, "restart requested by operator", after="restart")
+            return f"{worker_id}: draining pid {worker.process.pid}; a fresh worker starts once it has stopped"
+        worker.failure_times, worker.consecutive_failures = [], 0
+        if worker.state != WorkerState.PENDING:
+            self._transition(worker, WorkerState.PENDING, "restart requested by operator; waiting for admission")
+        return f"{worker_id}: was {worker.reason}; now waiting for admission"
+
+    def drain_worker(self, worker_id: str) -> str:
+        worker = self._worker(worker_id)
+        if worker.state in (WorkerState.STOPPED, WorkerState.DRAINING):
+            raise ControlError(f"{worker_id} is already {worker.state.value}")
+        self._stop_worker(worker, "drained by operator", after="")
+        return f"{worker_id}: draining; it finishes its requests in flight and stays STOPPED"
+
+    def apply_config(self, new: Config) -> str:
+        """Reload: adds, removes and resizes models; workers of unchanged models are not touched."""
+        changes = []
+        new_models = {m.name: m for m in new.models}
+        for name in list(self.models):
+            if name not in new_models:
+                for worker in self.workers_of(name):
+                    self._stop_worker(worker, "model removed from config", after="remove")
+                del self.models[name]
+                changes.append(f"removed {name}")
+        for name, model in new_models.items():
+            old = self.models.get(name)
+            if old is None:
+                self._add_model(model)
+                changes.append(f"added {name} ({model.replicas} replicas)")
+            elif dataclasses.replace(old, replicas=model.replicas) != model:
+                for worker in self.workers_of(name):
+                    self._stop_worker(worker, "model config changed; replacing", after="remove")
+                self._add_model(model)
+                changes.append(f"replaced {name}")
+            elif old.replicas != model.replicas:
+                changes.append(self.scale(name, model.replicas))
+        self.config = dataclasses.replace(new, models=tuple(self.models.values()))
+        return "; ".join(changes) or "no model changed"
+
+    def _worker(self, worker_id: str) -> WorkerRecord:
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            raise ControlError(f"no worker {worker_id!r} (workers: {', '.join(self.workers)})")
+        return worker
+
+    def _add_model(self, model: ModelConfig) -> None:
+        self.models[model.name] = model
+        self.footprints[model.name] = Footprint(estimate_bytes(model.path), model.footprint_bytes)
+        self._next_index.setdefault(model.name, 0)
+        for _ in range(model.replicas):
+            self._add_worker(model)
+
+    def _add_worker(self, model: ModelConfig) -> WorkerRecord:
+        index = self._next_index[model.name]
+        self._next_index[model.name] = index + 1
+        worker = WorkerRecord(id=f"{model.name}-{index}", model=model, state_since=self._clock())
+        self.workers[worker.id] = worker
+        return worker
+
+    def _stop_worker(self, worker: WorkerRecord, reason: str, after: str) -> None:
+        """Live workers drain (SIGTERM: the worker finishes its requests); others stop at once."""
+        worker.after_stop = after
+        if worker.state in (WorkerState.STARTING, WorkerState.READY):
+            grace = self.config.daemon.drain_grace_s + self.config.daemon.stop_timeout_s
+            worker.stop_deadline = self._clock() + grace
+            self._transition(worker, WorkerState.DRAINING, reason)
+            worker.process.send_signal(signal.SIGTERM)
+        elif worker.state not in (WorkerState.DRAINING, WorkerState.STOPPED):
+            self._transition(worker, WorkerState.STOPPED, reason)
+            self._after_stop(worker)
+        elif worker.state == WorkerState.STOPPED:
+            self._after_stop(worker)
 
     # -- stopping ---------------------------------------------------------
 
@@ -250,15 +459,15 @@ class Fleet:
         """TERM every live worker, KILL those still there after timeout_s, wait for all."""
         self._stopping = True
         deadline = self._clock() + timeout_s
-        for worker in self.workers.values():
+        for worker in list(self.workers.values()):
             if worker.state in (WorkerState.STARTING, WorkerState.READY):
-                worker.stop_deadline = deadline
                 self._transition(worker, WorkerState.DRAINING, "daemon is stopping")
                 worker.process.send_signal(signal.SIGTERM)
             elif worker.state in (WorkerState.PENDING, WorkerState.BACKOFF, WorkerState.OOM, WorkerState.REFUSED):
                 self._transition(worker, WorkerState.STOPPED, "daemon is stopping")
+            worker.stop_deadline = min(worker.stop_deadline or deadline, deadline)
         while any(w.state in PROCESS_STATES for w in self.workers.values()):
-            for worker in self.workers.values():
+            for worker in list(self.workers.values()):
                 if worker.state == WorkerState.DRAINING:
                     self._tick_draining(worker, self._clock())
             await asyncio.sleep(TICK_S)
@@ -271,11 +480,13 @@ class Fleet:
         task.add_done_callback(self._tasks.discard)
 
 
+def _index(worker_id: str) -> int:
+    return int(worker_id.rpartition("-")[2])
+
+
 _TICK_HANDLERS = {
-    WorkerState.PENDING: Fleet._tick_pending,
     WorkerState.STARTING: Fleet._tick_starting,
     WorkerState.READY: Fleet._tick_ready,
     WorkerState.BACKOFF: Fleet._tick_backoff,
-    WorkerState.OOM: Fleet._tick_oom,
     WorkerState.DRAINING: Fleet._tick_draining,
 }

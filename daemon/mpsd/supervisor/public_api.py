@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable
 
 import grpc
 
@@ -29,9 +30,9 @@ class WorkerLost(Exception):
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, pools: dict[str, ModelPool], generative: set[str]) -> None:
+    def __init__(self, pools: dict[str, ModelPool], generates: Callable[[str], bool]) -> None:
         self._pools = pools
-        self._generative = generative
+        self._generates = generates
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):
         pool = await self._pool_for(request.model, context, generate=True)
@@ -88,7 +89,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         pool = self._pools.get(name)
         if pool is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model: no model named {name!r} (configured: {known})")
-        if generate != (name in self._generative):
+        if generate != self._generates(name):
             verb = "Generate" if generate else "Predict"
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model: {name!r} does not serve {verb}")
         return pool

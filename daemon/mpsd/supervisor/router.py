@@ -62,6 +62,10 @@ class ModelPool:
         self._sequence = itertools.count(1)
         self.context_length = 0
 
+    def reconfigure(self, concurrency: int, queue_limit: int) -> None:
+        self._concurrency, self._queue_limit = concurrency, queue_limit
+        self._hand_out()
+
     @property
     def queued(self) -> int:
         return len(self._waiters)

@@ -6,6 +6,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ScaleRequest(_message.Message):
+    __slots__ = ("model", "replicas")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    replicas: int
+    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
+
+class WorkerRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class ReloadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ControlResponse(_message.Message):
+    __slots__ = ("ok", "message")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    message: str
+    def __init__(self, ok: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -27,7 +53,7 @@ class DaemonStatus(_message.Message):
     def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., listen: _Optional[str] = ..., state_dir: _Optional[str] = ..., config_path: _Optional[str] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "backend", "replicas", "ready", "queued", "queue_limit", "concurrency", "device", "context_length")
+    __slots__ = ("name", "backend", "replicas", "ready", "queued", "queue_limit", "concurrency", "device", "context_length", "footprint_bytes", "footprint_source")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +63,8 @@ class ModelStatus(_message.Message):
     CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    FOOTPRINT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FOOTPRINT_SOURCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     backend: str
     replicas: int
@@ -46,22 +74,30 @@ class ModelStatus(_message.Message):
     concurrency: int
     device: str
     context_length: int
-    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., replicas: _Optional[int] = ..., ready: _Optional[int] = ..., queued: _Optional[int] = ..., queue_limit: _Optional[int] = ..., concurrency: _Optional[int] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ...) -> None: ...
+    footprint_bytes: int
+    footprint_source: str
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., replicas: _Optional[int] = ..., ready: _Optional[int] = ..., queued: _Optional[int] = ..., queue_limit: _Optional[int] = ..., concurrency: _Optional[int] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., footprint_bytes: _Optional[int] = ..., footprint_source: _Optional[str] = ...) -> None: ...
 
 class MemoryStatus(_message.Message):
-    __slots__ = ("probe", "budget_bytes", "used_bytes", "available_bytes")
+    __slots__ = ("probe", "budget_bytes", "used_bytes", "available_bytes", "headroom_bytes", "detail", "free_for_workers_bytes")
     PROBE_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEADROOM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    FREE_FOR_WORKERS_BYTES_FIELD_NUMBER: _ClassVar[int]
     probe: str
     budget_bytes: int
     used_bytes: int
     available_bytes: int
-    def __init__(self, probe: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ...) -> None: ...
+    headroom_bytes: int
+    detail: str
+    free_for_workers_bytes: int
+    def __init__(self, probe: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., headroom_bytes: _Optional[int] = ..., detail: _Optional[str] = ..., free_for_workers_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("id", "model", "pid", "state", "reason", "state_age_s", "uptime_s", "restarts", "inflight", "tokens", "requests", "memory_bytes", "backend_memory", "backend_memory_note", "device", "last_exit")
+    __slots__ = ("id", "model", "pid", "state", "reason", "state_age_s", "uptime_s", "restarts", "inflight", "tokens", "requests", "memory_bytes", "backend_memory", "backend_memory_note", "device", "last_exit", "stderr_tail", "oom_events")
     class BackendMemoryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +121,8 @@ class WorkerStatus(_message.Message):
     BACKEND_MEMORY_NOTE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     LAST_EXIT_FIELD_NUMBER: _ClassVar[int]
+    STDERR_TAIL_FIELD_NUMBER: _ClassVar[int]
+    OOM_EVENTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     pid: int
@@ -101,7 +139,9 @@ class WorkerStatus(_message.Message):
     backend_memory_note: str
     device: str
     last_exit: str
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., state_age_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., restarts: _Optional[int] = ..., inflight: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., device: _Optional[str] = ..., last_exit: _Optional[str] = ...) -> None: ...
+    stderr_tail: _containers.RepeatedScalarFieldContainer[str]
+    oom_events: int
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., state_age_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., restarts: _Optional[int] = ..., inflight: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., device: _Optional[str] = ..., last_exit: _Optional[str] = ..., stderr_tail: _Optional[_Iterable[str]] = ..., oom_events: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("daemon", "models", "memory", "workers")

@@ -39,6 +39,26 @@ class AdminStub:
                 request_serializer=mpsd_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
                 response_deserializer=mpsd_dot_v1_dot_admin__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Scale = channel.unary_unary(
+                '/mpsd.v1.Admin/Scale',
+                request_serializer=mpsd_dot_v1_dot_admin__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=mpsd_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+                _registered_method=True)
+        self.RestartWorker = channel.unary_unary(
+                '/mpsd.v1.Admin/RestartWorker',
+                request_serializer=mpsd_dot_v1_dot_admin__pb2.WorkerRequest.SerializeToString,
+                response_deserializer=mpsd_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+                _registered_method=True)
+        self.DrainWorker = channel.unary_unary(
+                '/mpsd.v1.Admin/DrainWorker',
+                request_serializer=mpsd_dot_v1_dot_admin__pb2.WorkerRequest.SerializeToString,
+                response_deserializer=mpsd_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+                _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/mpsd.v1.Admin/Reload',
+                request_serializer=mpsd_dot_v1_dot_admin__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=mpsd_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -50,6 +70,34 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Scale(self, request, context):
+        """Sets a model's replica count; extra workers drain and stop.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestartWorker(self, request, context):
+        """Drains a worker and starts a fresh one (also retries a FATAL/REFUSED/OOM worker now).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainWorker(self, request, context):
+        """Finishes a worker's in-flight requests, then stops it (it stays STOPPED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reload(self, request, context):
+        """Re-reads the config file: adds, removes and resizes models; unchanged workers are untouched.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +105,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=mpsd_dot_v1_dot_admin__pb2.StatusRequest.FromString,
                     response_serializer=mpsd_dot_v1_dot_admin__pb2.StatusResponse.SerializeToString,
+            ),
+            'Scale': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scale,
+                    request_deserializer=mpsd_dot_v1_dot_admin__pb2.ScaleRequest.FromString,
+                    response_serializer=mpsd_dot_v1_dot_admin__pb2.ControlResponse.SerializeToString,
+            ),
+            'RestartWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestartWorker,
+                    request_deserializer=mpsd_dot_v1_dot_admin__pb2.WorkerRequest.FromString,
+                    response_serializer=mpsd_dot_v1_dot_admin__pb2.ControlResponse.SerializeToString,
+            ),
+            'DrainWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainWorker,
+                    request_deserializer=mpsd_dot_v1_dot_admin__pb2.WorkerRequest.FromString,
+                    response_serializer=mpsd_dot_v1_dot_admin__pb2.ControlResponse.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=mpsd_dot_v1_dot_admin__pb2.ReloadRequest.FromString,
+                    response_serializer=mpsd_dot_v1_dot_admin__pb2.ControlResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +154,114 @@ class Admin:
             '/mpsd.v1.Admin/Status',
             mpsd_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
             mpsd_dot_v1_dot_admin__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mpsd.v1.Admin/Scale',
+            mpsd_dot_v1_dot_admin__pb2.ScaleRequest.SerializeToString,
+            mpsd_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestartWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mpsd.v1.Admin/RestartWorker',
+            mpsd_dot_v1_dot_admin__pb2.WorkerRequest.SerializeToString,
+            mpsd_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mpsd.v1.Admin/DrainWorker',
+            mpsd_dot_v1_dot_admin__pb2.WorkerRequest.SerializeToString,
+            mpsd_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mpsd.v1.Admin/Reload',
+            mpsd_dot_v1_dot_admin__pb2.ReloadRequest.SerializeToString,
+            mpsd_dot_v1_dot_admin__pb2.ControlResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "pid", "backend", "device", "context_length", "tokens", "requests", "inflight", "backend_memory", "backend_memory_note")
+    __slots__ = ("worker_id", "pid", "backend", "device", "context_length", "tokens", "requests", "inflight", "backend_memory", "backend_memory_note", "oom_events", "last_oom")
     class BackendMemoryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,8 @@ class WorkerStats(_message.Message):
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     BACKEND_MEMORY_FIELD_NUMBER: _ClassVar[int]
     BACKEND_MEMORY_NOTE_FIELD_NUMBER: _ClassVar[int]
+    OOM_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_OOM_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     pid: int
     backend: str
@@ -40,4 +42,6 @@ class WorkerStats(_message.Message):
     inflight: int
     backend_memory: _containers.ScalarMap[str, int]
     backend_memory_note: str
-    def __init__(self, worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., inflight: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ...) -> None: ...
+    oom_events: int
+    last_oom: str
+    def __init__(self, worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., inflight: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., oom_events: _Optional[int] = ..., last_oom: _Optional[str] = ...) -> None: ...

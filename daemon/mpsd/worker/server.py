@@ -8,11 +8,13 @@ for health probes.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import grpc
 
 from mpsd.generate_params import InvalidRequest, parse_generate_request
+from mpsd.oom import exception_oom
 from mpsd.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
 from mpsd.worker.backends.base import Finished
 from mpsd.worker.tensors import to_array, to_tensor
@@ -26,12 +28,19 @@ class Counters:
         self.tokens = 0
         self.requests = 0
         self.inflight = 0
+        self.oom_events = 0
+        self.last_oom = ""
 
     def add(self, *, tokens: int = 0, requests: int = 0, inflight: int = 0) -> None:
         with self._lock:
             self.tokens += tokens
             self.requests += requests
             self.inflight += inflight
+
+    def record_oom(self, text: str) -> None:
+        with self._lock:
+            self.oom_events += 1
+            self.last_oom = text
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
@@ -54,8 +63,21 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             yield from self._stream(params, context)
         except InvalidRequest as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:
+            self._abort_if_oom(exc, context)
+            raise
         finally:
             self._counters.add(inflight=-1, requests=1)
+
+    def _abort_if_oom(self, exc: Exception, context) -> None:
+        """An OOM inside a request fails that request only; the daemon learns of it from Stats."""
+        meaning = exception_oom(exc)
+        if meaning is None:
+            return
+        text = f"out of memory ({meaning}): {exc}"
+        self._counters.record_oom(text)
+        sys.stderr.write(f"mpsd worker {self._pid}: {text}\n")
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, text)
 
     def _stream(self, params, context):
         for event in self._model.generate(params, context.is_active):
@@ -79,6 +101,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             outputs = self._model.predict(inputs)
         except InvalidRequest as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:
+            self._abort_if_oom(exc, context)
+            raise
         finally:
             self._counters.add(inflight=-1, requests=1)
         return inference_pb2.PredictResponse(
@@ -98,4 +123,6 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             inflight=self._counters.inflight,
             backend_memory=report.bytes_by_kind,
             backend_memory_note=report.note,
+            oom_events=self._counters.oom_events,
+            last_oom=self._counters.last_oom,
         )
