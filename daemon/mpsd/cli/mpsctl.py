@@ -51,6 +51,18 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--address", help="public API HOST:PORT (default: $MPSD_ADDRESS, else asked of the daemon)")
     generate.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     generate.set_defaults(handler=_generate)
+    scale = commands.add_parser("scale", help="set a model's replica count")
+    scale.add_argument("model")
+    scale.add_argument("replicas", type=int)
+    scale.set_defaults(handler=_scale)
+    restart = commands.add_parser("restart", help="drain a worker and start a fresh one (or retry a FATAL/REFUSED/OOM one)")
+    restart.add_argument("worker")
+    restart.set_defaults(handler=lambda args: _control(args, "RestartWorker", admin_pb2.WorkerRequest(worker_id=args.worker)))
+    drain = commands.add_parser("drain", help="finish a worker's requests in flight, then stop it")
+    drain.add_argument("worker")
+    drain.set_defaults(handler=lambda args: _control(args, "DrainWorker", admin_pb2.WorkerRequest(worker_id=args.worker)))
+    reload = commands.add_parser("reload", help="re-read the config file and apply what changed")
+    reload.set_defaults(handler=lambda args: _control(args, "Reload", admin_pb2.ReloadRequest()))
     wait = commands.add_parser("wait", help="wait until every configured worker is READY")
     wait.add_argument("--timeout", type=float, default=300.0)
     wait.set_defaults(handler=_wait)
@@ -90,6 +102,24 @@ def _status(args) -> int:
     return 0
 
 
+def _scale(args) -> int:
+    if args.replicas < 0:
+        print("mpsctl: replicas must be 0 or more", file=sys.stderr)
+        return 2
+    return _control(args, "Scale", admin_pb2.ScaleRequest(model=args.model, replicas=args.replicas))
+
+
+def _control(args, method: str, request) -> int:
+    try:
+        reply = getattr(_admin_stub(args), method)(request, timeout=60)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        raise DaemonUnreachable(f"no mpsd answers on {paths.admin_socket_path(args.state_dir or paths.default_state_dir())}") from None
+    print(reply.message if reply.ok else f"mpsctl: {reply.message}", file=sys.stdout if reply.ok else sys.stderr)
+    return 0 if reply.ok else 1
+
+
 def _wait(args) -> int:
     deadline = time.monotonic() + args.timeout
     last = "daemon not answering yet"
@@ -99,7 +129,7 @@ def _wait(args) -> int:
         except (grpc.RpcError, DaemonUnreachable) as exc:
             last = str(exc)
         else:
-            states = {w["id"]: w["state"] for w in workers}
+            states = {w["id"]: w["state"] for w in workers if w["state"] != "STOPPED"}
             if all(s == "READY" for s in states.values()):
                 print("all workers READY: " + ", ".join(states))
                 return 0

@@ -27,29 +27,40 @@ def format_status(status: dict[str, Any]) -> str:
     lines = [
         f"mpsd {daemon['version']}  pid {daemon['pid']}  up {format_duration(daemon['uptime_s'])}  "
         f"public {daemon['listen']}  config {daemon['config_path']}",
-        f"memory ({memory['probe']}): used {format_bytes(memory['used_bytes'])} of {format_bytes(memory['budget_bytes'])}, "
-        f"available {format_bytes(memory['available_bytes'])}",
+        _memory_line(memory),
         "",
     ]
     lines += _table(
-        ["MODEL", "BACKEND", "DEVICE", "READY", "QUEUED", "CONTEXT"],
+        ["MODEL", "BACKEND", "DEVICE", "READY", "QUEUED", "CONTEXT", "FOOTPRINT"],
         [[m["name"], m["backend"], m["device"], f"{m['ready']}/{m['replicas']}", f"{m['queued']}/{m['queue_limit']}",
-          str(m["context_length"] or "-")] for m in status["models"]],
+          str(m["context_length"] or "-"), f"{format_bytes(m['footprint_bytes'])} ({m['footprint_source']})"]
+         for m in status["models"]],
     )
     lines.append("")
     lines += _table(
         ["WORKER", "PID", "STATE", "UPTIME", "RESTARTS", "INFLIGHT", "TOKENS", "MEMORY", "BACKEND MEMORY", "LAST EXIT"],
         [_worker_row(w) for w in status["workers"]],
     )
-    unhealthy = [w for w in status["workers"] if w["state"] != "READY"]
+    unhealthy = [w for w in status["workers"] if w["state"] in ("PENDING", "REFUSED", "OOM", "FATAL", "BACKOFF", "DRAINING")]
     for worker in unhealthy:
         lines.append(f"{worker['id']}: {worker['state']}: {worker['reason']}")
     return "\n".join(lines)
 
 def format_worker(worker: dict[str, Any]) -> str:
-    lines = [f"{key}: {value}" for key, value in worker.items() if key not in ("backend_memory",)]
+    lines = [f"{key}: {value}" for key, value in worker.items() if key not in ("backend_memory", "stderr_tail")]
     lines.append("backend_memory: " + _backend_memory(worker))
+    lines.append(f"stderr (last {len(worker['stderr_tail'])} lines):")
+    lines += [f"  | {line}" for line in worker["stderr_tail"]]
     return "\n".join(lines)
+
+
+def _memory_line(memory: dict[str, Any]) -> str:
+    if not memory["budget_bytes"]:
+        return f"memory ({memory['probe']})"
+    detail = f"  [{memory['detail']}]" if memory["detail"] else ""
+    return (f"memory ({memory['probe']}): budget {format_bytes(memory['budget_bytes'])}, used "
+            f"{format_bytes(memory['used_bytes'])}, headroom {format_bytes(memory['headroom_bytes'])}, "
+            f"free for workers {format_bytes(memory['free_for_workers_bytes'])}{detail}")
 
 def _worker_row(worker: dict[str, Any]) -> list[str]:
     return [

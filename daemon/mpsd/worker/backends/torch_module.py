@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 
+from mpsd.oom import exception_oom
 from mpsd.worker.backends.base import BootFailure, InvalidRequest, MemoryReport
 from mpsd.worker.backends.memory import torch_memory_report
 
@@ -53,6 +54,8 @@ class TorchModule:
             try:
                 result = self._module(**tensors)
             except (TypeError, RuntimeError, ValueError) as exc:
+                if exception_oom(exc):
+                    raise  # not the input's fault: the worker server answers RESOURCE_EXHAUSTED
                 raise InvalidRequest(f"inputs: the model rejected them: {exc}") from exc
         return {name: value.detach().cpu().numpy() for name, value in _named_outputs(result).items()}
 
