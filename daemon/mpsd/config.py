@@ -15,8 +15,9 @@ from typing import Any
 from mpsd import paths
 from mpsd.units import parse_duration, parse_size
 
-BACKENDS = ("torch-lm", "torch-module")
-LM_BACKENDS = ("torch-lm",)
+BACKENDS = ("torch-lm", "torch-module", "null-lm")
+LM_BACKENDS = ("torch-lm", "null-lm")
+PATH_BACKENDS = ("torch-lm",)
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 FACTORY_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -259,7 +260,7 @@ def _model(reader: _Reader, table: dict[str, Any], index: int, base_dir: pathlib
 
 def _model_path(reader: _Reader, table: dict[str, Any], at: str, backend: str, base_dir: pathlib.Path) -> str | None:
     path = reader.string(table, "path", at + "path")
-    if backend in LM_BACKENDS and not path:
+    if backend in PATH_BACKENDS and not path:
         raise reader.fail(at + "path", f"backend {backend} needs the model directory ('@demo' for the demo model)")
     if path is None or path == paths.DEMO_MODEL_REF:
         return path

@@ -41,6 +41,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _load(spec: dict):
+    if spec["backend"] == "null-lm":  # no framework at all: measures mpsd itself
+        from mpsd.worker.backends.null_lm import NullLM
+
+        return NullLM()
     from mpsd.worker.device import pick_torch_device, set_torch_threads
 
     threads = set_torch_threads(spec.get("threads", 0))
