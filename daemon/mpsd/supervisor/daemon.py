@@ -43,11 +43,18 @@ class DaemonError(RuntimeError):
 
 
 def default_threads(model: ModelConfig, models: tuple[ModelConfig, ...], cpu_count: int) -> int:
-    """Splits the cores among all workers so CPU workers do not oversubscribe them."""
+    """Splits the cores among all workers, keeping one for the daemon and clients when there are spare.
+
+    Measured here (benchmarks/): one demo worker with 2 torch threads on 2 cores
+    streamed 285 tokens/s, with 1 thread 806 — intra-op threads spin against the
+    daemon's and the client's per-token work, so oversubscription costs more than
+    the second core gives.
+    """
     if model.threads:
         return model.threads
     total = sum(m.replicas for m in models) or 1
-    return max(1, cpu_count // total)
+    spare = cpu_count - 1 if cpu_count > total else cpu_count
+    return max(1, spare // total)
 
 
 def worker_env(model: ModelConfig) -> dict[str, str]:
