@@ -42,7 +42,8 @@ def markdown(r: dict) -> str:
 def _peer_row(name: str, peer: dict) -> str:
     if "error" in peer:
         return f"| {name} | not run: {peer['error']} |"
-    return f"| {name}: tokens/s, TTFT p50 / p99 | {peer['tps']:.0f}, {peer['ttft_ms']['p50']:.1f} / {peer['ttft_ms']['p99']:.1f} ms |"
+    scaling = " / ".join(f"{v:.0f}" for v in peer.get("scaling", []))
+    return f"| {name} {peer.get('version', '')}: tokens/s with 1..{len(peer.get('scaling', []))} replicas | {scaling} |"
 
 
 def _chart(r: dict, path: pathlib.Path) -> str:

@@ -53,6 +53,9 @@ def run(settings: Settings, model_dir: str, progress: Progress = print, peers: b
     results["scaling"] = _scaling(settings, model_dir, n_cores, progress)
     results["peers"] = run_peers(settings, model_dir, progress) if peers else {
         name: {"error": "skipped (--no-peers)"} for name in PEERS}
+    for name, peer in results["peers"].items():
+        if "ttft_ms" in peer:
+            results["ttft_ms"][name] = peer["ttft_ms"]
     return results
 
 
