@@ -53,6 +53,9 @@ class DaemonConfig:
     restart_reset_after_s: float = 30.0
     fatal_failures: int = 5
     fatal_window_s: float = 120.0
+    log_file: pathlib.Path | None = None
+    log_max_bytes: int = 10 << 20
+    log_backups: int = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +180,7 @@ def _daemon(reader: _Reader, table: dict[str, Any], base_dir: pathlib.Path) -> D
     fields = (
         "listen", "state_dir", "drain_grace", "stop_timeout", "health_interval", "health_timeout", "log_format",
         "restart_delay", "restart_max_delay", "restart_reset_after", "fatal_failures", "fatal_window",
+        "log_file", "log_max_size", "log_backups",
     )
     reader.only_keys(table, "daemon.", fields)
     defaults = DaemonConfig()
@@ -200,7 +204,14 @@ def _daemon(reader: _Reader, table: dict[str, Any], base_dir: pathlib.Path) -> D
             table, "restart_reset_after", "daemon.restart_reset_after", defaults.restart_reset_after_s),
         fatal_failures=reader.integer(table, "fatal_failures", "daemon.fatal_failures", defaults.fatal_failures, 1),
         fatal_window_s=reader.duration(table, "fatal_window", "daemon.fatal_window", defaults.fatal_window_s),
+        log_file=_optional_path(reader.string(table, "log_file", "daemon.log_file"), base_dir),
+        log_max_bytes=reader.size(table, "log_max_size", "daemon.log_max_size") or defaults.log_max_bytes,
+        log_backups=reader.integer(table, "log_backups", "daemon.log_backups", defaults.log_backups, 0),
     )
+
+
+def _optional_path(value: str | None, base_dir: pathlib.Path) -> pathlib.Path | None:
+    return base_dir / pathlib.Path(value).expanduser() if value else None
 
 
 def _check_listen(reader: _Reader, listen: str) -> None:

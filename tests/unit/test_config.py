@@ -73,3 +73,10 @@ def test_errors_name_the_file_and_key(text, message):
 def test_unreadable_file_names_it(tmp_path):
     with pytest.raises(ConfigError, match="missing.toml: cannot read config"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_log_rotation_keys(tmp_path):
+    config = parse("[daemon]\nlog_file = 'logs/mpsd.log'\nlog_max_size = '1MiB'\nlog_backups = 2\n"
+                   "[[models]]\nname='a'\nbackend='null-lm'\n", tmp_path)
+    assert config.daemon.log_file == tmp_path / "logs/mpsd.log"
+    assert (config.daemon.log_max_bytes, config.daemon.log_backups) == (1 << 20, 2)

@@ -1,9 +1,17 @@
-"""One line per event, as text or JSON, on stderr (launchd and supervisord capture it)."""
+"""One line per event, as text or JSON, on stderr or in a file mpsd rotates itself.
+
+launchd never rotates StandardErrorPath, so a long-running service would fill
+the disk; with `[daemon] log_file` set, mpsd writes there instead, rolling the
+file over at `log_max_size` and keeping `log_backups` old ones. Worker output
+is relayed through the same logger, so it rotates too.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import pathlib
 import sys
 import time
 
@@ -18,8 +26,13 @@ class JsonFormatter(logging.Formatter):
         })
 
 
-def setup_logging(log_format: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(log_format: str, log_file: pathlib.Path | None = None, max_bytes: int = 0, backups: int = 0) -> None:
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler: logging.Handler = logging.handlers.RotatingFileHandler(
+            log_file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:

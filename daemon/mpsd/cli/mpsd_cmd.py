@@ -39,7 +39,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"mpsd: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.daemon.log_format)
+    daemon_config = config.daemon
+    setup_logging(daemon_config.log_format, daemon_config.log_file, daemon_config.log_max_bytes, daemon_config.log_backups)
     state_dir = args.state_dir or config.daemon.state_dir or paths.default_state_dir()
     daemon = Daemon(config, state_dir, args.listen or config.daemon.listen, args.data_dir or paths.default_data_dir())
     try:
