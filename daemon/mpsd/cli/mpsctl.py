@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     wait = commands.add_parser("wait", help="wait until every configured worker is READY")
     wait.add_argument("--timeout", type=float, default=300.0)
     wait.set_defaults(handler=_wait)
+    from mpsd.cli import service_install  # install/uninstall live there, all of them
+    service_install.add_subcommands(commands)
     return parser
 
 
