@@ -26,7 +26,8 @@ def test_sigterm_drains_in_flight_streams_then_leaves_no_worker(make_daemon, slo
     wait_for(lambda: "draining" in daemon.log(), 10, "the daemon to start draining")
     with pytest.raises(grpc.RpcError) as refused:  # new work is refused while draining ...
         daemon.generate("The", model="slow", max_tokens=3)
-    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    # UNAVAILABLE from mpsd's own check; CANCELLED if grpc's server stop wins the race: refused either way.
+    assert refused.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     rest = list(call)  # ... but the stream in flight finishes
     assert rest[-1].HasField("finish") and rest[-1].finish.usage.completion_tokens == 150
     assert daemon.process.wait(60) == 0

@@ -90,6 +90,7 @@ class Daemon:
         self._health = health.aio.HealthServicer()
         self.pools: dict[str, ModelPool] = {}
         self.fleet: Fleet | None = None
+        self._inference: InferenceService | None = None
 
     async def run(self) -> int:
         paths.ensure_private_dir(self.state_dir)
@@ -170,6 +171,7 @@ class Daemon:
             self._stop.set()
 
     async def _drain(self, public: grpc.aio.Server, fleet: Fleet) -> None:
+        self._inference.draining = True
         await self._health.enter_graceful_shutdown()
         stop = asyncio.create_task(public.stop(self.config.daemon.drain_grace_s))
         force = asyncio.create_task(self._force.wait())
@@ -183,7 +185,7 @@ class Daemon:
     async def _start_public(self) -> grpc.aio.Server:
         # Without this, Linux lets a second daemon bind the same port and the two split the traffic.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        service = InferenceService(self.pools, lambda name: self.fleet.models[name].generates)
+        service = self._inference = InferenceService(self.pools, lambda name: self.fleet.models[name].generates)
         inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)

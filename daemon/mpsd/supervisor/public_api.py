@@ -33,6 +33,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     def __init__(self, pools: dict[str, ModelPool], generates: Callable[[str], bool]) -> None:
         self._pools = pools
         self._generates = generates
+        self.draining = False
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):
         pool = await self._pool_for(request.model, context, generate=True)
@@ -81,6 +82,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             call.cancel()  # the client left or the stream ended: stop the worker's generation
 
     async def _pool_for(self, name: str, context, *, generate: bool) -> ModelPool:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "mpsd is draining for shutdown: not accepting new requests")
         known = ", ".join(sorted(self._pools)) or "none"
         if not name and len(self._pools) == 1:
             name = next(iter(self._pools))
