@@ -57,3 +57,14 @@ def make_daemon(demo_model, tmp_path):
     finally:
         for daemon in daemons:
             daemon.close()
+
+
+@pytest.fixture(scope="session")
+def mlx_demo_model(demo_model) -> pathlib.Path:
+    """The MLX demo model (llama-style, seeded), built the way `mpsd build-demo --mlx` does."""
+    pytest.importorskip("mlx_lm")
+    subprocess.run(
+        [sys.executable, "-m", "mpsd.cli.mpsd_cmd", "build-demo", "--mlx", "--data-dir", str(data_dir())],
+        check=True, timeout=600,
+    )
+    return paths.mlx_demo_model_dir(data_dir())

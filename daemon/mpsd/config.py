@@ -15,9 +15,9 @@ from typing import Any
 from mpsd import paths
 from mpsd.units import parse_duration, parse_size
 
-BACKENDS = ("torch-lm", "torch-module", "null-lm")
-LM_BACKENDS = ("torch-lm", "null-lm")
-PATH_BACKENDS = ("torch-lm",)
+BACKENDS = ("torch-lm", "torch-module", "mlx-lm", "null-lm")
+LM_BACKENDS = ("torch-lm", "mlx-lm", "null-lm")
+PATH_BACKENDS = ("torch-lm", "mlx-lm")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 FACTORY_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -79,6 +79,9 @@ class ModelConfig:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     queue_limit: int = 64
     load_timeout_s: float = 300.0
+    memory_limit_bytes: int | None = None   # mlx-lm: mx.set_memory_limit
+    wired_limit_bytes: int | None = None    # mlx-lm: mx.set_wired_limit
+    cache_limit_bytes: int | None = None    # mlx-lm: mx.set_cache_limit
 
     @property
     def generates(self) -> bool:
@@ -236,7 +239,7 @@ def _memory(reader: _Reader, table: dict[str, Any], base_dir: pathlib.Path) -> M
 
 _MODEL_KEYS = (
     "name", "backend", "path", "factory", "replicas", "device", "concurrency", "threads",
-    "footprint", "env", "queue", "load_timeout",
+    "footprint", "env", "queue", "load_timeout", "memory_limit", "wired_limit", "cache_limit",
 )
 
 
@@ -266,14 +269,23 @@ def _model(reader: _Reader, table: dict[str, Any], index: int, base_dir: pathlib
         env=_model_env(reader, table, at),
         queue_limit=reader.integer(table, "queue", at + "queue", 64, 0),
         load_timeout_s=reader.duration(table, "load_timeout", at + "load_timeout", 300.0),
+        **_mlx_limits(reader, table, at, backend),
     )
+
+
+def _mlx_limits(reader: _Reader, table: dict[str, Any], at: str, backend: str) -> dict[str, int | None]:
+    """Per-worker MLX limits, so several workers can share one Metal budget."""
+    limits = {f"{key}_bytes": reader.size(table, key, at + key) for key in ("memory_limit", "wired_limit", "cache_limit")}
+    if backend != "mlx-lm" and any(v is not None for v in limits.values()):
+        raise reader.fail(at + "memory_limit", "memory_limit, wired_limit and cache_limit apply to backend mlx-lm only")
+    return limits
 
 
 def _model_path(reader: _Reader, table: dict[str, Any], at: str, backend: str, base_dir: pathlib.Path) -> str | None:
     path = reader.string(table, "path", at + "path")
     if backend in PATH_BACKENDS and not path:
-        raise reader.fail(at + "path", f"backend {backend} needs the model directory ('@demo' for the demo model)")
-    if path is None or path == paths.DEMO_MODEL_REF:
+        raise reader.fail(at + "path", f"backend {backend} needs the model directory ('@demo' or '@mlx-demo' for the demo models)")
+    if path is None or path in (paths.DEMO_MODEL_REF, paths.MLX_DEMO_MODEL_REF):
         return path
     return str(base_dir / pathlib.Path(path).expanduser())
 

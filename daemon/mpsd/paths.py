@@ -14,6 +14,7 @@ ADMIN_SOCKET_NAME = "admin.sock"
 # sun_path holds 104 bytes on macOS and 108 on Linux, including the NUL.
 MAX_SOCKET_PATH = 103
 DEMO_MODEL_REF = "@demo"
+MLX_DEMO_MODEL_REF = "@mlx-demo"
 
 
 def default_state_dir() -> pathlib.Path:
@@ -44,6 +45,10 @@ def default_data_dir() -> pathlib.Path:
 
 def demo_model_dir(data_dir: pathlib.Path | None = None) -> pathlib.Path:
     return (data_dir or default_data_dir()) / "models" / "demo-gpt2"
+
+
+def mlx_demo_model_dir(data_dir: pathlib.Path | None = None) -> pathlib.Path:
+    return (data_dir or default_data_dir()) / "models" / "demo-mlx-llama"
 
 
 def admin_socket_path(state_dir: pathlib.Path) -> pathlib.Path:

@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--data-dir", type=pathlib.Path, help="where the demo model is built (default: $MPSD_DATA_DIR or the platform's)")
     build = commands.add_parser("build-demo", help="build the demo model now (it is built on first use otherwise)")
     build.add_argument("--data-dir", type=pathlib.Path)
+    build.add_argument("--mlx", action="store_true", help="also build the MLX demo model (needs the mlx extra)")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
@@ -52,17 +53,20 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _build_demo(args: argparse.Namespace) -> int:
     from mpsd.supervisor.daemon import worker_env
-    from mpsd.supervisor.demo_build import DemoBuildFailed, ensure_demo_model
+    from mpsd.supervisor.demo_build import DemoBuildFailed, ensure_demos
 
     setup_logging("text")
     config = load_config(None)
-    target = paths.demo_model_dir(args.data_dir or paths.default_data_dir())
+    data_dir = args.data_dir or paths.default_data_dir()
+    refs = [paths.DEMO_MODEL_REF] + ([paths.MLX_DEMO_MODEL_REF] if args.mlx else [])
     try:
-        asyncio.run(ensure_demo_model(target, worker_env(config.models[0])))
+        asyncio.run(ensure_demos(refs, data_dir, worker_env(config.models[0])))
     except DemoBuildFailed as exc:
         print(f"mpsd: {exc}", file=sys.stderr)
         return 1
-    print(f"demo model ready in {target}")
+    print(f"demo model ready in {paths.demo_model_dir(data_dir)}")
+    if args.mlx:
+        print(f"MLX demo model ready in {paths.mlx_demo_model_dir(data_dir)}")
     return 0
 
 

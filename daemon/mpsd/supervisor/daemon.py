@@ -25,7 +25,7 @@ import mpsd
 from mpsd import paths
 from mpsd.config import Config, ModelConfig, load_config
 from mpsd.supervisor.admin_api import AdminService
-from mpsd.supervisor.demo_build import ensure_demo_model, resolve_demo_paths
+from mpsd.supervisor.demo_build import ensure_demos, resolve_demo_paths
 from mpsd.supervisor.fleet import ControlError, Fleet, WorkerRecord
 from mpsd.supervisor.memory import ReportedWorkingSet, make_probe
 from mpsd.supervisor.public_api import InferenceService
@@ -71,17 +71,17 @@ def worker_env(model: ModelConfig) -> dict[str, str]:
     return env
 
 
-def prepare_config(config: Config, data_dir: pathlib.Path) -> tuple[Config, pathlib.Path | None]:
-    """Resolves '@demo' and per-worker thread counts; returns the demo directory if it is used."""
-    config, demo_dir = resolve_demo_paths(config, data_dir)
+def prepare_config(config: Config, data_dir: pathlib.Path) -> tuple[Config, list[str]]:
+    """Resolves '@demo'/'@mlx-demo' and per-worker thread counts; returns the demo references used."""
+    config, demo_refs = resolve_demo_paths(config, data_dir)
     cpus = os.cpu_count() or 1
     models = tuple(dataclasses.replace(m, threads=default_threads(m, config.models, cpus)) for m in config.models)
-    return dataclasses.replace(config, models=models), demo_dir
+    return dataclasses.replace(config, models=models), demo_refs
 
 
 class Daemon:
     def __init__(self, config: Config, state_dir: pathlib.Path, listen: str, data_dir: pathlib.Path) -> None:
-        self.config, self._demo_dir = prepare_config(config, data_dir)
+        self.config, self._demo_refs = prepare_config(config, data_dir)
         self._data_dir = data_dir
         self.state_dir = state_dir
         self.listen = listen
@@ -110,8 +110,7 @@ class Daemon:
 
     async def _run(self, admin_path: pathlib.Path, run_dir: pathlib.Path) -> int:
         self._install_signal_handlers()
-        if self._demo_dir:
-            await ensure_demo_model(self._demo_dir, worker_env(self.config.models[0]))
+        await ensure_demos(self._demo_refs, self._data_dir, worker_env(self.config.models[0]))
         self._working_set = ReportedWorkingSet()  # a Mac's Metal ceiling, as a worker reports it
         probe = make_probe(self.config.memory, working_set_bytes=self._working_set)
         self.fleet = Fleet(self.config, run_dir, worker_env, self._on_transition, probe,
@@ -146,9 +145,8 @@ class Daemon:
         """Re-reads the config file the daemon started with and applies what changed."""
         if self.config.source == EMBEDDED_SOURCE:
             raise ControlError("mpsd runs on the embedded default; start it with --config FILE to reload")
-        fresh, demo_dir = prepare_config(load_config(pathlib.Path(self.config.source)), self._data_dir)
-        if demo_dir:
-            await ensure_demo_model(demo_dir, worker_env(fresh.models[0]))
+        fresh, demo_refs = prepare_config(load_config(pathlib.Path(self.config.source)), self._data_dir)
+        await ensure_demos(demo_refs, self._data_dir, worker_env(fresh.models[0]))
         message = self.fleet.apply_config(fresh)
         self.fleet.probe = make_probe(fresh.memory, working_set_bytes=self._working_set)
         self._sync_pools()

@@ -238,6 +238,8 @@ class Fleet:
             "backend": model.backend, "path": model.path, "factory": model.factory, "device": model.device,
             "threads": model.threads, "concurrency": model.concurrency, "parent_pid": os.getpid(),
             "stop_grace_s": self.config.daemon.drain_grace_s,
+            "mlx_memory_limit": model.memory_limit_bytes, "mlx_wired_limit": model.wired_limit_bytes,
+            "mlx_cache_limit": model.cache_limit_bytes,
         }
         if worker.process is not None:
             self._background(worker.process.close_channel())

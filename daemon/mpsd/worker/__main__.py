@@ -45,6 +45,18 @@ def _load(spec: dict):
         from mpsd.worker.backends.null_lm import NullLM
 
         return NullLM()
+    if spec["backend"] == "mlx-lm":  # before mpsd's torch code (transformers may still import torch if installed)
+        from mpsd.worker.backends.mlx_lm import MlxCausalLM
+
+        _log(f"loading mlx-lm model from {spec['path']}")
+        model = MlxCausalLM(
+            spec["path"],
+            memory_limit_bytes=spec.get("mlx_memory_limit"),
+            wired_limit_bytes=spec.get("mlx_wired_limit"),
+            cache_limit_bytes=spec.get("mlx_cache_limit"),
+        )
+        _log(f"mlx-lm model on {model.device}, limits set (previous values: {model.limits_before})")
+        return model
     from mpsd.worker.device import pick_torch_device, set_torch_threads
 
     threads = set_torch_threads(spec.get("threads", 0))
