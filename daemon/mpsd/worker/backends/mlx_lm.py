@@ -1,8 +1,9 @@
 """An mlx-lm causal LM from a local directory, decoded token by token (issue 6).
 
 Runs on Metal on Apple silicon and on the MLX CPU backend elsewhere (Linux:
-`pip install "mlx[cpu]"`). Only mlx and mlx-lm are imported: an mlx worker
-never loads torch.
+`pip install "mlx[cpu]"`). mpsd's own torch code stays out of an mlx worker;
+mlx-lm's tokenizer imports transformers, which imports torch when it is
+installed in the same environment (it costs start time, not correctness).
 
 Wiring. mlx-lm 0.32.2's `stream_generate` (and `generate`, and
 `BatchGenerator`) wrap every generation in `mlx_lm.generate.wired_limit`,
