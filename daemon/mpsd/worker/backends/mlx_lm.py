@@ -32,11 +32,8 @@ import pathlib
 import secrets
 from typing import Callable, Iterator
 
-from mpsd.generate_params import check_against_model
-from mpsd.worker.backends.base import (
-    BootFailure, Finished, GenerateParams, InvalidRequest, MemoryReport, TokenEvent,
-)
-from mpsd.worker.backends.text import IncrementalDetokenizer, StopMatcher
+from mpsd.worker.backends.base import BootFailure, Finished, GenerateParams, MemoryReport, TokenEvent
+from mpsd.worker.backends.streaming import check_prompt, stream_events
 
 CPU_NOTE = ("mlx on the cpu backend: the device has no Metal working set, so "
             "mlx_max_recommended_working_set and mlx_memory_size are absent")
@@ -94,10 +91,9 @@ class MlxCausalLM:
         from mlx_lm.generate import generate_step
 
         mx = self._mx
-        prompt_ids = self._encode_prompt(params)
+        prompt_ids = list(self._tokenizer.encode(params.prompt, add_special_tokens=False))
+        check_prompt(prompt_ids, params, self.context_length)
         budget = min(params.max_tokens, self.context_length - len(prompt_ids))
-        detokenizer = IncrementalDetokenizer(self._decode, prompt_ids)
-        stops = StopMatcher(params.stop)
         # generate_step, not stream_generate: see the module docstring on wiring.
         # MLX errors ("[metal::malloc] ...", "[malloc] Unable to allocate ...")
         # propagate unchanged; the worker server classifies them as out of memory.
@@ -106,37 +102,12 @@ class MlxCausalLM:
             max_tokens=budget, sampler=_make_sampler(mx, params),
         )
         try:
-            for index, (token_id, _logprobs) in enumerate(steps):
-                if not keep_going():
-                    return
-                token_id = int(token_id)
-                if token_id in self._eos_ids:
-                    yield from _held_back(index, token_id, stops.flush())
-                    yield Finished("stop", len(prompt_ids), index + 1)
-                    return
-                text, stopped = stops.feed(detokenizer.push(token_id))
-                if stopped:
-                    yield from _held_back(index, token_id, text)
-                    yield Finished("stop", len(prompt_ids), index + 1)
-                    return
-                if index == budget - 1:
-                    text += stops.flush()
-                yield TokenEvent(index, token_id, text)
+            yield from stream_events(
+                (token_id for token_id, _logprobs in steps), prompt_ids=prompt_ids, params=params, budget=budget,
+                eos_ids=self._eos_ids, decode=self._decode, keep_going=keep_going,
+            )
         finally:
             steps.close()  # leaves generate_step's stream context even when we stop early
-        yield Finished("length", len(prompt_ids), budget)
-
-    def _encode_prompt(self, params: GenerateParams) -> list[int]:
-        prompt_ids = list(self._tokenizer.encode(params.prompt, add_special_tokens=False))
-        if not prompt_ids:
-            raise InvalidRequest("prompt: encodes to no tokens")
-        if len(prompt_ids) >= self.context_length:
-            raise InvalidRequest(
-                f"prompt: {len(prompt_ids)} tokens does not fit the model's context of {self.context_length} tokens"
-                " (leave room for at least one generated token)"
-            )
-        check_against_model(params, self.context_length)
-        return prompt_ids
 
     def _decode(self, ids) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -187,11 +158,6 @@ def _device_info(mx) -> dict:
         return dict(mx.device_info())
     except (AttributeError, RuntimeError):
         return {}
-
-
-def _held_back(index: int, token_id: int, text: str) -> Iterator[TokenEvent]:
-    if text:
-        yield TokenEvent(index, token_id, text)
 
 
 def _context_length(config: dict) -> int:

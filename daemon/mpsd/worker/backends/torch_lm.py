@@ -10,13 +10,10 @@ from __future__ import annotations
 import pathlib
 from typing import Callable, Iterator
 
-from mpsd.generate_params import check_against_model
 from mpsd.worker.backends import sampling
-from mpsd.worker.backends.base import (
-    BootFailure, Finished, GenerateParams, InvalidRequest, MemoryReport, TokenEvent,
-)
+from mpsd.worker.backends.base import BootFailure, Finished, GenerateParams, MemoryReport, TokenEvent
 from mpsd.worker.backends.memory import torch_memory_report
-from mpsd.worker.backends.text import IncrementalDetokenizer, StopMatcher
+from mpsd.worker.backends.streaming import check_prompt, stream_events
 
 
 class TorchCausalLM:
@@ -48,42 +45,15 @@ class TorchCausalLM:
         return torch_memory_report(self._torch, self.device)
 
     def generate(self, params: GenerateParams, keep_going: Callable[[], bool]) -> Iterator[TokenEvent | Finished]:
-        prompt_ids = self._encode_prompt(params)
+        prompt_ids = self._tokenizer.encode(params.prompt, add_special_tokens=False)
+        check_prompt(prompt_ids, params, self.context_length)
         generator = sampling.make_generator(params.seed, self.device)
-        detokenizer = IncrementalDetokenizer(self._decode, prompt_ids)
-        stops = StopMatcher(params.stop)
         budget = min(params.max_tokens, self.context_length - len(prompt_ids))
         with self._torch.inference_mode():
-            steps = self._decode_steps(prompt_ids, params, generator)
-            for index in range(budget):
-                if not keep_going():
-                    return
-                token_id = next(steps)
-                if token_id in self._eos_ids:
-                    yield from _held_back(index, token_id, stops.flush())
-                    yield Finished("stop", len(prompt_ids), index + 1)
-                    return
-                text, stopped = stops.feed(detokenizer.push(token_id))
-                if stopped:
-                    yield from _held_back(index, token_id, text)
-                    yield Finished("stop", len(prompt_ids), index + 1)
-                    return
-                if index == budget - 1:
-                    text += stops.flush()
-                yield TokenEvent(index, token_id, text)
-        yield Finished("length", len(prompt_ids), budget)
-
-    def _encode_prompt(self, params: GenerateParams) -> list[int]:
-        prompt_ids = self._tokenizer.encode(params.prompt, add_special_tokens=False)
-        if not prompt_ids:
-            raise InvalidRequest("prompt: encodes to no tokens")
-        if len(prompt_ids) >= self.context_length:
-            raise InvalidRequest(
-                f"prompt: {len(prompt_ids)} tokens does not fit the model's context of {self.context_length} tokens"
-                " (leave room for at least one generated token)"
+            yield from stream_events(
+                self._decode_steps(prompt_ids, params, generator), prompt_ids=prompt_ids, params=params,
+                budget=budget, eos_ids=self._eos_ids, decode=self._decode, keep_going=keep_going,
             )
-        check_against_model(params, self.context_length)
-        return prompt_ids
 
     def _decode_steps(self, prompt_ids: list[int], params: GenerateParams, generator) -> Iterator[int]:
         """Yields one chosen token per step, feeding only the new token back (KV cache)."""
@@ -99,12 +69,6 @@ class TorchCausalLM:
 
     def _decode(self, ids) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-
-def _held_back(index: int, token_id: int, text: str) -> Iterator[TokenEvent]:
-    """The last piece of text before a stop, if the stop left any."""
-    if text:
-        yield TokenEvent(index, token_id, text)
 
 
 def _context_length(config) -> int:
