@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import time
 
+from benchmarks.timing import StreamTiming, time_tokens
 from mpsd.generate_params import GenerateParams
 from mpsd.worker.backends.base import TokenEvent
 
@@ -23,21 +24,9 @@ def load(model_dir: str, threads: int):
     return model
 
 
-def decode(model, prompt: str, max_tokens: int) -> tuple[int, float, list[float], float]:
-    """(tokens, seconds, gaps between tokens, time to first token)."""
+def decode(model, prompt: str, max_tokens: int) -> StreamTiming:
     params = GenerateParams(prompt=prompt, max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=0, stop=())
-    started = time.perf_counter()
-    last, first, gaps, tokens = started, 0.0, [], 0
-    for event in model.generate(params, lambda: True):
-        if not isinstance(event, TokenEvent):
-            continue
-        now = time.perf_counter()
-        if tokens == 0:
-            first = now - started
-        else:
-            gaps.append(now - last)
-        last, tokens = now, tokens + 1
-    return tokens, time.perf_counter() - started, gaps, first
+    return time_tokens(e for e in model.generate(params, lambda: True) if isinstance(e, TokenEvent))
 
 
 def threads_tps(model_dir: str, count: int, threads_each: int, prompt: str, max_tokens: int, repeats: int) -> float:
@@ -45,5 +34,5 @@ def threads_tps(model_dir: str, count: int, threads_each: int, prompt: str, max_
     models = [load(model_dir, threads_each) for _ in range(count)]
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(count) as pool:
-        totals = list(pool.map(lambda m: sum(decode(m, prompt, max_tokens)[0] for _ in range(repeats)), models))
+        totals = list(pool.map(lambda m: sum(decode(m, prompt, max_tokens).tokens for _ in range(repeats)), models))
     return sum(totals) / (time.perf_counter() - started)

@@ -23,7 +23,10 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Callable
+from typing import Callable, Iterator
+
+from benchmarks import timing
+from benchmarks.timing import StreamTiming, time_tokens
 
 PEERS = ("ray-serve", "litserve")
 
@@ -248,32 +251,12 @@ def _health(port: int) -> bool:
 
 # --- load ------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class StreamTiming:
-    ttft_s: float
-    tokens: int
-    total_s: float
-
-
 def timed_stream(port: int, path: str, prompt: str, max_tokens: int) -> StreamTiming:
     """One streamed request; each NDJSON line is one token, timed as it arrives."""
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens})
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT_S)
     try:
-        started = time.perf_counter()
-        connection.request("POST", path, body, {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        if response.status != 200:
-            raise PeerError(f"POST {path} answered HTTP {response.status}: {response.read()[:200]!r}")
-        ttft, tokens = 0.0, 0
-        while line := response.readline():
-            if not line.strip():
-                continue
-            json.loads(line)
-            if tokens == 0:
-                ttft = time.perf_counter() - started
-            tokens += 1
-        return StreamTiming(ttft, tokens, time.perf_counter() - started)
+        return time_tokens(_token_lines(connection, path, body))
     except TimeoutError:
         raise PeerError(f"POST {path} sent nothing for {REQUEST_TIMEOUT_S}s") from None
     except (OSError, http.client.HTTPException) as exc:
@@ -282,15 +265,21 @@ def timed_stream(port: int, path: str, prompt: str, max_tokens: int) -> StreamTi
         connection.close()
 
 
-def aggregate_tps(server: PeerServer, prompt: str, max_tokens: int, streams: int, repeats: int) -> float:
-    """As benchmarks.clients.aggregate_tps: streams clients at once, each running repeats streams in turn."""
-    def one_client(_) -> list[StreamTiming]:
-        return [server.stream(prompt, max_tokens) for _ in range(repeats)]
+def _token_lines(connection: http.client.HTTPConnection, path: str, body: str) -> Iterator[bytes]:
+    """Sends the request on the first pull, so the clock covers it, as it does for mpsd's streams."""
+    connection.request("POST", path, body, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    if response.status != 200:
+        raise PeerError(f"POST {path} answered HTTP {response.status}: {response.read()[:200]!r}")
+    while line := response.readline():
+        if line.strip():
+            json.loads(line)
+            yield line
 
-    started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
-        results = [t for batch in pool.map(one_client, range(streams)) for t in batch]
-    return sum(r.tokens for r in results) / (time.perf_counter() - started)
+
+def aggregate_tps(server: PeerServer, prompt: str, max_tokens: int, streams: int, repeats: int) -> float:
+    """As benchmarks.clients.aggregate_tps, against a peer server."""
+    return timing.aggregate_tps(lambda: server.stream(prompt, max_tokens), streams, repeats)[0]
 
 
 # --- the run ---------------------------------------------------------------------------------------

@@ -72,9 +72,9 @@ def _direct(settings: Settings, model_dir: str, n_cores: int, progress: Progress
     progress(f"direct: in-process decoding, {worker_threads(1, n_cores)} thread(s)")
     model = inprocess.load(model_dir, worker_threads(1, n_cores))
     runs = [inprocess.decode(model, settings.prompt, settings.max_tokens) for _ in range(settings.repeats)]
-    tokens, seconds = sum(r[0] for r in runs), sum(r[1] for r in runs)
-    gaps = [g for r in runs for g in r[2]]
-    ttfts = [inprocess.decode(model, settings.prompt, 1)[3] for _ in range(settings.ttft_requests)]
+    tokens, seconds = sum(r.tokens for r in runs), sum(r.total_s for r in runs)
+    gaps = [g for r in runs for g in r.gaps_s]
+    ttfts = [inprocess.decode(model, settings.prompt, 1).ttft_s for _ in range(settings.ttft_requests)]
     return {"direct_tps": tokens / seconds, "_direct_gaps": gaps, "ttft_ms": {"direct": percentiles_ms(ttfts)}}
 
 
