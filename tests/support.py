@@ -30,6 +30,11 @@ def data_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("MPSD_DATA_DIR") or paths.default_data_dir())
 
 
+def soak_factor() -> int:
+    """How many times longer the reliability suite runs: 1 in CI, N with MPSD_SOAK=N (`./dev soak`)."""
+    return max(1, int(os.environ.get("MPSD_SOAK") or 1))
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -48,8 +53,9 @@ def pid_alive(pid: int) -> bool:
 
 
 class Daemon:
-    def __init__(self, tmp_path: pathlib.Path, config_text: str) -> None:
+    def __init__(self, tmp_path: pathlib.Path, config_text: str, listen: str = "127.0.0.1:0") -> None:
         self.dir = tmp_path
+        self.listen = listen
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.state_dir = tmp_path / "state"
         self.config_path = tmp_path / "mpsd.toml"
@@ -63,7 +69,7 @@ class Daemon:
     def start(self, timeout: float = 30) -> "Daemon":
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mpsd.cli.mpsd_cmd", "serve", "--config", str(self.config_path),
-             "--listen", "127.0.0.1:0", "--state-dir", str(self.state_dir), "--data-dir", str(data_dir())],
+             "--listen", self.listen, "--state-dir", str(self.state_dir), "--data-dir", str(data_dir())],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.log_path, "wb"),
             start_new_session=True, env=self._env(),
         )

@@ -40,8 +40,22 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class PublicAccess:
+    """What the public port requires of callers: TLS (cert and key) and a bearer token, each optional on loopback."""
+
+    tls_cert: pathlib.Path | None = None
+    tls_key: pathlib.Path | None = None
+    token_file: pathlib.Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+@dataclasses.dataclass(frozen=True)
 class DaemonConfig:
     listen: str = "127.0.0.1:7700"
+    access: PublicAccess = PublicAccess()
     state_dir: pathlib.Path | None = None
     drain_grace_s: float = 30.0
     stop_timeout_s: float = 10.0
@@ -183,7 +197,7 @@ def _daemon(reader: _Reader, table: dict[str, Any], base_dir: pathlib.Path) -> D
     fields = (
         "listen", "state_dir", "drain_grace", "stop_timeout", "health_interval", "health_timeout", "log_format",
         "restart_delay", "restart_max_delay", "restart_reset_after", "fatal_failures", "fatal_window",
-        "log_file", "log_max_size", "log_backups",
+        "log_file", "log_max_size", "log_backups", "tls_cert", "tls_key", "token_file",
     )
     reader.only_keys(table, "daemon.", fields)
     defaults = DaemonConfig()
@@ -195,6 +209,7 @@ def _daemon(reader: _Reader, table: dict[str, Any], base_dir: pathlib.Path) -> D
         raise reader.fail("daemon.log_format", f"must be 'text' or 'json', got {log_format!r}")
     return DaemonConfig(
         listen=listen,
+        access=_access(reader, table, base_dir),
         state_dir=(base_dir / pathlib.Path(state_dir).expanduser()) if state_dir else None,
         drain_grace_s=reader.duration(table, "drain_grace", "daemon.drain_grace", defaults.drain_grace_s),
         stop_timeout_s=reader.duration(table, "stop_timeout", "daemon.stop_timeout", defaults.stop_timeout_s),
@@ -215,6 +230,15 @@ def _daemon(reader: _Reader, table: dict[str, Any], base_dir: pathlib.Path) -> D
 
 def _optional_path(value: str | None, base_dir: pathlib.Path) -> pathlib.Path | None:
     return base_dir / pathlib.Path(value).expanduser() if value else None
+
+
+def _access(reader: _Reader, table: dict[str, Any], base_dir: pathlib.Path) -> PublicAccess:
+    """TLS needs both halves; whether the listen address needs them is decided when serving (--listen may override)."""
+    cert, key = (_optional_path(reader.string(table, k, f"daemon.{k}"), base_dir) for k in ("tls_cert", "tls_key"))
+    if bool(cert) != bool(key):
+        raise reader.fail("daemon.tls_key" if cert else "daemon.tls_cert", "tls_cert and tls_key go together: set both or neither")
+    token_file = _optional_path(reader.string(table, "token_file", "daemon.token_file"), base_dir)
+    return PublicAccess(tls_cert=cert, tls_key=key, token_file=token_file)
 
 
 def _check_listen(reader: _Reader, listen: str) -> None:

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from mpsd.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
-from support import demo_config, pid_alive, wait_for
+from support import demo_config, pid_alive, soak_factor, wait_for
 
 
 async def storm(address: str, count: int, max_tokens: int, deadline_s: float) -> dict:
@@ -57,7 +57,7 @@ def test_a_thousand_concurrent_requests_against_two_workers(make_daemon):
     daemon = make_daemon(demo_config(replicas=2, queue=64))
     daemon.wait_ready(2)
     rss = []
-    for round_number in range(3):
+    for round_number in range(3 * soak_factor()):
         stop, latencies = threading.Event(), []
         watcher = threading.Thread(target=status_latencies, args=(daemon, stop, latencies))
         watcher.start()
@@ -77,7 +77,7 @@ def test_a_thousand_concurrent_requests_against_two_workers(make_daemon):
         assert tally["refused"] > 0 and refusal[len(refusal) // 2] < 5, "the excess is refused promptly"
         assert latencies and max(latencies) < 5, "mpsctl status answers throughout"
         assert [w["state"] for w in daemon.status()["workers"]] == ["READY", "READY"]
-    assert rss[2] < rss[0] + 64 * 2**20, f"daemon RSS grew across rounds: {rss}"
+    assert rss[-1] < rss[0] + 64 * 2**20, f"daemon RSS grew across rounds: {rss}"
 
 
 def test_killing_workers_under_load_never_hangs_a_stream(make_daemon):
@@ -103,25 +103,31 @@ def test_killing_workers_under_load_never_hangs_a_stream(make_daemon):
     clients = [threading.Thread(target=client) for _ in range(4)]
     for t in clients:
         t.start()
-    killed = []
+    killed, recovery_s = [], []
     rng = random.Random(7)
+    full_strength = lambda: sum(w["state"] == "READY" for w in daemon.status()["workers"]) == 2  # noqa: E731
     try:
-        for _ in range(4):
-            wait_for(lambda: sum(w["state"] == "READY" for w in daemon.status()["workers"]) == 2, 60, "full strength")
+        wait_for(full_strength, 60, "full strength")
+        for _ in range(4 * soak_factor()):
             victim = rng.choice([w for w in daemon.status()["workers"] if w["pid"]])
             os.kill(victim["pid"], signal.SIGKILL)
+            killed_at = time.monotonic()
             killed.append(victim["pid"])
-            time.sleep(2)
+            wait_for(lambda: daemon.worker(victim["id"])["pid"] != victim["pid"] and full_strength(), 60,
+                     "full strength after a kill")
+            recovery_s.append(time.monotonic() - killed_at)
+            time.sleep(max(0.0, 2 - recovery_s[-1]))
     finally:
         stop.set()
         for t in clients:
             t.join(120)
     assert not any(t.is_alive() for t in clients), "a stream hung"
-    wait_for(lambda: sum(w["state"] == "READY" for w in daemon.status()["workers"]) == 2, 60, "full strength at the end")
-    print(f"\nkills under load: {len(killed)} workers killed; streams {outcomes}")
+    retried = daemon.log().count("retrying once on another worker")
+    print(f"\nkills under load: {len(killed)} workers killed; streams {outcomes}; {retried} tokenless requests retried; "
+          f"back to full strength in {min(recovery_s):.1f}-{max(recovery_s):.1f}s")
     assert outcomes["other"] == 0 and outcomes["completed"] > 0
-    assert not any(pid_alive(p) for p in killed)
     assert daemon.terminate() == 0
+    wait_for(lambda: not any(pid_alive(p) for p in daemon.seen_worker_pids), 5, "no orphaned worker")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")

@@ -89,3 +89,35 @@ def test_cancelled_waiter_returns_a_slot_it_was_just_handed():
         assert pool.inflight("w0") == 0  # either way, no slot leaks
         assert (await pool.acquire(1)).worker_id == "w0"
     run(scenario())
+
+
+def test_a_retry_that_excludes_the_only_free_worker_does_not_block_the_queue_behind_it():
+    async def scenario():
+        pool = ModelPool("m", concurrency=1, queue_limit=4, has_prospects=lambda: True)
+        pool.add_worker("w0", "stub0", 1024)
+        held = await pool.acquire(1)
+        retry = asyncio.create_task(pool.acquire(5, exclude=frozenset({held.slot})))  # w0 lost its stream before
+        behind = asyncio.create_task(pool.acquire(5))
+        await asyncio.sleep(0)
+        pool.release(held)
+        assert (await asyncio.wait_for(behind, 1)).worker_id == "w0", "served past the retry that cannot use w0"
+        assert not retry.done()
+        pool.add_worker("w1", "stub1", 1024)  # e.g. the replacement of the worker that was lost
+        assert (await asyncio.wait_for(retry, 1)).worker_id == "w1"
+    run(scenario())
+
+
+def test_a_new_request_takes_a_free_slot_that_the_queued_retry_cannot_use():
+    async def scenario():
+        pool = ModelPool("m", concurrency=1, queue_limit=4, has_prospects=lambda: True)
+        pool.add_worker("w0", "stub0", 1024)
+        probe = await pool.acquire(1)
+        w0 = probe.slot
+        pool.release(probe)
+        retry = asyncio.create_task(pool.acquire(5, exclude=frozenset({w0})))
+        await asyncio.sleep(0)
+        assert pool.queued == 1
+        fresh = await asyncio.wait_for(pool.acquire(1), 1)
+        assert fresh.worker_id == "w0" and not retry.done()
+        retry.cancel()
+    run(scenario())

@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     except DaemonUnreachable as exc:
         print(f"mpsctl: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # e.g. an unreadable --token-file or --tls-ca
+        print(f"mpsctl: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -50,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     generate.add_argument("--address", help="public API HOST:PORT (default: $MPSD_ADDRESS, else asked of the daemon)")
     generate.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    generate.add_argument("--tls-ca", type=pathlib.Path, default=os.environ.get("MPSD_TLS_CA"),
+                          help="CA certificate (PEM) to reach a daemon serving TLS (default: $MPSD_TLS_CA)")
+    generate.add_argument("--token-file", type=pathlib.Path, default=os.environ.get("MPSD_TOKEN_FILE"),
+                          help="file holding the bearer token the daemon requires (default: $MPSD_TOKEN_FILE)")
     generate.set_defaults(handler=_generate)
     scale = commands.add_parser("scale", help="set a model's replica count")
     scale.add_argument("model")
@@ -154,15 +161,28 @@ def _public_address(args) -> str:
         return DEFAULT_ADDRESS
 
 
+def _public_channel(args) -> grpc.Channel:
+    address = _public_address(args)
+    if args.tls_ca:
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(args.tls_ca.read_bytes()))
+    return grpc.insecure_channel(address)
+
+
+def _credentials_metadata(args) -> tuple[tuple[str, str], ...]:
+    if not args.token_file:
+        return ()
+    return (("authorization", f"Bearer {args.token_file.read_text().strip()}"),)
+
+
 def _generate(args) -> int:
     request = inference_pb2.GenerateRequest(model=args.model, prompt=args.prompt, stop=args.stop)
     for field, value in (("max_tokens", args.max_tokens), ("temperature", args.temperature),
                          ("top_p", args.top_p), ("seed", args.seed)):
         if value is not None:
             setattr(request, field, value)
-    with grpc.insecure_channel(_public_address(args)) as channel:
+    with _public_channel(args) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
-        for message in stub.Generate(request, timeout=args.timeout):
+        for message in stub.Generate(request, timeout=args.timeout, metadata=_credentials_metadata(args)):
             if message.HasField("finish"):
                 finish = message.finish
                 sys.stdout.write("\n")

@@ -24,14 +24,15 @@ from grpc_reflection.v1alpha import reflection
 import mpsd
 from mpsd import paths
 from mpsd.config import Config, ModelConfig, load_config
+from mpsd.supervisor.access import BearerTokenInterceptor, describe, exposure_problem, read_token, server_credentials
 from mpsd.supervisor.admin_api import AdminService
 from mpsd.supervisor.demo_build import ensure_demos, resolve_demo_paths
 from mpsd.supervisor.fleet import ControlError, Fleet, WorkerRecord
 from mpsd.supervisor.memory import ReportedWorkingSet, make_probe
-from mpsd.supervisor.public_api import InferenceService
+from mpsd.supervisor.public_api import InferenceService, add_inference_service
 from mpsd.supervisor.router import ModelPool, NoWorkers
 from mpsd.supervisor.states import HOPEFUL_STATES, WorkerState
-from mpsd.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from mpsd.v1 import admin_pb2, admin_pb2_grpc, inference_pb2
 
 log = logging.getLogger("mpsd")
 EMBEDDED_SOURCE = "<embedded default>"
@@ -169,27 +170,43 @@ class Daemon:
             self._stop.set()
 
     async def _drain(self, public: grpc.aio.Server, fleet: Fleet) -> None:
+        """New requests get UNAVAILABLE with a sentence while the port stays open; in-flight ones finish.
+
+        grpc's own graceful stop would close the port at once, and clients
+        would see CANCELLED or a refused connection instead of a reason.
+        """
         self._inference.draining = True
         await self._health.enter_graceful_shutdown()
-        stop = asyncio.create_task(public.stop(self.config.daemon.drain_grace_s))
+        idle = asyncio.create_task(self._inference.wait_idle())
         force = asyncio.create_task(self._force.wait())
-        await asyncio.wait({stop, force}, return_when=asyncio.FIRST_COMPLETED)
-        if not stop.done():
-            await public.stop(0)
+        await asyncio.wait({idle, force}, timeout=self.config.daemon.drain_grace_s, return_when=asyncio.FIRST_COMPLETED)
+        if not idle.done():
+            log.warning("drain grace over with requests still in flight: cancelling them")
+        idle.cancel()
         force.cancel()
+        await public.stop(0)
         timeout = 0.0 if self._force.is_set() else self.config.daemon.stop_timeout_s
         await fleet.stop_all(timeout)
 
     async def _start_public(self) -> grpc.aio.Server:
-        # Without this, Linux lets a second daemon bind the same port and the two split the traffic.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        service = self._inference = InferenceService(self.pools, lambda name: self.fleet.models[name].generates)
-        inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
+        access = self.config.daemon.access
+        problem = exposure_problem(self.listen, access)
+        if problem:
+            raise DaemonError(problem)
+        interceptors = [BearerTokenInterceptor(read_token(access.token_file))] if access.token_file else []
+        # Without so_reuseport 0, Linux lets a second daemon bind the same port and the two split the traffic.
+        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        service = self._inference = InferenceService(
+            self.pools, lambda name: self.fleet.models[name].generates, self.fleet.explain_loss)
+        add_inference_service(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
         try:
-            port = server.add_insecure_port(self.listen)
+            if access.tls:
+                port = server.add_secure_port(self.listen, server_credentials(access))
+            else:
+                port = server.add_insecure_port(self.listen)
         except RuntimeError as exc:
             raise DaemonError(f"cannot listen on {self.listen}: {exc} (is another mpsd running? use --listen)") from exc
         host = self.listen.rpartition(":")[0]
@@ -200,7 +217,7 @@ class Daemon:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         for model in self.config.models:
             await self._health.set(model.name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        log.info("public API listening on %s", self.listen)
+        log.info("public API listening on %s (%s)", self.listen, describe(access))
         return server
 
     async def _start_admin(self, admin_path: pathlib.Path) -> grpc.aio.Server:

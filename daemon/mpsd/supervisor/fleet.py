@@ -35,7 +35,11 @@ from mpsd.v1 import worker_pb2
 log = logging.getLogger("mpsd.fleet")
 TICK_S = 0.1
 READY_PROBE_TIMEOUT_S = 1.0
-HEALTH_FAILURES_BEFORE_KILL = 3
+# A READY worker is killed as hung once it has been silent for health_timeout
+# and at least this many probes (each given half of health_timeout) failed:
+# one slow answer under load is not a hang, two in a row that long is.
+HEALTH_FAILURES_BEFORE_KILL = 2
+LOSS_EXPLAIN_POLL_S = 0.02
 OOM_RETRY_MIN_GAIN_BYTES = 64 << 20
 # Backend figures that carry Metal's recommended working set (only a worker can read it).
 WORKING_SET_KEYS = ("mps_recommended_max", "mlx_max_recommended_working_set")
@@ -162,7 +166,7 @@ class Fleet:
         if not worker.probing and now - worker.last_probe_at >= self.config.daemon.health_interval_s:
             self._probe(worker, now)
         silent_for = now - worker.last_probe_ok_at
-        if worker.probe_failures >= HEALTH_FAILURES_BEFORE_KILL and silent_for > self.config.daemon.health_timeout_s:
+        if worker.probe_failures >= HEALTH_FAILURES_BEFORE_KILL and silent_for >= self.config.daemon.health_timeout_s:
             worker.reason = f"no answer to health probes for {silent_for:.1f}s: killed as hung"
             log.warning("worker %s %s", worker.id, worker.reason)
             worker.process.send_signal(signal.SIGKILL)
@@ -265,7 +269,7 @@ class Fleet:
         self._background(self._probe_once(worker, worker.process))
 
     async def _probe_once(self, worker: WorkerRecord, process: WorkerProcess) -> None:
-        timeout = READY_PROBE_TIMEOUT_S if worker.state == WorkerState.STARTING else self.config.daemon.health_timeout_s
+        timeout = READY_PROBE_TIMEOUT_S if worker.state == WorkerState.STARTING else self.config.daemon.health_timeout_s / 2
         try:
             if process.stub is None or not os.path.exists(process.socket_path):
                 raise ConnectionError("socket not there yet")
@@ -301,6 +305,24 @@ class Fleet:
             log.warning("worker %s: out of memory inside a request (%s); %s footprint raised to %s",
                         worker.id, stats.last_oom, worker.model.name, format_bytes(footprint.bytes))
 
+    async def explain_loss(self, worker_id: str, stub, wait_s: float) -> str:
+        """How the worker process behind `stub` ended, for the clients whose streams it broke.
+
+        A stream breaks the moment the socket closes; the exit is reaped a
+        moment later, so this waits up to wait_s for it. '' when the process
+        is still serving (the stream broke for another reason).
+        """
+        deadline = self._clock() + wait_s
+        while True:
+            worker = self.workers.get(worker_id)
+            if worker is None or worker.process is None:
+                return ""
+            if worker.process.stub is not stub or worker.state not in PROCESS_STATES:
+                return worker.last_exit
+            if self._clock() >= deadline:
+                return ""
+            await asyncio.sleep(LOSS_EXPLAIN_POLL_S)
+
     # -- the exit door ----------------------------------------------------
 
     def _on_exit(self, worker: WorkerRecord, process: WorkerProcess, returncode: int | None, spawn_error: str) -> None:
@@ -313,8 +335,8 @@ class Fleet:
         else:
             verdict = classify_exit(returncode, worker.stderr_tail, stop_requested=stop_requested)
             kind, description = verdict.kind, verdict.description
-        if worker.reason.endswith("killed as hung"):
-            description = f"{worker.reason} ({description})"
+        if worker.reason.endswith("killed as hung") and kind == ExitKind.KILLED:
+            description = worker.reason  # our own SIGKILL: say why, not "from outside"
         worker.last_exit = f"{kind.value}: {description}"
         if stop_requested or self._stopping:
             self._transition(worker, WorkerState.STOPPED, f"stopped ({description})")

@@ -8,34 +8,73 @@ UNAVAILABLE when no worker can serve, DEADLINE_EXCEEDED while queued.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from typing import Callable
+from typing import Awaitable, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from mpsd.generate_params import InvalidRequest, check_against_model, parse_generate_request
 from mpsd.supervisor.router import Lease, ModelPool, NoWorkers, QueueFull, Slot
-from mpsd.v1 import inference_pb2_grpc
+from mpsd.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger("mpsd.api")
 # Worker answers passed to the client as they are: they describe the request.
+# UNKNOWN (the worker raised) becomes INTERNAL; any other code means the worker went away.
 PASS_THROUGH_CODES = frozenset({
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DEADLINE_EXCEEDED,
 })
 
 
+# How long a broken stream waits to learn why its worker died (the exit is reaped just after).
+LOSS_EXPLAIN_WAIT_S = 2.0
+# (worker id, the worker process's stub, seconds to wait) -> how that process ended, or "".
+ExplainLoss = Callable[[str, object, float], Awaitable[str]]
+
+
 class WorkerLost(Exception):
     """The worker went away during the request."""
 
 
+async def _unexplained(worker_id: str, stub: object, wait_s: float) -> str:
+    return ""
+
+
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, pools: dict[str, ModelPool], generates: Callable[[str], bool]) -> None:
+    def __init__(self, pools: dict[str, ModelPool], generates: Callable[[str], bool],
+                 explain_loss: ExplainLoss = _unexplained) -> None:
         self._pools = pools
         self._generates = generates
+        self._explain_loss = explain_loss
         self.draining = False
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Returns once no request is in flight or queued: what a drain waits for."""
+        await self._idle.wait()
+
+    def _enter(self) -> None:
+        self._active += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):
+        self._enter()
+        try:
+            async for message in self._generate(request, context):
+                yield message
+        finally:
+            self._leave()
+
+    async def _generate(self, request, context: grpc.aio.ServicerContext):
         pool = await self._pool_for(request.model, context, generate=True)
         try:
             params = parse_generate_request(request)
@@ -53,13 +92,20 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 return
             except WorkerLost as exc:
                 if sent_any or tried:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, await self._why(exc, lease))
                 log.warning("%s; retrying once on another worker", exc)
                 tried = frozenset({lease.slot})
             finally:
                 pool.release(lease)
 
     async def Predict(self, request, context: grpc.aio.ServicerContext):
+        self._enter()
+        try:
+            return await self._predict(request, context)
+        finally:
+            self._leave()
+
+    async def _predict(self, request, context: grpc.aio.ServicerContext):
         pool = await self._pool_for(request.model, context, generate=False)
         lease = await self._acquire(pool, context, frozenset())
         try:
@@ -69,6 +115,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         finally:
             pool.release(lease)
 
+    async def _why(self, exc: WorkerLost, lease: Lease) -> str:
+        """The loss, with the worker's exit when it died (OOM, crash, killed as hung)."""
+        exit_description = await self._explain_loss(lease.worker_id, lease.stub, LOSS_EXPLAIN_WAIT_S)
+        return f"{exc}; the worker exited: {exit_description}" if exit_description else str(exc)
+
     async def _forward_stream(self, lease: Lease, request, context):
         call = lease.stub.Generate(request, timeout=context.time_remaining())
         try:
@@ -77,6 +128,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         except grpc.aio.AioRpcError as exc:
             if exc.code() in PASS_THROUGH_CODES:
                 await context.abort(exc.code(), exc.details())
+            if exc.code() == grpc.StatusCode.UNKNOWN:  # the worker lives and raised: retrying elsewhere would not help
+                await context.abort(grpc.StatusCode.INTERNAL, f"worker {lease.worker_id} failed: {exc.details()}")
             raise WorkerLost(f"worker {lease.worker_id} went away mid-stream ({exc.code().name}: {exc.details()})") from None
         finally:
             call.cancel()  # the client left or the stream ended: stop the worker's generation
@@ -110,4 +163,66 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def _abort_for_worker_error(self, context, lease: Lease, exc: grpc.aio.AioRpcError) -> None:
         if exc.code() in PASS_THROUGH_CODES:
             await context.abort(exc.code(), exc.details())
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {lease.worker_id} failed: {exc.code().name}: {exc.details()}")
+        lost = WorkerLost(f"worker {lease.worker_id} failed: {exc.code().name}: {exc.details()}")
+        await context.abort(grpc.StatusCode.UNAVAILABLE, await self._why(lost, lease))
+
+
+def add_inference_service(service: InferenceService, server: grpc.aio.Server) -> None:
+    """Registers `service` as the generated add_InferenceServicer_to_server does, but decodes requests tolerantly.
+
+    grpc parses a request before any servicer code runs. A message that does
+    not parse (a string field holding invalid UTF-8, a corrupt wire format)
+    raised inside grpc: the client got UNKNOWN and the daemon log a traceback.
+    Here such a request reaches the handler as Undecodable and is answered
+    INVALID_ARGUMENT with what protobuf said.
+    """
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            _refusing_undecodable_stream(service.Generate),
+            request_deserializer=_tolerant(inference_pb2.GenerateRequest),
+            response_serializer=inference_pb2.GenerateResponse.SerializeToString,
+        ),
+        "Predict": grpc.unary_unary_rpc_method_handler(
+            _refusing_undecodable(service.Predict),
+            request_deserializer=_tolerant(inference_pb2.PredictRequest),
+            response_serializer=inference_pb2.PredictResponse.SerializeToString,
+        ),
+    }
+    name = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
+class Undecodable:
+    """A request that protobuf could not parse, with the sentence the client gets."""
+
+    def __init__(self, sentence: str) -> None:
+        self.sentence = sentence
+
+
+def _tolerant(message_class) -> Callable[[bytes], object]:
+    def deserialize(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(f"request: not a valid {message_class.DESCRIPTOR.full_name} ({exc})")
+    return deserialize
+
+
+def _refusing_undecodable(method):
+    async def handler(request, context: grpc.aio.ServicerContext):
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.sentence)
+        return await method(request, context)
+    return handler
+
+
+def _refusing_undecodable_stream(method):
+    async def handler(request, context: grpc.aio.ServicerContext):
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.sentence)
+        # Closing this generator closes the service's at once: its finally blocks release the worker slot.
+        async with contextlib.aclosing(method(request, context)) as messages:
+            async for message in messages:
+                yield message
+    return handler

@@ -100,10 +100,10 @@ class ModelPool:
 
     async def acquire(self, timeout_s: float | None, exclude: frozenset[Slot] = frozenset()) -> Lease:
         """A slot now, or a place in the queue until one frees; raises QueueFull, NoWorkers, TimeoutError."""
-        if not self._waiters:
-            slot = choose_worker(list(self._slots.values()), self._concurrency, exclude)
-            if slot:
-                return self._take(slot)
+        self._hand_out()  # whoever still waits after this cannot use any free slot, so taking one starves no one
+        slot = choose_worker(list(self._slots.values()), self._concurrency, exclude)
+        if slot:
+            return self._take(slot)
         if not self._slots and not self._has_prospects():
             raise NoWorkers(f"model {self.name!r} has no live worker and none is coming")
         if len(self._waiters) >= self._queue_limit:
@@ -128,15 +128,18 @@ class ModelPool:
         return Lease(slot)
 
     def _hand_out(self) -> None:
-        while self._waiters:
-            future, exclude = self._waiters[0]
+        """Serves waiters in order; one that excludes every free slot (a retry) is skipped, not waited behind."""
+        for entry in list(self._waiters):
+            future, exclude = entry
             if future.done():
-                self._waiters.popleft()
+                self._waiters.remove(entry)
                 continue
             slot = choose_worker(list(self._slots.values()), self._concurrency, exclude)
             if slot is None:
-                return
-            self._waiters.popleft()
+                if not exclude:
+                    return  # no free slot at all: nobody behind can be served either
+                continue
+            self._waiters.remove(entry)
             future.set_result(self._take(slot))
 
     def _abandon(self, entry: tuple[asyncio.Future, frozenset[Slot]]) -> None:

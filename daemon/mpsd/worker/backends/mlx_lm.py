@@ -35,6 +35,7 @@ from typing import Callable, Iterator
 from mpsd.worker.backends.base import BootFailure, Finished, GenerateParams, MemoryReport, TokenEvent
 from mpsd.worker.backends.streaming import check_prompt, stream_events
 
+FLOAT32_MAX = 3.4028234663852886e38
 CPU_NOTE = ("mlx on the cpu backend: the device has no Metal working set, so "
             "mlx_max_recommended_working_set and mlx_memory_size are absent")
 
@@ -121,14 +122,17 @@ def _make_sampler(mx, params: GenerateParams) -> Callable:
 
     seed = params.seed if params.seed is not None else secrets.randbits(63)
     state = {"key": mx.random.key(seed % (1 << 64))}
-    inverse_temperature = 1.0 / params.temperature
+    # Capped at float32's largest value: 1 / 1e-45 is inf there, and 0 * inf is NaN.
+    inverse_temperature = min(1.0 / params.temperature, FLOAT32_MAX)
     top_p = params.top_p
 
     def sampler(logprobs):
         if top_p < 1.0:
             logprobs = apply_top_p(logprobs, top_p)
         state["key"], sub = mx.random.split(state["key"])
-        return mx.random.categorical(logprobs * inverse_temperature, key=sub)
+        # The best token scores 0 at any temperature, so a tiny one is greedy, not all -inf.
+        best_is_zero = logprobs - mx.max(logprobs, axis=-1, keepdims=True)
+        return mx.random.categorical(best_is_zero * inverse_temperature, key=sub)
 
     return sampler
 

@@ -19,10 +19,17 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """logits: 1-D over the vocabulary."""
+    """logits: 1-D over the vocabulary.
+
+    The largest logit is subtracted before dividing by the temperature, so the
+    best token scores 0 whatever the temperature: a tiny one (1e-45 is a valid
+    float) then sends the others to -inf, which is greedy. Dividing first
+    overflowed every logit to +-inf and softmax gave NaN, which failed the request.
+    """
     if temperature <= 0.0:
         return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    logits = logits.float().cpu()
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1.0:
         probs = _nucleus(probs, top_p)
     return int(torch.multinomial(probs, num_samples=1, generator=generator).item())

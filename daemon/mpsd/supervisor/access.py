@@ -1,0 +1,126 @@
+"""Who may call the public API: loopback by default; anywhere else only with TLS and a bearer token.
+
+The policy (`exposure_problem`, `read_token`) is pure and tested without a
+server; `BearerTokenInterceptor` applies it to every call. The token is
+compared in constant time (hmac.compare_digest over SHA-256 digests, so not
+even its length leaks). Health checks stay open so a load balancer or
+launchd-side monitor can probe without holding the secret; they reveal only
+SERVING or NOT_SERVING.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import pathlib
+import stat
+
+import grpc
+
+from mpsd.config import PublicAccess
+
+MIN_TOKEN_CHARS = 16
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+class AccessError(ValueError):
+    """A listen/TLS/token setting that cannot be served safely; worded for the operator."""
+
+
+def is_loopback(host: str) -> bool:
+    """Only literal loopback addresses and 'localhost'; any other name might resolve anywhere."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_problem(listen: str, access: PublicAccess) -> str:
+    """Why this listen address may not be served with these settings; '' when it may."""
+    host = listen.rpartition(":")[0]
+    if is_loopback(host):
+        return ""
+    missing = [name for name, value in (("tls_cert and tls_key", access.tls), ("token_file", access.token_file)) if not value]
+    if not missing:
+        return ""
+    return (f"listen {listen!r} is not loopback: other machines could call the API, so [daemon] "
+            f"{' and '.join(missing)} must be set (TLS and a bearer token), or listen on 127.0.0.1")
+
+
+def read_token(path: pathlib.Path) -> bytes:
+    """The bearer token from a file only its owner can read, like ssh insists for keys."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise AccessError(f"token_file {path}: {exc.strerror or exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise AccessError(f"token_file {path} is open to other users (mode {stat.S_IMODE(mode):04o}); chmod 600 it")
+    if len(text) < MIN_TOKEN_CHARS or any(c.isspace() for c in text):
+        raise AccessError(f"token_file {path}: the token must be one word of at least {MIN_TOKEN_CHARS} characters "
+                          f"(e.g. from `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    return text.encode()
+
+
+def server_credentials(access: PublicAccess) -> grpc.ServerCredentials:
+    try:
+        key, cert = access.tls_key.read_bytes(), access.tls_cert.read_bytes()
+    except OSError as exc:
+        raise AccessError(f"TLS: cannot read {exc.filename}: {exc.strerror}") from None
+    return grpc.ssl_server_credentials([(key, cert)])
+
+
+def token_matches(presented: str, expected: bytes) -> bool:
+    return hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), hashlib.sha256(expected).digest())
+
+
+def bearer_of(metadata) -> str:
+    """The token in 'authorization: Bearer TOKEN'; '' when absent or another scheme."""
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return ""
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every call but health checks unless it carries the token: UNAUTHENTICATED."""
+
+    def __init__(self, token: bytes) -> None:
+        self._token = token
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_METHOD_PREFIXES):
+            return handler
+        if token_matches(bearer_of(details.invocation_metadata), self._token):
+            return handler
+        return _refusal_like(handler)
+
+
+async def _refuse(request, context: grpc.aio.ServicerContext):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                        "a bearer token is required: send metadata 'authorization: Bearer TOKEN'")
+
+
+def _refusal_like(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as the refused one, so the call ends cleanly with the status."""
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(_refuse, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+def describe(access: PublicAccess) -> str:
+    parts = ["TLS" if access.tls else "plaintext", "bearer token required" if access.token_file else "no token"]
+    return ", ".join(parts)
+

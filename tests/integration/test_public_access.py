@@ -1,0 +1,112 @@
+"""The public port beyond loopback: refused without TLS and a token; with them, only token holders get in."""
+
+import subprocess
+import sys
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from mpsd.v1 import inference_pb2, inference_pb2_grpc
+from support import Daemon, data_dir, demo_config
+
+TOKEN = "s3cret-token-for-the-access-test-0123456789"
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 and localhost, and a 0600 token file."""
+    folder = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(folder / "key.pem"), "-out", str(folder / "cert.pem")],
+                   check=True, capture_output=True)
+    token = folder / "token"
+    token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
+    return folder
+
+
+def serve(tmp_path, listen: str, extra: str = "") -> subprocess.CompletedProcess:
+    config = tmp_path / "mpsd.toml"
+    config.write_text(f"[daemon]\n{extra}\n" + demo_config(replicas=1).replace("[daemon]\n", ""))
+    return subprocess.run([sys.executable, "-m", "mpsd.cli.mpsd_cmd", "serve", "--config", str(config), "--listen", listen,
+                           "--state-dir", str(tmp_path / "state"), "--data-dir", str(data_dir())],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_non_loopback_address_is_refused_without_tls_and_a_token(tmp_path, tls_files):
+    bare = serve(tmp_path, "0.0.0.0:0")
+    assert bare.returncode == 1 and "tls_cert and tls_key and token_file must be set" in bare.stderr
+    token_only = serve(tmp_path, "0.0.0.0:0", f'token_file = "{tls_files / "token"}"')
+    assert token_only.returncode == 1 and "tls_cert and tls_key must be set" in token_only.stderr
+    (tls_files / "open-token").write_text(TOKEN)
+    (tls_files / "open-token").chmod(0o644)
+    open_token = serve(tmp_path, "127.0.0.1:0", f'token_file = "{tls_files / "open-token"}"')
+    assert open_token.returncode == 1 and "open to other users (mode 0644)" in open_token.stderr
+    assert "public API listening" not in bare.stderr + token_only.stderr + open_token.stderr
+
+
+@pytest.fixture(scope="module")
+def exposed_daemon(demo_model, tls_files, tmp_path_factory):
+    extra = (f'tls_cert = "{tls_files / "cert.pem"}"\ntls_key = "{tls_files / "key.pem"}"\n'
+             f'token_file = "{tls_files / "token"}"\n')
+    daemon = Daemon(tmp_path_factory.mktemp("exposed"), f"[daemon]\n{extra}" + demo_config(replicas=1).replace("[daemon]\n", ""),
+                    listen="0.0.0.0:0")
+    try:
+        daemon.start()
+        daemon.wait_ready(1)
+        yield daemon
+    finally:
+        daemon.close()
+
+
+def tls_channel(daemon, tls_files) -> grpc.Channel:
+    port = daemon.address.rpartition(":")[2]
+    return grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials((tls_files / "cert.pem").read_bytes()))
+
+
+def generate(channel, metadata=()):
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    return list(stub.Generate(inference_pb2.GenerateRequest(model="demo", prompt="The", max_tokens=4), timeout=30,
+                              metadata=metadata))
+
+
+@pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer wrong-token-of-some-length"),),
+                                      (("authorization", "Basic " + TOKEN),), (("authorization", "Bearer"),)],
+                         ids=["none", "wrong", "other-scheme", "empty"])
+def test_calls_without_the_token_get_unauthenticated(exposed_daemon, tls_files, metadata):
+    with tls_channel(exposed_daemon, tls_files) as channel, pytest.raises(grpc.RpcError) as refused:
+        generate(channel, metadata)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in refused.value.details()
+
+
+def test_the_token_over_tls_streams_and_health_stays_open(exposed_daemon, tls_files):
+    assert "listening on 0.0.0.0:" in exposed_daemon.log() and "(TLS, bearer token required)" in exposed_daemon.log()
+    with tls_channel(exposed_daemon, tls_files) as channel:
+        answer = generate(channel, (("authorization", f"Bearer {TOKEN}"),))
+        assert answer[-1].HasField("finish") and answer[-1].finish.usage.completion_tokens == 4
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="demo"), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as refused:  # reflection tells what is served: token holders only
+            list(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_plaintext_is_not_spoken_on_a_tls_port(exposed_daemon):
+    port = exposed_daemon.address.rpartition(":")[2]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as refused:
+        generate(channel, (("authorization", f"Bearer {TOKEN}"),))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mpsctl_generate_with_ca_and_token_file(exposed_daemon, tls_files):
+    port = exposed_daemon.address.rpartition(":")[2]
+    base = [sys.executable, "-m", "mpsd.cli.mpsctl", "generate", "The", "--max-tokens", "3", "--address", f"127.0.0.1:{port}",
+            "--tls-ca", str(tls_files / "cert.pem")]
+    ok = subprocess.run(base + ["--token-file", str(tls_files / "token")], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "3 generated tokens" in ok.stderr
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr and "Traceback" not in refused.stderr
