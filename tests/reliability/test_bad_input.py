@@ -16,7 +16,7 @@ public server or on its workers', so both hops refuse the same messages and a
 request the daemon takes always fits through to the worker.
 
 Examples are derandomized so CI runs the same cases every time;
-MPSD_SOAK=1 runs ten times as many, freshly drawn.
+MPSD_SOAK=N (`./dev soak`: 10) runs N times as many, freshly drawn.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import collections
 import dataclasses
 import math
 import operator
-import os
 
 import grpc
 import numpy as np
@@ -37,7 +36,7 @@ from hypothesis import strategies as st
 from mpsd.generate_params import MAX_PROMPT_CHARS, MAX_STOP_SEQUENCES
 from mpsd.v1 import inference_pb2
 from mpsd.worker.tensors import ALLOWED_DTYPES, MAX_DIMS, MAX_EXTENT_BYTES
-from support import Daemon, wait_for
+from support import Daemon, soak_factor, wait_for
 
 CONFIG = """
 [daemon]
@@ -67,9 +66,9 @@ CASES: dict[str, collections.Counter] = collections.defaultdict(collections.Coun
 
 
 def examples(count: int) -> settings:
-    """The same cases on every CI run; MPSD_SOAK=1 draws ten times as many, fresh each time."""
-    soak = bool(os.environ.get("MPSD_SOAK"))
-    return settings(max_examples=count * (10 if soak else 1), derandomize=not soak, database=None, deadline=None,
+    """The same cases on every CI run; MPSD_SOAK=N draws N times as many, fresh each time."""
+    factor = soak_factor()
+    return settings(max_examples=count * factor, derandomize=factor == 1, database=None, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
