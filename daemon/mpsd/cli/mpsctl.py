@@ -13,9 +13,9 @@ import grpc
 
 from mpsd import paths
 from mpsd.cli.status_format import format_status, format_worker, to_plain
-from mpsd.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from mpsd.client import DEFAULT_ADDRESS, Client, MpsdError
+from mpsd.v1 import admin_pb2, admin_pb2_grpc
 
-DEFAULT_ADDRESS = "127.0.0.1:7700"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mpsctl: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     except DaemonUnreachable as exc:
+        print(f"mpsctl: {exc}", file=sys.stderr)
+        return 1
+    except MpsdError as exc:
         print(f"mpsctl: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # e.g. an unreadable --token-file or --tls-ca
@@ -161,36 +164,19 @@ def _public_address(args) -> str:
         return DEFAULT_ADDRESS
 
 
-def _public_channel(args) -> grpc.Channel:
-    address = _public_address(args)
-    if args.tls_ca:
-        return grpc.secure_channel(address, grpc.ssl_channel_credentials(args.tls_ca.read_bytes()))
-    return grpc.insecure_channel(address)
-
-
-def _credentials_metadata(args) -> tuple[tuple[str, str], ...]:
-    if not args.token_file:
-        return ()
-    return (("authorization", f"Bearer {args.token_file.read_text().strip()}"),)
-
-
 def _generate(args) -> int:
-    request = inference_pb2.GenerateRequest(model=args.model, prompt=args.prompt, stop=args.stop)
-    for field, value in (("max_tokens", args.max_tokens), ("temperature", args.temperature),
-                         ("top_p", args.top_p), ("seed", args.seed)):
-        if value is not None:
-            setattr(request, field, value)
-    with _public_channel(args) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        for message in stub.Generate(request, timeout=args.timeout, metadata=_credentials_metadata(args)):
-            if message.HasField("finish"):
-                finish = message.finish
-                sys.stdout.write("\n")
-                print(f"[{finish.reason}: {finish.usage.prompt_tokens} prompt + {finish.usage.completion_tokens} "
-                      f"generated tokens, worker {finish.worker_id} pid {finish.worker_pid}]", file=sys.stderr)
-            else:
-                sys.stdout.write(message.text)
-                sys.stdout.flush()
+    token = args.token_file.read_text().strip() if args.token_file else None
+    options = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
+               "stop": tuple(args.stop)}
+    with Client(_public_address(args), tls_ca=args.tls_ca, token=token) as client:
+        stream = client.generate(args.prompt, args.model, timeout=args.timeout, **options)
+        for token_piece in stream:
+            sys.stdout.write(token_piece.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        finish = stream.finish
+        print(f"[{finish.reason}: {finish.prompt_tokens} prompt + {finish.completion_tokens} generated tokens, "
+              f"worker {finish.worker_id} pid {finish.worker_pid}]", file=sys.stderr)
     return 0
 
 
