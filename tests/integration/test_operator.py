@@ -104,3 +104,81 @@ def test_a_second_daemon_on_the_same_state_dir_or_port_is_refused(shared_daemon,
                       "--listen", shared_daemon.address)
     assert same_port.returncode == 1 and f"cannot listen on {shared_daemon.address}" in same_port.stderr
     assert shared_daemon.status()["daemon"]["listen"] == shared_daemon.address  # the first one is untouched
+
+
+def test_status_watch_into_a_pipe_prints_one_snapshot_per_refresh(shared_daemon):
+    result = mpsctl(shared_daemon, "status", "--watch", "0.2", "--count", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("WORKER  ") == 2 and result.stdout.count("demo-0") == 2
+    lines = mpsctl(shared_daemon, "status", "--watch", "0.2", "--count", "2", "--json").stdout.splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["workers"] for line in lines)
+
+
+def run_in_a_terminal(daemon, *args) -> str:
+    """Runs mpsctl with a pseudo-terminal as stdout, the way an operator sees it."""
+    import pty
+
+    leader, follower = pty.openpty()
+    env = dict(os.environ, COLUMNS="220", LINES="50", TERM="xterm-256color")
+    env.pop("NO_COLOR", None)
+    process = subprocess.Popen([sys.executable, "-m", "mpsd.cli.mpsctl", "--state-dir", str(daemon.state_dir), *args],
+                               stdout=follower, stderr=subprocess.PIPE, env=env)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert process.wait(30) == 0, process.stderr.read()
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_status_on_a_terminal_is_a_coloured_table_and_watch_redraws_in_place(shared_daemon):
+    shown = run_in_a_terminal(shared_daemon, "status")
+    assert "\x1b[1;32mREADY" in shown, "READY in bold green"
+    assert "WORKER" in shown and "slow-1" in shown
+    watched = run_in_a_terminal(shared_daemon, "status", "--watch", "0.2", "--count", "3")
+    assert watched.count("slow-1") >= 3 and "\x1b[2K" in watched, "redrawn over the previous frame"
+
+
+def test_logs_shows_a_workers_recent_stderr(shared_daemon):
+    result = mpsctl(shared_daemon, "logs", "demo-0", "-n", "5")
+    pid = next(w["pid"] for w in shared_daemon.status()["workers"] if w["id"] == "demo-0")
+    assert result.returncode == 0, result.stderr
+    assert f"mpsd worker {pid}: ready on" in result.stdout and len(result.stdout.splitlines()) <= 5
+    missing = mpsctl(shared_daemon, "logs", "demo-9")
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr and "no worker 'demo-9'" in missing.stderr
+
+
+def test_logs_follow_carries_on_across_a_restart(make_daemon):
+    from support import wait_for
+
+    daemon = make_daemon("""
+[[models]]
+name = "mlp"
+backend = "torch-module"
+factory = "fixtures.tiny_modules:seeded_linear"
+threads = 1
+""")
+    daemon.wait_ready(1)
+    old_pid = daemon.worker("mlp-0")["pid"]
+    follower = subprocess.Popen([sys.executable, "-m", "mpsd.cli.mpsctl", "--state-dir", str(daemon.state_dir),
+                                 "logs", "mlp-0", "-n", "1", "--follow"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert f"mpsd worker {old_pid}: ready on" in follower.stdout.readline()
+        assert mpsctl(daemon, "restart", "mlp-0").returncode == 0
+        new_pid = wait_for(lambda: (w := daemon.worker("mlp-0"))["state"] == "READY" and w["pid"] != old_pid and w["pid"],
+                           60, "the restarted worker")
+        seen = []
+        wait_for(lambda: seen.append(follower.stdout.readline()) or f"mpsd worker {new_pid}: ready on" in seen[-1], 30,
+                 "the new process's ready line", interval=0)
+    finally:
+        follower.kill()
+        follower.wait(10)
+    text = "".join(seen)
+    assert f"mpsd worker {old_pid}: stopping" in text and f"--- mlp-0: new process pid {new_pid} ---" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -12,7 +13,7 @@ import time
 import grpc
 
 from mpsd import paths
-from mpsd.cli.status_format import format_status, format_worker, to_plain
+from mpsd.cli.status_format import format_status, format_worker, render_status, to_plain
 from mpsd.client import DEFAULT_ADDRESS, Client, MpsdError
 from mpsd.v1 import admin_pb2, admin_pb2_grpc
 
@@ -45,7 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="daemon, models, memory and workers")
     status.add_argument("worker", nargs="?", help="show one worker in full")
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS",
+                        help="refresh in place every SECONDS (default 1) until Ctrl-C")
+    status.add_argument("--count", type=int, default=0, help="with --watch: stop after this many refreshes")
     status.set_defaults(handler=_status)
+    logs = commands.add_parser("logs", help="a worker's recent stderr; --follow for new lines as they come")
+    logs.add_argument("worker")
+    logs.add_argument("-n", "--lines", type=int, default=50, help="how many recent lines (0: all the daemon kept)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines, across restarts, until Ctrl-C")
+    logs.set_defaults(handler=_logs)
     generate = commands.add_parser("generate", help="stream generated text to the terminal")
     generate.add_argument("prompt")
     generate.add_argument("--model", default="", help="model name (default: the only model)")
@@ -91,26 +100,75 @@ class DaemonUnreachable(Exception):
     pass
 
 
+def _unreachable(args) -> DaemonUnreachable:
+    socket_path = paths.admin_socket_path(args.state_dir or paths.default_state_dir())
+    return DaemonUnreachable(f"no mpsd answers on {socket_path}: is it running, with this --state-dir?")
+
+
 def _fetch_status(args, timeout: float = 5.0) -> dict:
     try:
         return to_plain(_admin_stub(args).Status(admin_pb2.StatusRequest(), timeout=timeout))
     except grpc.RpcError as exc:
         if exc.code() != grpc.StatusCode.UNAVAILABLE:
             raise
-        socket_path = paths.admin_socket_path(args.state_dir or paths.default_state_dir())
-        raise DaemonUnreachable(f"no mpsd answers on {socket_path}: is it running, with this --state-dir?") from None
+        raise _unreachable(args) from None
 
 
 def _status(args) -> int:
-    status = _fetch_status(args)
     if args.worker:
-        worker = next((w for w in status["workers"] if w["id"] == args.worker), None)
-        if worker is None:
-            print(f"mpsctl: no worker {args.worker!r}; workers: {', '.join(w['id'] for w in status['workers'])}", file=sys.stderr)
-            return 1
-        print(json.dumps(worker, indent=2) if args.json else format_worker(worker))
-        return 0
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
+        return _one_worker(args, _fetch_status(args))
+    if args.watch:
+        return _watch(args)
+    status = _fetch_status(args)
+    if args.json:
+        print(json.dumps(status, indent=2))
+    elif sys.stdout.isatty():
+        from rich.console import Console
+
+        Console().print(render_status(status))
+    else:
+        print(format_status(status))
+    return 0
+
+
+def _one_worker(args, status: dict) -> int:
+    worker = next((w for w in status["workers"] if w["id"] == args.worker), None)
+    if worker is None:
+        print(f"mpsctl: no worker {args.worker!r}; workers: {', '.join(w['id'] for w in status['workers'])}", file=sys.stderr)
+        return 1
+    print(json.dumps(worker, indent=2) if args.json else format_worker(worker))
+    return 0
+
+
+def _watch(args) -> int:
+    """Redraws in place on a terminal; into a pipe, prints one snapshot per refresh (JSON lines with --json)."""
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+    refreshes = 0
+    with Live(console=console, auto_refresh=False, transient=False) if console.is_terminal else contextlib.nullcontext() as live:
+        while not args.count or refreshes < args.count:
+            status = _fetch_status(args)
+            if live is not None:
+                live.update(render_status(status), refresh=True)
+            else:
+                print(json.dumps(status) if args.json else format_status(status) + "\n", flush=True)
+            refreshes += 1
+            if refreshes != args.count:
+                time.sleep(args.watch)
+    return 0
+
+
+def _logs(args) -> int:
+    request = admin_pb2.WorkerLogsRequest(worker_id=args.worker, lines=max(args.lines, 0), follow=args.follow)
+    try:
+        for line in _admin_stub(args).WorkerLogs(request, timeout=None if args.follow else 30):
+            print(line.text, flush=True)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        raise _unreachable(args) from None
     return 0
 
 
@@ -127,7 +185,7 @@ def _control(args, method: str, request) -> int:
     except grpc.RpcError as exc:
         if exc.code() != grpc.StatusCode.UNAVAILABLE:
             raise
-        raise DaemonUnreachable(f"no mpsd answers on {paths.admin_socket_path(args.state_dir or paths.default_state_dir())}") from None
+        raise _unreachable(args) from None
     print(reply.message if reply.ok else f"mpsctl: {reply.message}", file=sys.stdout if reply.ok else sys.stderr)
     return 0 if reply.ok else 1
 

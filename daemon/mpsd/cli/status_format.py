@@ -6,6 +6,7 @@ from typing import Any
 
 from mpsd.units import format_bytes, format_duration
 
+
 def to_plain(message) -> dict[str, Any]:
     """Every field, defaults included, with 64-bit integers as JSON numbers (not strings)."""
     plain: dict[str, Any] = {}
@@ -19,32 +20,71 @@ def to_plain(message) -> dict[str, Any]:
             plain[field.name] = _scalar_or_plain(value)
     return plain
 
+
 def _scalar_or_plain(value):
     return to_plain(value) if hasattr(value, "DESCRIPTOR") else value
 
+STATE_STYLES = {
+    "READY": "bold green", "STARTING": "yellow", "PENDING": "yellow", "BACKOFF": "yellow", "DRAINING": "cyan",
+    "STOPPED": "dim", "REFUSED": "magenta", "OOM": "bold red", "FATAL": "bold red",
+}
+NOTEWORTHY_STATES = ("PENDING", "STARTING", "REFUSED", "OOM", "FATAL", "BACKOFF", "DRAINING")
+MODEL_HEADERS = ["MODEL", "BACKEND", "DEVICE", "READY", "QUEUED", "CONTEXT", "FOOTPRINT"]
+WORKER_HEADERS = ["WORKER", "PID", "STATE", "UPTIME", "RESTARTS", "INFLIGHT", "TOKENS", "MEMORY", "BACKEND MEMORY", "LAST EXIT"]
+
+
 def format_status(status: dict[str, Any]) -> str:
-    daemon, memory = status["daemon"], status["memory"]
-    lines = [
+    """Plain text: for pipes, logs and tests."""
+    lines = _heading(status) + [""]
+    lines += _table(MODEL_HEADERS, _model_rows(status))
+    lines.append("")
+    lines += _table(WORKER_HEADERS, [_worker_row(w) for w in status["workers"]])
+    lines += _notes(status)
+    return "\n".join(lines)
+
+
+def render_status(status: dict[str, Any]):
+    """The same content for a terminal: rich tables, each state in its colour."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    models = Table(*MODEL_HEADERS, box=None, header_style="bold", pad_edge=False)
+    for row in _model_rows(status):
+        models.add_row(*row)
+    workers = Table(*WORKER_HEADERS, box=None, header_style="bold", pad_edge=False)
+    for worker in status["workers"]:
+        row = _worker_row(worker)
+        row[2] = Text(row[2], style=STATE_STYLES.get(worker["state"], ""))
+        workers.add_row(*row)
+    notes = [Text(line, style=STATE_STYLES.get(line.split(": ")[1], "")) for line in _notes(status)]
+    return Group(*(Text(line) for line in _heading(status)), Text(""), models, Text(""), workers, *notes)
+
+
+def _heading(status: dict[str, Any]) -> list[str]:
+    daemon = status["daemon"]
+    return [
         f"mpsd {daemon['version']}  pid {daemon['pid']}  up {format_duration(daemon['uptime_s'])}  "
         f"public {daemon['listen']}  config {daemon['config_path']}",
-        _memory_line(memory),
-        "",
+        _memory_line(status["memory"]),
     ]
-    lines += _table(
-        ["MODEL", "BACKEND", "DEVICE", "READY", "QUEUED", "CONTEXT", "FOOTPRINT"],
-        [[m["name"], m["backend"], m["device"], f"{m['ready']}/{m['replicas']}", f"{m['queued']}/{m['queue_limit']}",
-          str(m["context_length"] or "-"), f"{format_bytes(m['footprint_bytes'])} ({m['footprint_source']})"]
-         for m in status["models"]],
-    )
-    lines.append("")
-    lines += _table(
-        ["WORKER", "PID", "STATE", "UPTIME", "RESTARTS", "INFLIGHT", "TOKENS", "MEMORY", "BACKEND MEMORY", "LAST EXIT"],
-        [_worker_row(w) for w in status["workers"]],
-    )
-    unhealthy = [w for w in status["workers"] if w["state"] in ("PENDING", "REFUSED", "OOM", "FATAL", "BACKOFF", "DRAINING")]
-    for worker in unhealthy:
-        lines.append(f"{worker['id']}: {worker['state']}: {worker['reason']}")
-    return "\n".join(lines)
+
+
+def _model_rows(status: dict[str, Any]) -> list[list[str]]:
+    return [[m["name"], m["backend"], m["device"], f"{m['ready']}/{m['replicas']}", f"{m['queued']}/{m['queue_limit']}",
+             str(m["context_length"] or "-"), f"{format_bytes(m['footprint_bytes'])} ({m['footprint_source']})"]
+            for m in status["models"]]
+
+
+def _notes(status: dict[str, Any]) -> list[str]:
+    """Why each worker that is not simply serving is where it is; a loading worker shows how long it has loaded."""
+    lines = []
+    for worker in status["workers"]:
+        if worker["state"] in NOTEWORTHY_STATES:
+            elapsed = f" ({format_duration(worker['state_age_s'])} so far)" if worker["state"] == "STARTING" else ""
+            lines.append(f"{worker['id']}: {worker['state']}: {worker['reason']}{elapsed}")
+    return lines
+
 
 def format_worker(worker: dict[str, Any]) -> str:
     lines = [f"{key}: {value}" for key, value in worker.items() if key not in ("backend_memory", "stderr_tail")]
@@ -62,19 +102,25 @@ def _memory_line(memory: dict[str, Any]) -> str:
             f"{format_bytes(memory['used_bytes'])}, headroom {format_bytes(memory['headroom_bytes'])}, "
             f"free for workers {format_bytes(memory['free_for_workers_bytes'])}{detail}")
 
+
 def _worker_row(worker: dict[str, Any]) -> list[str]:
+    state = worker["state"]
+    if state == "STARTING":
+        state = f"STARTING {format_duration(worker['state_age_s'])}"
     return [
-        worker["id"], str(worker["pid"] or "-"), worker["state"],
+        worker["id"], str(worker["pid"] or "-"), state,
         format_duration(worker["uptime_s"]) if worker["pid"] else "-",
         str(worker["restarts"]), str(worker["inflight"]), str(worker["tokens"]),
         format_bytes(worker["memory_bytes"]) if worker["memory_bytes"] else "-",
         _backend_memory(worker), worker["last_exit"] or "-",
     ]
 
+
 def _backend_memory(worker: dict[str, Any]) -> str:
     if worker["backend_memory"]:
         return " ".join(f"{k}={format_bytes(v)}" for k, v in sorted(worker["backend_memory"].items()))
     return f"({worker['device'] or '?'}: none reported)"
+
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]

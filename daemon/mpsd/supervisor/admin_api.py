@@ -25,6 +25,7 @@ from mpsd.v1 import admin_pb2, admin_pb2_grpc, worker_pb2
 
 log = logging.getLogger("mpsd.admin")
 FRESH_STATS_TIMEOUT_S = 1.0
+LOG_FOLLOW_POLL_S = 0.2
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
@@ -48,6 +49,28 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             memory=self._memory_status(),
             workers=[self._worker_status(w) for w in self._fleet.workers.values()],
         )
+
+    async def WorkerLogs(self, request, context):
+        """Polls the worker's stderr ring; a restart switches to the new process with a marker line."""
+        worker = self._fleet.workers.get(request.worker_id)
+        if worker is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no worker {request.worker_id!r} (workers: {', '.join(self._fleet.workers)})")
+        process = worker.process
+        seen = 0 if process is None else max(0, process.stderr_count - (request.lines or process.stderr_count))
+        while True:
+            if process is not None:
+                lines, seen = process.stderr_since(seen)
+                for line in lines:
+                    yield admin_pb2.LogLine(text=line, pid=process.pid)
+            if not request.follow:
+                return
+            await asyncio.sleep(LOG_FOLLOW_POLL_S)
+            worker = self._fleet.workers.get(request.worker_id)
+            if worker is None:
+                return
+            if worker.process is not process:
+                process, seen = worker.process, 0
+                yield admin_pb2.LogLine(text=f"--- {request.worker_id}: new process pid {process.pid} ---", pid=process.pid)
 
     async def Scale(self, request, context):
         return self._control(lambda: self._fleet.scale(request.model, request.replicas))

@@ -21,7 +21,8 @@ import grpc
 
 from mpsd.v1 import worker_pb2_grpc
 
-STDERR_TAIL_LINES = 50
+STDERR_TAIL_LINES = 50     # what exit classification and status read: the lines around a death
+STDERR_KEPT_LINES = 1000   # what `mpsctl logs` can show
 log = logging.getLogger("mpsd.worker")
 
 
@@ -32,7 +33,8 @@ class WorkerProcess:
         self._spec = spec
         self._env = env
         self._process: asyncio.subprocess.Process | None = None
-        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_KEPT_LINES)
+        self.stderr_count = 0  # lines ever read, so a follower knows what it has not seen
         self._channel: grpc.aio.Channel | None = None
         self.stub: worker_pb2_grpc.WorkerStub | None = None
         self._pumps: list[asyncio.Task] = []
@@ -53,11 +55,24 @@ class WorkerProcess:
             start_new_session=True,
         )
         self._pumps = [
-            asyncio.create_task(self._pump(self._process.stderr, self.stderr_tail.append)),
+            asyncio.create_task(self._pump(self._process.stderr, self._keep_stderr)),
             asyncio.create_task(self._pump(self._process.stdout, lambda line: None)),
         ]
         self._channel = grpc.aio.insecure_channel(f"unix:{self.socket_path}")
         self.stub = worker_pb2_grpc.WorkerStub(self._channel)
+
+    @property
+    def stderr_tail(self) -> list[str]:
+        return list(self._stderr)[-STDERR_TAIL_LINES:]
+
+    def stderr_since(self, count: int) -> tuple[list[str], int]:
+        """Lines read after the first `count` (as many as are still kept), and the count to ask with next."""
+        new = min(self.stderr_count - count, len(self._stderr))
+        return (list(self._stderr)[-new:] if new > 0 else []), self.stderr_count
+
+    def _keep_stderr(self, line: str) -> None:
+        self._stderr.append(line)
+        self.stderr_count += 1
 
     async def _pump(self, stream: asyncio.StreamReader, keep: Callable[[str], None]) -> None:
         """Logs each line as it comes: an OOM line must be seen before the exit is."""

@@ -6,6 +6,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class WorkerLogsRequest(_message.Message):
+    __slots__ = ("worker_id", "lines", "follow")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    lines: int
+    follow: bool
+    def __init__(self, worker_id: _Optional[str] = ..., lines: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...
+
+class LogLine(_message.Message):
+    __slots__ = ("text", "pid")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    pid: int
+    def __init__(self, text: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+
 class ScaleRequest(_message.Message):
     __slots__ = ("model", "replicas")
     MODEL_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,11 @@ class AdminStub:
                 request_serializer=mpsd_dot_v1_dot_admin__pb2.ReloadRequest.SerializeToString,
                 response_deserializer=mpsd_dot_v1_dot_admin__pb2.ControlResponse.FromString,
                 _registered_method=True)
+        self.WorkerLogs = channel.unary_stream(
+                '/mpsd.v1.Admin/WorkerLogs',
+                request_serializer=mpsd_dot_v1_dot_admin__pb2.WorkerLogsRequest.SerializeToString,
+                response_deserializer=mpsd_dot_v1_dot_admin__pb2.LogLine.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -98,6 +103,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WorkerLogs(self, request, context):
+        """A worker's recent stderr (the daemon keeps the last 1000 lines per process); with follow,
+        new lines as they come, across restarts, until the client hangs up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +138,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Reload,
                     request_deserializer=mpsd_dot_v1_dot_admin__pb2.ReloadRequest.FromString,
                     response_serializer=mpsd_dot_v1_dot_admin__pb2.ControlResponse.SerializeToString,
+            ),
+            'WorkerLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.WorkerLogs,
+                    request_deserializer=mpsd_dot_v1_dot_admin__pb2.WorkerLogsRequest.FromString,
+                    response_serializer=mpsd_dot_v1_dot_admin__pb2.LogLine.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +280,33 @@ class Admin:
             '/mpsd.v1.Admin/Reload',
             mpsd_dot_v1_dot_admin__pb2.ReloadRequest.SerializeToString,
             mpsd_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WorkerLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mpsd.v1.Admin/WorkerLogs',
+            mpsd_dot_v1_dot_admin__pb2.WorkerLogsRequest.SerializeToString,
+            mpsd_dot_v1_dot_admin__pb2.LogLine.FromString,
             options,
             channel_credentials,
             insecure,
