@@ -110,3 +110,14 @@ def test_mpsctl_generate_with_ca_and_token_file(exposed_daemon, tls_files):
     assert ok.returncode == 0 and "3 generated tokens" in ok.stderr
     refused = subprocess.run(base, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_the_node_client_speaks_tls_with_the_token(exposed_daemon, tls_files):
+    from test_clients import node_generate
+
+    port = exposed_daemon.address.rpartition(":")[2]
+    base = ["--address", f"127.0.0.1:{port}", "--tls-ca", str(tls_files / "cert.pem"), "--max-tokens", "3", "The"]
+    ok = node_generate("--token-file", str(tls_files / "token"), *base)
+    assert ok.returncode == 0 and "3 generated tokens" in ok.stderr, ok.stderr
+    refused = node_generate(*base)
+    assert refused.returncode == 1 and "mpsd: UNAUTHENTICATED" in refused.stderr

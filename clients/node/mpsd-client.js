@@ -1,0 +1,72 @@
+'use strict';
+/**
+ * A small client for mpsd's public gRPC API.
+ *
+ * The .proto is loaded at run time straight from the repository, so there is no
+ * generated code to keep in step with proto/mpsd/v1/inference.proto.
+ */
+const fs = require('node:fs');
+const path = require('node:path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const PROTO_DIR = path.join(__dirname, '..', '..', 'proto');
+const DEFAULT_ADDRESS = '127.0.0.1:7700';
+
+const definition = protoLoader.loadSync('mpsd/v1/inference.proto', {
+  includeDirs: [PROTO_DIR],
+  keepCase: true, // field names as in the .proto: max_tokens, not maxTokens
+  longs: String, // uint64 seed: no precision lost above 2^53
+  defaults: true, // an absent text arrives as '' rather than undefined
+});
+const { Inference } = grpc.loadPackageDefinition(definition).mpsd.v1;
+
+/** Adds the bearer token to every call; a per-call interceptor also works on plaintext loopback,
+ * where grpc-js refuses call credentials. */
+function bearer(token) {
+  return (options, nextCall) => new grpc.InterceptingCall(nextCall(options), {
+    start(metadata, listener, next) {
+      metadata.set('authorization', `Bearer ${token}`);
+      next(metadata, listener);
+    },
+  });
+}
+
+/**
+ * Returns an Inference client for HOST:PORT.
+ * tlsCa: PEM (Buffer or string) of the CA that signed the daemon's certificate; without it the channel is plaintext.
+ * token: the daemon's bearer token (the contents of its token_file), if it requires one.
+ */
+function connect(address = process.env.MPSD_ADDRESS || DEFAULT_ADDRESS, { tlsCa, token } = {}) {
+  const credentials = tlsCa
+    ? grpc.credentials.createSsl(Buffer.from(tlsCa))
+    : grpc.credentials.createInsecure();
+  return new Inference(address, credentials, { interceptors: token ? [bearer(token)] : [] });
+}
+
+/**
+ * Streams GenerateResponse messages for a request ({model, prompt, max_tokens, temperature, top_p, seed, stop}).
+ * Leave a field undefined to get the daemon's default; 0 is sent as 0 (temperature 0 = greedy).
+ * A gRPC error is thrown from the loop with .code (grpc.status) and .details.
+ */
+async function* generate(client, request, { deadline } = {}) {
+  const call = client.Generate(request, deadline ? { deadline } : {});
+  try {
+    yield* call;
+  } finally {
+    // A consumer that stops early cancels the call, which stops the worker's generation.
+    call.cancel();
+  }
+}
+
+/** The status name (NOT_FOUND, UNAVAILABLE ...) of a gRPC error, or undefined for any other error. */
+function statusName(error) {
+  return typeof error?.code === 'number' ? grpc.status[error.code] : undefined;
+}
+
+/** Reads a token file the way mpsctl does: surrounding whitespace is not part of the token. */
+function readToken(file) {
+  return fs.readFileSync(file, 'utf8').trim();
+}
+
+module.exports = { connect, generate, statusName, readToken, DEFAULT_ADDRESS };
