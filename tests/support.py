@@ -24,6 +24,7 @@ from mpsd.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LISTEN_LINE = re.compile(r"public API listening on (\S+)")
+METRICS_LINE = re.compile(r"metrics on (http://\S+)")
 
 
 def data_dir() -> pathlib.Path:
@@ -63,18 +64,22 @@ class Daemon:
         self.log_path = tmp_path / "mpsd.log"
         self.process: subprocess.Popen | None = None
         self.address = ""
+        self.metrics_url = ""
         self._channels: list[grpc.Channel] = []
         self.seen_worker_pids: set[int] = set()
 
     def start(self, timeout: float = 30) -> "Daemon":
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mpsd.cli.mpsd_cmd", "serve", "--config", str(self.config_path),
-             "--listen", self.listen, "--state-dir", str(self.state_dir), "--data-dir", str(data_dir())],
+             "--listen", self.listen, "--metrics-listen", "127.0.0.1:0", "--state-dir", str(self.state_dir),
+             "--data-dir", str(data_dir())],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.log_path, "wb"),
             start_new_session=True, env=self._env(),
         )
         match = wait_for(lambda: self._exited_early() or LISTEN_LINE.search(self.log()), timeout, "the listening line")
         self.address = match.group(1)
+        self.metrics_url = wait_for(lambda: self._exited_early() or METRICS_LINE.search(self.log()), timeout,
+                                    "the metrics line").group(1)
         return self
 
     @staticmethod

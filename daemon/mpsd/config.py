@@ -55,6 +55,7 @@ class PublicAccess:
 @dataclasses.dataclass(frozen=True)
 class DaemonConfig:
     listen: str = "127.0.0.1:7700"
+    metrics_listen: str = "127.0.0.1:7701"  # Prometheus /metrics over plain HTTP; "" serves none
     access: PublicAccess = PublicAccess()
     state_dir: pathlib.Path | None = None
     drain_grace_s: float = 30.0
@@ -197,18 +198,22 @@ def _daemon(reader: _Reader, table: dict[str, Any], base_dir: pathlib.Path) -> D
     fields = (
         "listen", "state_dir", "drain_grace", "stop_timeout", "health_interval", "health_timeout", "log_format",
         "restart_delay", "restart_max_delay", "restart_reset_after", "fatal_failures", "fatal_window",
-        "log_file", "log_max_size", "log_backups", "tls_cert", "tls_key", "token_file",
+        "log_file", "log_max_size", "log_backups", "tls_cert", "tls_key", "token_file", "metrics_listen",
     )
     reader.only_keys(table, "daemon.", fields)
     defaults = DaemonConfig()
     listen = reader.string(table, "listen", "daemon.listen", defaults.listen)
-    _check_listen(reader, listen)
+    _check_listen(reader, listen, "daemon.listen")
+    metrics_listen = reader.string(table, "metrics_listen", "daemon.metrics_listen", defaults.metrics_listen)
+    if metrics_listen:
+        _check_listen(reader, metrics_listen, "daemon.metrics_listen")
     state_dir = reader.string(table, "state_dir", "daemon.state_dir")
     log_format = reader.string(table, "log_format", "daemon.log_format", "text")
     if log_format not in ("text", "json"):
         raise reader.fail("daemon.log_format", f"must be 'text' or 'json', got {log_format!r}")
     return DaemonConfig(
         listen=listen,
+        metrics_listen=metrics_listen,
         access=_access(reader, table, base_dir),
         state_dir=(base_dir / pathlib.Path(state_dir).expanduser()) if state_dir else None,
         drain_grace_s=reader.duration(table, "drain_grace", "daemon.drain_grace", defaults.drain_grace_s),
@@ -241,10 +246,19 @@ def _access(reader: _Reader, table: dict[str, Any], base_dir: pathlib.Path) -> P
     return PublicAccess(tls_cert=cert, tls_key=key, token_file=token_file)
 
 
-def _check_listen(reader: _Reader, listen: str) -> None:
+def split_listen(listen: str) -> tuple[str, int]:
+    """HOST:PORT as (host, port); ValueError saying the expected form otherwise."""
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise reader.fail("daemon.listen", f"must be HOST:PORT like '127.0.0.1:7700', got {listen!r}")
+        raise ValueError(f"must be HOST:PORT like '127.0.0.1:7700', got {listen!r}")
+    return host, int(port)
+
+
+def _check_listen(reader: _Reader, listen: str, key: str) -> None:
+    try:
+        split_listen(listen)
+    except ValueError as exc:
+        raise reader.fail(key, str(exc)) from None
 
 
 def _memory(reader: _Reader, table: dict[str, Any], base_dir: pathlib.Path) -> MemoryConfig:

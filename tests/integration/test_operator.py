@@ -155,16 +155,19 @@ def test_logs_shows_a_workers_recent_stderr(shared_daemon):
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr and "no worker 'demo-9'" in missing.stderr
 
 
-def test_logs_follow_carries_on_across_a_restart(make_daemon):
-    from support import wait_for
-
-    daemon = make_daemon("""
+ONE_SMALL_MODULE = """
 [[models]]
 name = "mlp"
 backend = "torch-module"
 factory = "fixtures.tiny_modules:seeded_linear"
 threads = 1
-""")
+"""
+
+
+def test_logs_follow_carries_on_across_a_restart(make_daemon):
+    from support import wait_for
+
+    daemon = make_daemon(ONE_SMALL_MODULE)
     daemon.wait_ready(1)
     old_pid = daemon.worker("mlp-0")["pid"]
     follower = subprocess.Popen([sys.executable, "-m", "mpsd.cli.mpsctl", "--state-dir", str(daemon.state_dir),
@@ -182,3 +185,21 @@ threads = 1
         follower.wait(10)
     text = "".join(seen)
     assert f"mpsd worker {old_pid}: stopping" in text and f"--- mlp-0: new process pid {new_pid} ---" in text
+
+
+def test_json_logs_carry_the_worker_and_its_state(make_daemon):
+    import re
+
+    daemon = make_daemon('[daemon]\nlog_format = "json"\n' + ONE_SMALL_MODULE)
+    daemon.wait_ready(1)
+    assert daemon.terminate() == 0
+    grpc_core = re.compile(r"^[IWE]\d{4} ")  # grpc's C core writes its own lines to stderr
+    events = [json.loads(line) for line in daemon.log().splitlines() if line and not grpc_core.match(line)]
+    transitions = [e for e in events if "state" in e]
+    assert [(e["from_state"], e["state"]) for e in transitions] == [
+        ("PENDING", "STARTING"), ("STARTING", "READY"), ("READY", "DRAINING"), ("DRAINING", "STOPPED")]
+    assert all(e["worker"] == "mlp-0" and e["model"] == "mlp" and e["reason"] for e in transitions)
+    assert transitions[0]["pid"] == 0 and all(e["pid"] > 0 for e in transitions[1:]), "no process before the spawn"
+    relayed = [e for e in events if e["msg"].startswith("mlp-0 | ")]
+    assert relayed and all(e["worker"] == "mlp-0" and e["pid"] == transitions[1]["pid"] for e in relayed)
+    assert {e["level"] for e in events} <= {"info", "warning"} and all(e["ts"].endswith("Z") for e in events)

@@ -11,7 +11,7 @@ def parse(text: str, tmp_path: pathlib.Path = pathlib.Path("/cfg")):
 
 def test_embedded_default_serves_the_demo_model_with_two_workers():
     config = load_config(None)
-    assert config.daemon.listen == "127.0.0.1:7700"
+    assert config.daemon.listen == "127.0.0.1:7700" and config.daemon.metrics_listen == "127.0.0.1:7701"
     assert [(m.name, m.backend, m.path, m.replicas) for m in config.models] == [("demo", "torch-lm", "@demo", 2)]
 
 
@@ -59,6 +59,7 @@ factory = "pkg.mod:make"
     ("[[models]]\nname='a'\nbackend='torch-lm'\npath='x'\ndevice='gpu'", r"device: must be auto, cpu, mps"),
     ("[[models]]\nname='a'\nbackend='torch-lm'\npath='x'\nfootprint='big'", r"footprint: expected a size"),
     ("[daemon]\nlisten='7700'\n[[models]]\nname='a'\nbackend='torch-lm'\npath='x'", r"daemon.listen: must be HOST:PORT"),
+    ("[daemon]\nmetrics_listen='7701'\n[[models]]\nname='a'\nbackend='null-lm'", r"daemon.metrics_listen: must be HOST:PORT"),
     ("[daemon]\nport=1\n[[models]]\nname='a'\nbackend='torch-lm'\npath='x'", r"daemon.port: unknown key"),
     ("[[models]]\nname='a'\nbackend='torch-lm'\npath='x'\n[[models]]\nname='a'\nbackend='torch-lm'\npath='y'", "used twice"),
     ("", "at least one"),
@@ -80,3 +81,9 @@ def test_log_rotation_keys(tmp_path):
                    "[[models]]\nname='a'\nbackend='null-lm'\n", tmp_path)
     assert config.daemon.log_file == tmp_path / "logs/mpsd.log"
     assert (config.daemon.log_max_bytes, config.daemon.log_backups) == (1 << 20, 2)
+
+
+def test_metrics_listen_takes_an_address_or_nothing(tmp_path):
+    models = "[[models]]\nname='a'\nbackend='null-lm'\n"
+    assert parse("[daemon]\nmetrics_listen = '0.0.0.0:9100'\n" + models).daemon.metrics_listen == "0.0.0.0:9100"
+    assert parse("[daemon]\nmetrics_listen = ''\n" + models).daemon.metrics_listen == ""

@@ -4,6 +4,7 @@ import asyncio
 
 import grpc
 
+from mpsd.supervisor.metrics import UNKNOWN_MODEL, RequestMetrics
 from mpsd.supervisor.public_api import InferenceService, add_inference_service
 from mpsd.v1 import inference_pb2
 
@@ -11,10 +12,10 @@ BAD_UTF8_PROMPT = b"\x0a\x04demo" + b"\x12\x02\xff\xfe"  # model="demo", prompt=
 BAD_UTF8_TENSOR_NAME = b"\x0a\x01m" + b"\x12\x04" + b"\x0a\x02\xc3\x28"  # model="m", inputs={<bad UTF-8>: ...}
 
 
-async def call(path: str, payload: bytes, stream: bool) -> tuple[grpc.StatusCode, str]:
-    """Sends raw bytes to a real grpc.aio server holding the service with no models."""
+async def call(path: str, payload: bytes, stream: bool, service: InferenceService | None = None) -> tuple[grpc.StatusCode, str]:
+    """Sends raw bytes to a real grpc.aio server holding the service (by default one with no models)."""
     server = grpc.aio.server()
-    add_inference_service(InferenceService({}, lambda name: True), server)
+    add_inference_service(service or InferenceService({}, lambda name: True), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -59,3 +60,19 @@ def test_a_request_that_parses_still_reaches_the_service():
     valid = inference_pb2.PredictRequest(model="nope").SerializeToString()
     code, details = asyncio.run(call("/mpsd.v1.Inference/Predict", valid, stream=False))
     assert code == grpc.StatusCode.NOT_FOUND and "no model named 'nope'" in details
+
+
+def test_undecodable_and_unknown_model_requests_are_counted_without_minting_a_model_label():
+    metrics = RequestMetrics()
+    service = InferenceService({}, lambda name: True, metrics=metrics)
+    asyncio.run(call("/mpsd.v1.Inference/Generate", BAD_UTF8_PROMPT, stream=True, service=service))
+    asyncio.run(call("/mpsd.v1.Inference/Predict", inference_pb2.PredictRequest(model="nope").SerializeToString(),
+                     stream=False, service=service))
+
+    def count(method: str, code: str) -> float | None:
+        labels = {"model": UNKNOWN_MODEL, "method": method, "code": code}
+        return metrics.registry.get_sample_value("mpsd_requests_total", labels)
+
+    assert count("Generate", "INVALID_ARGUMENT") == 1 and count("Predict", "NOT_FOUND") == 1
+    assert metrics.registry.get_sample_value("mpsd_requests_total", {"model": "nope", "method": "Predict",
+                                                                     "code": "NOT_FOUND"}) is None

@@ -16,14 +16,21 @@ import sys
 import time
 
 
+# Fields a log call may attach with extra={...}: a worker's events carry who and what state,
+# so a log pipeline can filter by worker without parsing the message.
+EVENT_FIELDS = ("worker", "model", "pid", "state", "from_state", "reason")
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({
+        line = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
-        })
+        }
+        line.update({key: getattr(record, key) for key in EVENT_FIELDS if hasattr(record, key)})
+        return json.dumps(line)
 
 
 def setup_logging(log_format: str, log_file: pathlib.Path | None = None, max_bytes: int = 0, backups: int = 0) -> None:

@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the daemon in the foreground")
     serve.add_argument("--config", type=pathlib.Path, help="TOML config file (default: the embedded demo config)")
     serve.add_argument("--listen", help="public API address HOST:PORT (default from config: 127.0.0.1:7700)")
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT",
+                       help='Prometheus /metrics address (default from config: 127.0.0.1:7701; "" serves none)')
+    serve.add_argument("--log-format", choices=("text", "json"), help="one line per event as text or JSON (default from config: text)")
     serve.add_argument("--state-dir", type=pathlib.Path, help="where the admin socket lives (default: $MPSD_STATE_DIR or the platform's)")
     serve.add_argument("--data-dir", type=pathlib.Path, help="where the demo model is built (default: $MPSD_DATA_DIR or the platform's)")
     build = commands.add_parser("build-demo", help="build the demo model now (it is built on first use otherwise)")
@@ -41,9 +44,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"mpsd: {exc}", file=sys.stderr)
         return 2
     daemon_config = config.daemon
-    setup_logging(daemon_config.log_format, daemon_config.log_file, daemon_config.log_max_bytes, daemon_config.log_backups)
+    setup_logging(args.log_format or daemon_config.log_format, daemon_config.log_file, daemon_config.log_max_bytes, daemon_config.log_backups)
     state_dir = args.state_dir or config.daemon.state_dir or paths.default_state_dir()
-    daemon = Daemon(config, state_dir, args.listen or config.daemon.listen, args.data_dir or paths.default_data_dir())
+    metrics_listen = config.daemon.metrics_listen if args.metrics_listen is None else args.metrics_listen
+    daemon = Daemon(config, state_dir, args.listen or config.daemon.listen, args.data_dir or paths.default_data_dir(),
+                    metrics_listen)
     try:
         return asyncio.run(daemon.run())
     except (DaemonError, DemoBuildFailed, ValueError, OSError) as exc:

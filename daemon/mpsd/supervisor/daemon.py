@@ -1,4 +1,4 @@
-"""`mpsd serve`: wires config, fleet, router and the two gRPC servers, then waits for a signal.
+"""`mpsd serve`: wires config, fleet, router, the two gRPC servers and /metrics, then waits for a signal.
 
 Runs in the foreground (launchd and supervisord need that). SIGTERM or
 SIGINT drains: stop taking requests, let in-flight streams finish within
@@ -23,12 +23,15 @@ from grpc_reflection.v1alpha import reflection
 
 import mpsd
 from mpsd import paths
-from mpsd.config import Config, ModelConfig, load_config
-from mpsd.supervisor.access import BearerTokenInterceptor, describe, exposure_problem, read_token, server_credentials
+from mpsd.config import Config, ModelConfig, load_config, split_listen
+from mpsd.supervisor.access import (
+    BearerTokenInterceptor, describe, exposure_problem, is_loopback, read_token, server_credentials)
 from mpsd.supervisor.admin_api import AdminService
 from mpsd.supervisor.demo_build import ensure_demos, resolve_demo_paths
 from mpsd.supervisor.fleet import ControlError, Fleet, WorkerRecord
 from mpsd.supervisor.memory import ReportedWorkingSet, make_probe
+from mpsd.supervisor.metrics import RequestMetrics, watch_daemon
+from mpsd.supervisor.metrics_http import start_metrics_server, url_of
 from mpsd.supervisor.public_api import InferenceService, add_inference_service
 from mpsd.supervisor.router import ModelPool, NoWorkers
 from mpsd.supervisor.states import HOPEFUL_STATES, WorkerState
@@ -81,11 +84,14 @@ def prepare_config(config: Config, data_dir: pathlib.Path) -> tuple[Config, list
 
 
 class Daemon:
-    def __init__(self, config: Config, state_dir: pathlib.Path, listen: str, data_dir: pathlib.Path) -> None:
+    def __init__(self, config: Config, state_dir: pathlib.Path, listen: str, data_dir: pathlib.Path,
+                 metrics_listen: str) -> None:
         self.config, self._demo_refs = prepare_config(config, data_dir)
         self._data_dir = data_dir
         self.state_dir = state_dir
         self.listen = listen
+        self.metrics_listen = metrics_listen
+        self.metrics = RequestMetrics()
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._health = health.aio.HealthServicer()
@@ -117,7 +123,13 @@ class Daemon:
         self.fleet = Fleet(self.config, run_dir, worker_env, self._on_transition, probe,
                            report_working_set=self._working_set.set)
         self._sync_pools()
+        watch_daemon(self.metrics.registry, self.fleet, self.pools)
         public = await self._start_public()
+        try:
+            metrics = await self._start_metrics()
+        except DaemonError:
+            await public.stop(0)  # a grpc server left running when the loop closes ends the process with a traceback
+            raise
         admin = await self._start_admin(admin_path)
         fleet_task = asyncio.create_task(self.fleet.run())
         log.info("mpsd %s serving %s from %s", mpsd.__version__, ", ".join(self.pools), self.config.source)
@@ -125,6 +137,8 @@ class Daemon:
         await self._drain(public, self.fleet)
         fleet_task.cancel()
         await admin.stop(0)
+        if metrics:
+            metrics.close()  # served through the drain, so a scrape can watch it
         log.info("mpsd stopped")
         return 0
 
@@ -197,7 +211,7 @@ class Daemon:
         # Without so_reuseport 0, Linux lets a second daemon bind the same port and the two split the traffic.
         server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         service = self._inference = InferenceService(
-            self.pools, lambda name: self.fleet.models[name].generates, self.fleet.explain_loss)
+            self.pools, lambda name: self.fleet.models[name].generates, self.fleet.explain_loss, self.metrics)
         add_inference_service(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
@@ -218,6 +232,30 @@ class Daemon:
         for model in self.config.models:
             await self._health.set(model.name, health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("public API listening on %s (%s)", self.listen, describe(access))
+        return server
+
+    async def _start_metrics(self) -> asyncio.Server | None:
+        """Prometheus /metrics on plain HTTP; loopback by default, anywhere the operator says, with a warning.
+
+        The figures carry no secrets and change nothing, but they name models
+        and workers and show traffic; a scraper on another machine is the
+        usual set-up, so another address is allowed, not refused.
+        """
+        if not self.metrics_listen:
+            return None
+        try:
+            host, port = split_listen(self.metrics_listen)
+        except ValueError as exc:
+            raise DaemonError(f"metrics listen: {exc}") from None
+        if not is_loopback(host):
+            log.warning("metrics on %s are readable by anyone who can reach that address (plain HTTP, no token)",
+                        self.metrics_listen)
+        try:
+            server = await start_metrics_server(host, port, self.metrics.registry)
+        except OSError as exc:
+            raise DaemonError(f"cannot serve metrics on {self.metrics_listen}: {exc.strerror or exc} "
+                              f"(is another mpsd running? use --metrics-listen, or metrics_listen = \"\" to serve none)") from exc
+        log.info("metrics on %s", url_of(server, host))
         return server
 
     async def _start_admin(self, admin_path: pathlib.Path) -> grpc.aio.Server:

@@ -10,6 +10,7 @@ operator's command (scale, restart, drain, reload), all on the event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import logging
@@ -118,6 +119,10 @@ class Fleet:
         self.workers: dict[str, WorkerRecord] = {}
         self.memory: MemorySnapshot | None = None
         self.memory_error = ""
+        # Per model, only ever growing (metrics): a worker removed by scale-down or reload keeps its counts here.
+        self.restarts_by_model: collections.Counter[str] = collections.Counter()
+        self.oom_exits_by_model: collections.Counter[str] = collections.Counter()
+        self.request_ooms_by_model: collections.Counter[str] = collections.Counter()
         for model in config.models:
             self._add_model(model)
 
@@ -127,6 +132,10 @@ class Fleet:
     def footprint_of(self, worker: WorkerRecord) -> int:
         return self.footprints[worker.model.name].bytes
 
+    def live_footprints(self, excluding: WorkerRecord | None = None) -> list[int]:
+        """What admission counts as held: the footprint of every worker that has a process."""
+        return [self.footprint_of(w) for w in self.workers.values() if w.state in PROCESS_STATES and w is not excluding]
+
     # -- the one door for state changes ---------------------------------
 
     def _transition(self, worker: WorkerRecord, new: WorkerState, reason: str) -> None:
@@ -134,7 +143,9 @@ class Fleet:
         check_transition(old, new)
         worker.state, worker.reason, worker.state_since = new, reason, self._clock()
         pid = worker.process.pid if worker.process else 0
-        log.info("worker %s pid=%s %s -> %s: %s", worker.id, pid or "-", old.value, new.value, reason)
+        log.info("worker %s pid=%s %s -> %s: %s", worker.id, pid or "-", old.value, new.value, reason, extra={
+            "worker": worker.id, "model": worker.model.name, "pid": pid, "state": new.value, "from_state": old.value,
+            "reason": reason})
         self._listener(worker, old, new)
 
     # -- the periodic door ----------------------------------------------
@@ -187,13 +198,13 @@ class Fleet:
         waiting = [w for w in self.workers.values() if w.state in (WorkerState.PENDING, WorkerState.REFUSED, WorkerState.OOM)]
         if not waiting:
             return
-        view = self._memory_view()
+        view = self.read_memory()
         if view is None:
             for worker in waiting:
                 if worker.state == WorkerState.PENDING:
                     self._transition(worker, WorkerState.REFUSED, f"memory probe failed: {self.memory_error}")
             return
-        live = [self.footprint_of(w) for w in self.workers.values() if w.state in PROCESS_STATES]
+        live = self.live_footprints()
         free = admission.free_bytes(view, live)
         self._retry_ooms(free)
         candidates = [admission.Candidate(w.id, self.footprint_of(w)) for w in self.workers.values()
@@ -202,7 +213,8 @@ class Fleet:
         for decision in admission.decide(view, live, candidates, settling):
             self._apply_decision(self.workers[decision.worker_id], decision)
 
-    def _memory_view(self) -> admission.MemoryView | None:
+    def read_memory(self) -> admission.MemoryView | None:
+        """Reads the probe now and keeps the snapshot in `memory` (None and `memory_error` when it fails)."""
         try:
             self.memory = apply_overrides(self.probe.snapshot(), self.config.memory)
         except (OSError, ValueError, KeyError) as exc:
@@ -251,6 +263,8 @@ class Fleet:
         worker.stats, worker.probe_failures, worker.peak_bytes, worker.oom_events_seen = None, 0, 0, 0
         worker.started_at = self._clock()
         worker.starts += 1
+        if worker.starts > 1:
+            self.restarts_by_model[model.name] += 1
         self._transition(worker, WorkerState.STARTING, f"{reason}; loading the model")
         self._background(self._start_and_reap(worker, worker.process))
 
@@ -300,6 +314,7 @@ class Fleet:
         footprint = self.footprints[worker.model.name]
         footprint.observe(worker.peak_bytes)
         if stats.oom_events > worker.oom_events_seen:
+            self.request_ooms_by_model[worker.model.name] += stats.oom_events - worker.oom_events_seen
             worker.oom_events_seen = stats.oom_events
             footprint.raise_after_oom(worker.peak_bytes)
             log.warning("worker %s: out of memory inside a request (%s); %s footprint raised to %s",
@@ -351,9 +366,9 @@ class Fleet:
     def _after_oom(self, worker: WorkerRecord, description: str) -> None:
         footprint = self.footprints[worker.model.name]
         footprint.raise_after_oom(worker.peak_bytes)
-        view = self._memory_view()
-        live = [self.footprint_of(w) for w in self.workers.values() if w.state in PROCESS_STATES and w is not worker]
-        worker.free_at_oom = admission.free_bytes(view, live) if view else 0
+        self.oom_exits_by_model[worker.model.name] += 1
+        view = self.read_memory()
+        worker.free_at_oom = admission.free_bytes(view, self.live_footprints(excluding=worker)) if view else 0
         self._transition(worker, WorkerState.OOM, (
             f"{description}; {worker.model.name} footprint raised to {format_bytes(footprint.bytes)} "
             f"({footprint.source}); not restarted until memory frees"))

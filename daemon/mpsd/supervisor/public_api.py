@@ -2,7 +2,9 @@
 
 Errors are gRPC status codes with a sentence: INVALID_ARGUMENT for bad
 input, NOT_FOUND for an unknown model, RESOURCE_EXHAUSTED for a full queue,
-UNAVAILABLE when no worker can serve, DEADLINE_EXCEEDED while queued.
+UNAVAILABLE when no worker can serve, DEADLINE_EXCEEDED while queued. Every
+call that reaches the service is counted in RequestMetrics with the status it
+ended with; Generate also times each token it forwards.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterator
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from mpsd.generate_params import InvalidRequest, check_against_model, parse_generate_request
+from mpsd.supervisor.metrics import UNKNOWN_MODEL, RequestMetrics, RequestTimer
 from mpsd.supervisor.router import Lease, ModelPool, NoWorkers, QueueFull, Slot
 from mpsd.v1 import inference_pb2, inference_pb2_grpc
 
@@ -44,10 +47,11 @@ async def _unexplained(worker_id: str, stub: object, wait_s: float) -> str:
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
     def __init__(self, pools: dict[str, ModelPool], generates: Callable[[str], bool],
-                 explain_loss: ExplainLoss = _unexplained) -> None:
+                 explain_loss: ExplainLoss = _unexplained, metrics: RequestMetrics | None = None) -> None:
         self._pools = pools
         self._generates = generates
         self._explain_loss = explain_loss
+        self._metrics = metrics or RequestMetrics()
         self.draining = False
         self._active = 0
         self._idle = asyncio.Event()
@@ -57,25 +61,33 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         """Returns once no request is in flight or queued: what a drain waits for."""
         await self._idle.wait()
 
-    def _enter(self) -> None:
+    @contextlib.contextmanager
+    def _call(self, request, context: grpc.aio.ServicerContext, method: str) -> Iterator[RequestTimer]:
+        """Counts the call as active (what a drain waits for) and records how it ended."""
         self._active += 1
         self._idle.clear()
-
-    def _leave(self) -> None:
-        self._active -= 1
-        if self._active == 0:
-            self._idle.set()
+        timer = self._metrics.start(self._model_label(request), method)
+        code = grpc.StatusCode.OK
+        try:
+            yield timer
+        except BaseException as exc:
+            code = _ended_with(exc, context)
+            raise
+        finally:
+            timer.finish(code)
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):
-        self._enter()
-        try:
+        with self._call(request, context, "Generate") as timer:
             async for message in self._generate(request, context):
+                if not message.HasField("finish"):
+                    timer.token()
                 yield message
-        finally:
-            self._leave()
 
     async def _generate(self, request, context: grpc.aio.ServicerContext):
-        pool = await self._pool_for(request.model, context, generate=True)
+        pool = await self._pool_for(request, context, generate=True)
         try:
             params = parse_generate_request(request)
             check_against_model(params, pool.context_length)
@@ -99,14 +111,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 pool.release(lease)
 
     async def Predict(self, request, context: grpc.aio.ServicerContext):
-        self._enter()
-        try:
+        with self._call(request, context, "Predict"):
             return await self._predict(request, context)
-        finally:
-            self._leave()
 
     async def _predict(self, request, context: grpc.aio.ServicerContext):
-        pool = await self._pool_for(request.model, context, generate=False)
+        pool = await self._pool_for(request, context, generate=False)
         lease = await self._acquire(pool, context, frozenset())
         try:
             return await lease.stub.Predict(request, timeout=context.time_remaining())
@@ -134,13 +143,23 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         finally:
             call.cancel()  # the client left or the stream ended: stop the worker's generation
 
-    async def _pool_for(self, name: str, context, *, generate: bool) -> ModelPool:
+    def _model_name(self, request) -> str:
+        """The model a request means: the one it names, or the only one configured when it names none."""
+        name = "" if isinstance(request, Undecodable) else request.model
+        return next(iter(self._pools)) if not name and len(self._pools) == 1 else name
+
+    def _model_label(self, request) -> str:
+        name = self._model_name(request)
+        return name if name in self._pools else UNKNOWN_MODEL
+
+    async def _pool_for(self, request, context, *, generate: bool) -> ModelPool:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.sentence)
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "mpsd is draining for shutdown: not accepting new requests")
         known = ", ".join(sorted(self._pools)) or "none"
-        if not name and len(self._pools) == 1:
-            name = next(iter(self._pools))
-        elif not name:
+        name = self._model_name(request)
+        if not name:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model: required when several models are configured ({known})")
         pool = self._pools.get(name)
         if pool is None:
@@ -167,23 +186,31 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         await context.abort(grpc.StatusCode.UNAVAILABLE, await self._why(lost, lease))
 
 
+def _ended_with(exc: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status a call that raised ends with: what it aborted with, else why grpc stopped it, else UNKNOWN."""
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        remaining = context.time_remaining()
+        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+    return context.code() or grpc.StatusCode.UNKNOWN
+
+
 def add_inference_service(service: InferenceService, server: grpc.aio.Server) -> None:
     """Registers `service` as the generated add_InferenceServicer_to_server does, but decodes requests tolerantly.
 
     grpc parses a request before any servicer code runs. A message that does
     not parse (a string field holding invalid UTF-8, a corrupt wire format)
     raised inside grpc: the client got UNKNOWN and the daemon log a traceback.
-    Here such a request reaches the handler as Undecodable and is answered
-    INVALID_ARGUMENT with what protobuf said.
+    Here such a request reaches the service as Undecodable, is answered
+    INVALID_ARGUMENT with what protobuf said, and is counted like any other.
     """
     handlers = {
         "Generate": grpc.unary_stream_rpc_method_handler(
-            _refusing_undecodable_stream(service.Generate),
+            _closing(service.Generate),
             request_deserializer=_tolerant(inference_pb2.GenerateRequest),
             response_serializer=inference_pb2.GenerateResponse.SerializeToString,
         ),
         "Predict": grpc.unary_unary_rpc_method_handler(
-            _refusing_undecodable(service.Predict),
+            service.Predict,
             request_deserializer=_tolerant(inference_pb2.PredictRequest),
             response_serializer=inference_pb2.PredictResponse.SerializeToString,
         ),
@@ -209,18 +236,8 @@ def _tolerant(message_class) -> Callable[[bytes], object]:
     return deserialize
 
 
-def _refusing_undecodable(method):
+def _closing(method):
     async def handler(request, context: grpc.aio.ServicerContext):
-        if isinstance(request, Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.sentence)
-        return await method(request, context)
-    return handler
-
-
-def _refusing_undecodable_stream(method):
-    async def handler(request, context: grpc.aio.ServicerContext):
-        if isinstance(request, Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.sentence)
         # Closing this generator closes the service's at once: its finally blocks release the worker slot.
         async with contextlib.aclosing(method(request, context)) as messages:
             async for message in messages:

@@ -61,6 +61,8 @@ class ModelPool:
         self._waiters: collections.deque[tuple[asyncio.Future, frozenset[Slot]]] = collections.deque()
         self._sequence = itertools.count(1)
         self.context_length = 0
+        # Leases held, counted here because a worker that leaves READY (draining) takes its slot but not its requests.
+        self.inflight_total = 0
 
     def reconfigure(self, concurrency: int, queue_limit: int) -> None:
         self._concurrency, self._queue_limit = concurrency, queue_limit
@@ -120,10 +122,12 @@ class ModelPool:
     def release(self, lease: Lease) -> None:
         if lease.slot.inflight > 0:
             lease.slot.inflight -= 1
+            self.inflight_total -= 1
         self._hand_out()
 
     def _take(self, slot: Slot) -> Lease:
         slot.inflight += 1
+        self.inflight_total += 1
         slot.last_assigned = next(self._sequence)
         return Lease(slot)
 

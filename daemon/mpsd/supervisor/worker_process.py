@@ -82,7 +82,7 @@ class WorkerProcess:
                 return
             line = raw.decode("utf-8", "replace").rstrip("\n")
             keep(line)
-            log.info("%s | %s", self.worker_id, line)
+            log.info("%s | %s", self.worker_id, line, extra={"worker": self.worker_id, "pid": self.pid})
 
     async def wait(self) -> int:
         """The return code once the process is gone and its output fully read."""

@@ -1,0 +1,172 @@
+"""Prometheus figures of one daemon, in a registry of its own.
+
+Two kinds. What happens to requests is counted as it happens, by the public
+service (RequestMetrics: requests by final status, tokens, time to first
+token, time between tokens). What the daemon holds now (queues, workers by
+state, memory, restarts) is read at scrape time by FleetCollector from the
+fleet and the pools, which stay the only owners of that state; the scrape
+runs on the event loop (metrics_http), so it never reads them mid-change.
+The registry is private, not prometheus_client's global default, so two
+services in one interpreter (tests) never share or collide on figures.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from mpsd import __version__
+from mpsd.supervisor import admission
+from mpsd.supervisor.memory import process_footprint_bytes
+from mpsd.supervisor.states import WorkerState
+
+if TYPE_CHECKING:  # the public service imports this module and needs neither
+    from mpsd.supervisor.fleet import Fleet
+    from mpsd.supervisor.router import ModelPool
+
+# The model label of a request that names no configured model: label values must not come from clients, or
+# any caller could grow the registry without bound. No model can have this name (see config.NAME_PATTERN).
+UNKNOWN_MODEL = "(unknown)"
+# Queueing plus the first decode step: milliseconds when a worker is free, seconds behind a queue or a cold load.
+FIRST_TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# One decode step plus the hop through the daemon: well under a millisecond for tiny models, tens for large ones.
+INTER_TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class RequestMetrics:
+    """The request path's counters and histograms; `registry` is what /metrics serves."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.registry = CollectorRegistry()
+        self._clock = clock
+        self.requests = Counter("mpsd_requests", "Requests answered, by model, method and final gRPC status code.",
+                                ["model", "method", "code"], registry=self.registry)
+        self.tokens = Counter("mpsd_generated_tokens", "Tokens streamed to clients.", ["model"], registry=self.registry)
+        self.first_token = Histogram(
+            "mpsd_time_to_first_token_seconds", "From a Generate call's arrival to its first token, queueing included.",
+            ["model"], buckets=FIRST_TOKEN_BUCKETS, registry=self.registry)
+        self.inter_token = Histogram(
+            "mpsd_inter_token_seconds", "Between two consecutive tokens of one stream, as the daemon forwards them.",
+            ["model"], buckets=INTER_TOKEN_BUCKETS, registry=self.registry)
+        self.duration = Histogram(
+            "mpsd_request_duration_seconds", "From a call's arrival to its end, whatever the status.",
+            ["model", "method"], buckets=REQUEST_BUCKETS, registry=self.registry)
+
+    def start(self, model: str, method: str) -> RequestTimer:
+        return RequestTimer(self, model, method, self._clock)
+
+
+class RequestTimer:
+    """One call: `token()` as each token message goes out, `finish(code)` once at the end."""
+
+    def __init__(self, metrics: RequestMetrics, model: str, method: str, clock: Callable[[], float]) -> None:
+        self._metrics, self._model, self._method, self._clock = metrics, model, method, clock
+        self._started = clock()
+        self._last_token: float | None = None
+
+    def token(self) -> None:
+        now = self._clock()
+        if self._last_token is None:
+            # Bound at the first token, not per token (labels() takes a lock and a lookup), and not before
+            # (a call that streams nothing, or a Predict, should not list token series of 0).
+            self._tokens = self._metrics.tokens.labels(self._model)
+            self._inter_token = self._metrics.inter_token.labels(self._model)
+            self._metrics.first_token.labels(self._model).observe(now - self._started)
+        else:
+            self._inter_token.observe(now - self._last_token)
+        self._last_token = now
+        self._tokens.inc()
+
+    def finish(self, code: grpc.StatusCode) -> None:
+        self._metrics.requests.labels(self._model, self._method, code.name).inc()
+        self._metrics.duration.labels(self._model, self._method).observe(self._clock() - self._started)
+
+
+def watch_daemon(registry: CollectorRegistry, fleet: Fleet, pools: dict[str, ModelPool]) -> None:
+    """Adds what a scrape reads from the running daemon: its fleet and pools, its own process, its version."""
+    registry.register(FleetCollector(fleet, pools))
+    ProcessCollector(registry=registry)  # the daemon's own CPU, memory and open files (Linux; nothing elsewhere)
+    Info("mpsd_build", "The daemon's version.", registry=registry).info({"version": __version__})
+
+
+class FleetCollector(Collector):
+    """Reads the fleet and the pools at scrape time; changes nothing but refreshing the memory snapshot."""
+
+    def __init__(self, fleet: Fleet, pools: dict[str, ModelPool]) -> None:
+        self._fleet = fleet
+        self._pools = pools
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._requests()
+        yield from self._workers()
+        yield from self._memory()
+
+    def _requests(self) -> Iterator[Metric]:
+        queued = GaugeMetricFamily("mpsd_queue_depth", "Requests waiting for a free worker.", labels=["model"])
+        inflight = GaugeMetricFamily("mpsd_inflight_requests", "Requests a worker is running now.", labels=["model"])
+        for name, pool in sorted(self._pools.items()):
+            queued.add_metric([name], pool.queued)
+            inflight.add_metric([name], pool.inflight_total)
+        yield queued
+        yield inflight
+
+    def _workers(self) -> Iterator[Metric]:
+        fleet = self._fleet
+        # Workers of a model removed by reload stay listed until they have stopped.
+        models = sorted(set(fleet.models) | {w.model.name for w in fleet.workers.values()})
+        by_state = GaugeMetricFamily("mpsd_workers", "Workers by state (every state, 0 included).",
+                                     labels=["model", "state"])
+        for name in models:
+            counts = collections.Counter(w.state for w in fleet.workers_of(name))
+            for state in WorkerState:
+                by_state.add_metric([name, state.value], counts[state])
+        yield by_state
+        counted = sorted(set(models) | set(fleet.restarts_by_model) | set(fleet.oom_exits_by_model)
+                         | set(fleet.request_ooms_by_model))
+        restarts = CounterMetricFamily("mpsd_worker_restarts", "Worker processes started after a worker's first.",
+                                       labels=["model"])
+        ooms = CounterMetricFamily("mpsd_worker_ooms", "Out-of-memory events: a worker died of one (exit) "
+                                   "or failed a request with one and lived (in_request).", labels=["model", "kind"])
+        for name in counted:
+            restarts.add_metric([name], fleet.restarts_by_model[name])
+            ooms.add_metric([name, "exit"], fleet.oom_exits_by_model[name])
+            ooms.add_metric([name, "in_request"], fleet.request_ooms_by_model[name])
+        yield restarts
+        yield ooms
+        footprints = GaugeMetricFamily("mpsd_model_footprint_bytes", "Memory admission expects one more worker "
+                                       "of the model to hold, and where that figure comes from.",
+                                       labels=["model", "source"])
+        for name in sorted(fleet.models):
+            footprint = fleet.footprints[name]
+            footprints.add_metric([name, footprint.source], footprint.bytes)
+        yield footprints
+        measured = GaugeMetricFamily("mpsd_worker_footprint_bytes", "Memory each live worker process holds as the "
+                                     "OS sees it (what status shows as its memory).", labels=["model", "worker"])
+        for worker in fleet.workers.values():
+            if worker.pid:
+                measured.add_metric([worker.model.name, worker.id], process_footprint_bytes(worker.pid))
+        yield measured
+
+    def _memory(self) -> Iterator[Metric]:
+        fleet = self._fleet
+        yield GaugeMetricFamily("mpsd_memory_headroom_bytes", "Memory admission keeps free ([memory] headroom).",
+                                value=fleet.config.memory.headroom_bytes)
+        view = fleet.read_memory()  # now, not when admission last looked: it does not look while nothing waits
+        if view is None:
+            return  # the probe failed (the log says why): no figure is better than a stale one
+        snapshot = fleet.memory
+        free = max(admission.free_bytes(view, fleet.live_footprints()), 0)
+        for name, text, value in (
+            ("budget", "The ceiling workers may use, from the memory probe or [memory] budget.", snapshot.budget_bytes),
+            ("used", "What the memory probe counts as used, workers included.", snapshot.used_bytes),
+            ("available", "What the memory probe counts as available.", snapshot.available_bytes),
+            ("free_for_workers", "Room for new workers after other use, live workers and headroom.", free),
+        ):
+            yield GaugeMetricFamily(f"mpsd_memory_{name}_bytes", text, value=value)

@@ -1,0 +1,178 @@
+"""The daemon's Prometheus figures without processes: request timing, the fleet collector, the HTTP answer."""
+
+import asyncio
+import json
+import pathlib
+
+import grpc
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mpsd.config import parse_config
+from mpsd.supervisor.fleet import Fleet
+from mpsd.supervisor.memory import FileMemoryProbe
+from mpsd.supervisor.metrics import FleetCollector, RequestMetrics
+from mpsd.supervisor.metrics_http import start_metrics_server, url_of
+from mpsd.supervisor.router import ModelPool
+from mpsd.supervisor.states import WorkerState
+from mpsd.v1 import worker_pb2
+
+GiB = 1024**3
+# What Prometheus itself asks for: OpenMetrics first, the classic text format as a fallback.
+OPENMETRICS = ("GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text;version=1.0.0,"
+               "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+METAL_OOM = "[METAL] Command buffer execution failed: Insufficient Memory (kIOGPUCommandBufferCallbackErrorOutOfMemory)"
+
+
+def samples(registry: CollectorRegistry) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a scrape, through the text format a scraper reads."""
+    text = generate_latest(registry).decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(scraped: dict, name: str, **labels) -> float:
+    return scraped[(name, frozenset(labels.items()))]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_stream_gives_time_to_first_token_then_one_gap_per_further_token():
+    clock = Clock()
+    metrics = RequestMetrics(clock)
+    timer = metrics.start("demo", "Generate")
+    for at in (100.25, 100.2578125, 100.28125):  # exact in binary: gaps of 1/128 s and 3/128 s
+        clock.now = at
+        timer.token()
+    clock.now = 101.0
+    timer.finish(grpc.StatusCode.OK)
+    metrics.start("(unknown)", "Predict").finish(grpc.StatusCode.NOT_FOUND)
+    scraped = samples(metrics.registry)
+    assert value(scraped, "mpsd_generated_tokens_total", model="demo") == 3
+    assert value(scraped, "mpsd_time_to_first_token_seconds_count", model="demo") == 1
+    assert value(scraped, "mpsd_time_to_first_token_seconds_sum", model="demo") == 0.25
+    assert value(scraped, "mpsd_inter_token_seconds_count", model="demo") == 2
+    assert value(scraped, "mpsd_inter_token_seconds_sum", model="demo") == 0.03125
+    assert value(scraped, "mpsd_inter_token_seconds_bucket", model="demo", le="0.005") == 0
+    assert value(scraped, "mpsd_inter_token_seconds_bucket", model="demo", le="0.01") == 1
+    assert value(scraped, "mpsd_inter_token_seconds_bucket", model="demo", le="0.025") == 2
+    assert value(scraped, "mpsd_requests_total", model="demo", method="Generate", code="OK") == 1
+    assert value(scraped, "mpsd_requests_total", model="(unknown)", method="Predict", code="NOT_FOUND") == 1
+    assert value(scraped, "mpsd_request_duration_seconds_sum", model="demo", method="Generate") == 1.0
+    assert not any(name.startswith(("mpsd_generated_tokens", "mpsd_time_to_first_token")) and ("model", "(unknown)") in labels
+                   for name, labels in scraped), "a call that streamed nothing lists no token series"
+
+
+class FakeProcess:
+    pid = 4242
+    stub = None
+    stderr_tail = [METAL_OOM]
+
+
+def make_fleet(tmp_path: pathlib.Path) -> Fleet:
+    (tmp_path / "memory.json").write_text(json.dumps({"budget_bytes": 8 * GiB, "used_bytes": 3 * GiB}))
+    config = parse_config("""
+[memory]
+probe = "file:memory.json"
+headroom = "1GiB"
+[[models]]
+name = "a"
+backend = "null-lm"
+replicas = 2
+footprint = "1GiB"
+""", source="test.toml", base_dir=tmp_path)
+    return Fleet(config, tmp_path, lambda model: {}, lambda *args: None, FileMemoryProbe(tmp_path / "memory.json"),
+                 footprint_of_pid=lambda pid: 0)
+
+
+def test_the_collector_reads_workers_memory_and_counts_as_the_fleet_holds_them(tmp_path):
+    fleet = make_fleet(tmp_path)
+    worker = fleet.workers["a-0"]
+    worker.state, worker.process = WorkerState.READY, FakeProcess()  # as if it had been started and had loaded
+    fleet.record_stats(worker, worker_pb2.WorkerStats(oom_events=2))
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(fleet, {}))
+    scraped = samples(registry)
+    assert value(scraped, "mpsd_workers", model="a", state="READY") == 1
+    assert value(scraped, "mpsd_workers", model="a", state="PENDING") == 1
+    assert sum(value(scraped, "mpsd_workers", model="a", state=s.value) for s in WorkerState) == 2
+    assert value(scraped, "mpsd_worker_ooms_total", model="a", kind="in_request") == 2
+    assert value(scraped, "mpsd_worker_ooms_total", model="a", kind="exit") == 0
+    assert value(scraped, "mpsd_model_footprint_bytes", model="a", source="configured") == GiB
+    assert value(scraped, "mpsd_memory_budget_bytes") == 8 * GiB and value(scraped, "mpsd_memory_used_bytes") == 3 * GiB
+    assert value(scraped, "mpsd_memory_headroom_bytes") == GiB
+    # 8 budget - 1 headroom - 3 used (of which 1 is the live worker's footprint) = 4 GiB free for workers
+    assert value(scraped, "mpsd_memory_free_for_workers_bytes") == 4 * GiB
+
+    fleet._on_exit(worker, worker.process, -6, "")  # the Metal OOM line, then SIGABRT
+    (tmp_path / "memory.json").write_text(json.dumps({"budget_bytes": 8 * GiB, "used_bytes": 2 * GiB}))
+    scraped = samples(registry)
+    assert value(scraped, "mpsd_worker_ooms_total", model="a", kind="exit") == 1
+    assert value(scraped, "mpsd_worker_ooms_total", model="a", kind="in_request") == 2, "counts survive the process"
+    assert value(scraped, "mpsd_workers", model="a", state="OOM") == 1
+    assert value(scraped, "mpsd_memory_used_bytes") == 2 * GiB, "memory is read at scrape time"
+    assert value(scraped, "mpsd_model_footprint_bytes", model="a", source="configured") == GiB
+
+
+def test_in_flight_counts_requests_on_a_worker_that_left_ready_and_queue_depth_counts_waiters(tmp_path):
+    fleet = make_fleet(tmp_path)
+
+    async def scenario() -> list[tuple[float, float]]:
+        pool = ModelPool("a", 1, 4, has_prospects=lambda: True)
+        registry = CollectorRegistry()
+        registry.register(FleetCollector(fleet, {"a": pool}))
+        seen = []
+
+        def look() -> None:
+            scraped = samples(registry)
+            seen.append((value(scraped, "mpsd_inflight_requests", model="a"), value(scraped, "mpsd_queue_depth", model="a")))
+
+        pool.add_worker("a-0", None, 0)
+        lease = await pool.acquire(None)
+        waiter = asyncio.ensure_future(pool.acquire(None))
+        await asyncio.sleep(0)
+        look()
+        pool.remove_worker("a-0")  # it drains: the request it runs goes on
+        look()
+        pool.release(lease)
+        look()
+        waiter.cancel()
+        return seen
+
+    assert asyncio.run(scenario()) == [(1, 1), (1, 1), (0, 1)]
+
+
+def test_http_answers_get_metrics_and_nothing_else():
+    async def scenario() -> dict[str, bytes]:
+        metrics = RequestMetrics()
+        server = await start_metrics_server("127.0.0.1", 0, metrics.registry)
+        url = url_of(server, "127.0.0.1")
+        port = int(url.split(":")[2].split("/")[0])
+        answers = {}
+        for request in ("GET /metrics HTTP/1.1", OPENMETRICS, "GET /metrics?x=1 HTTP/1.0", "GET / HTTP/1.1",
+                        "POST /metrics HTTP/1.1", "nonsense"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"{request}\r\nHost: x\r\n\r\n".encode())
+            answers[request] = await reader.read()
+            writer.close()
+        server.close()
+        return url, answers
+
+    url, answers = asyncio.run(scenario())
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
+    ok = answers["GET /metrics HTTP/1.1"]
+    head, _, body = ok.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Type: text/plain; version=0.0.4" in head
+    assert f"Content-Length: {len(body)}".encode() in head and b"mpsd_requests_total" in body
+    negotiated = answers[OPENMETRICS]
+    assert b"Content-Type: application/openmetrics-text; version=1.0.0" in negotiated and negotiated.endswith(b"# EOF\n")
+    assert answers["GET /metrics?x=1 HTTP/1.0"].startswith(b"HTTP/1.1 200 OK")
+    assert answers["GET / HTTP/1.1"].startswith(b"HTTP/1.1 404 Not Found")
+    assert answers["POST /metrics HTTP/1.1"].startswith(b"HTTP/1.1 405 Method Not Allowed")
+    assert answers["nonsense"].startswith(b"HTTP/1.1 400 Bad Request")
