@@ -20,7 +20,7 @@ from mpsd.supervisor import admission
 from mpsd.supervisor.fleet import ControlError, Fleet, WorkerRecord
 from mpsd.supervisor.memory import process_footprint_bytes
 from mpsd.supervisor.router import ModelPool
-from mpsd.supervisor.states import PROCESS_STATES, WorkerState
+from mpsd.supervisor.states import WorkerState
 from mpsd.v1 import admin_pb2, admin_pb2_grpc, worker_pb2
 
 log = logging.getLogger("mpsd.admin")
@@ -126,7 +126,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if snap is None:
             failure = f" (failed: {self._fleet.memory_error})" if self._fleet.memory_error else " (not read yet)"
             return admin_pb2.MemoryStatus(probe=self._fleet.probe.name + failure, headroom_bytes=headroom)
-        live = [self._fleet.footprint_of(w) for w in self._fleet.workers.values() if w.state in PROCESS_STATES]
+        live = self._fleet.live_footprints()
         free = admission.free_bytes(admission.MemoryView(snap.budget_bytes, snap.used_bytes, headroom), live)
         return admin_pb2.MemoryStatus(
             probe=snap.probe, budget_bytes=snap.budget_bytes, used_bytes=snap.used_bytes,
