@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from mpsd import paths
-from support import Daemon, data_dir, demo_config
+from support import Daemon, data_dir, demo_config, running_daemon
 
 
 @pytest.fixture(scope="session")
@@ -33,13 +33,8 @@ def slow_model(demo_model) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def shared_daemon(demo_model, slow_model, tmp_path_factory):
     """One daemon with two demo and two slow workers, shared by a module's tests to save start-up time."""
-    daemon = Daemon(tmp_path_factory.mktemp("mpsd"), demo_config(replicas=2, queue=2, slow_model=slow_model))
-    try:
-        daemon.start()
-        daemon.wait_ready(4)
+    with running_daemon(tmp_path_factory.mktemp("mpsd"), demo_config(replicas=2, queue=2, slow_model=slow_model), 4) as daemon:
         yield daemon
-    finally:
-        daemon.close()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ the fixture kills whatever is left in `finally`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import re
@@ -149,6 +150,37 @@ class Daemon:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+@contextlib.contextmanager
+def running_daemon(folder: pathlib.Path, config_text: str, ready: int, listen: str = "127.0.0.1:0"):
+    """A started daemon with `ready` READY workers, for module fixtures; closed however the block ends."""
+    daemon = Daemon(folder, config_text, listen=listen)
+    try:
+        daemon.start()
+        daemon.wait_ready(ready)
+        yield daemon
+    finally:
+        daemon.close()
+
+
+DEMO_ONE_WORKER = """
+[[models]]
+name = "demo"
+backend = "torch-lm"
+path = "@demo"
+replicas = 1
+threads = 1
+"""
+# A generating model and a Predict model, one worker each: both kinds of request against one daemon.
+DEMO_AND_LINEAR = DEMO_ONE_WORKER + """
+[[models]]
+name = "linear"
+backend = "torch-module"
+factory = "fixtures.tiny_modules:seeded_linear"
+replicas = 1
+threads = 1
+"""
 
 
 def demo_config(replicas: int = 2, queue: int = 2, slow_model: pathlib.Path | None = None, slow_replicas: int = 2) -> str:

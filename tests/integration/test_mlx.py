@@ -5,15 +5,9 @@ import threading
 import pytest
 
 from mpsd.v1 import inference_pb2
+from support import DEMO_ONE_WORKER
 
-SIDE_BY_SIDE = """
-[[models]]
-name = "demo"
-backend = "torch-lm"
-path = "@demo"
-replicas = 1
-threads = 1
-
+SIDE_BY_SIDE = DEMO_ONE_WORKER + """
 [[models]]
 name = "mlx"
 backend = "mlx-lm"
@@ -26,15 +20,10 @@ cache_limit = "64MiB"
 
 @pytest.fixture(scope="module")
 def mlx_daemon(mlx_demo_model, tmp_path_factory):
-    from support import Daemon
+    from support import running_daemon
 
-    daemon = Daemon(tmp_path_factory.mktemp("mlx"), SIDE_BY_SIDE)
-    try:
-        daemon.start()
-        daemon.wait_ready(3)
+    with running_daemon(tmp_path_factory.mktemp("mlx"), SIDE_BY_SIDE, 3) as daemon:
         yield daemon
-    finally:
-        daemon.close()
 
 
 def text_and_finish(messages):

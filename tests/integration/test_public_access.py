@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from mpsd.v1 import inference_pb2, inference_pb2_grpc
-from support import Daemon, data_dir, demo_config
+from support import data_dir, demo_config, running_daemon
 
 TOKEN = "s3cret-token-for-the-access-test-0123456789"
 
@@ -52,14 +52,9 @@ def test_a_non_loopback_address_is_refused_without_tls_and_a_token(tmp_path, tls
 def exposed_daemon(demo_model, tls_files, tmp_path_factory):
     extra = (f'tls_cert = "{tls_files / "cert.pem"}"\ntls_key = "{tls_files / "key.pem"}"\n'
              f'token_file = "{tls_files / "token"}"\n')
-    daemon = Daemon(tmp_path_factory.mktemp("exposed"), f"[daemon]\n{extra}" + demo_config(replicas=1).replace("[daemon]\n", ""),
-                    listen="0.0.0.0:0")
-    try:
-        daemon.start()
-        daemon.wait_ready(1)
+    config = f"[daemon]\n{extra}" + demo_config(replicas=1).replace("[daemon]\n", "")
+    with running_daemon(tmp_path_factory.mktemp("exposed"), config, 1, listen="0.0.0.0:0") as daemon:
         yield daemon
-    finally:
-        daemon.close()
 
 
 def tls_channel(daemon, tls_files) -> grpc.Channel:

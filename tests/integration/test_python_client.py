@@ -7,34 +7,12 @@ import pytest
 import torch
 
 from mpsd.client import AsyncClient, Client, InvalidRequest, ModelNotFound, Token, Unavailable
-from support import Daemon
-
-CONFIG = """
-[[models]]
-name = "demo"
-backend = "torch-lm"
-path = "@demo"
-replicas = 1
-threads = 1
-
-[[models]]
-name = "linear"
-backend = "torch-module"
-factory = "fixtures.tiny_modules:seeded_linear"
-replicas = 1
-threads = 1
-"""
-
+from support import DEMO_AND_LINEAR, running_daemon
 
 @pytest.fixture(scope="module")
 def daemon(demo_model, tmp_path_factory):
-    daemon = Daemon(tmp_path_factory.mktemp("client"), CONFIG)
-    try:
-        daemon.start()
-        daemon.wait_ready(2)
+    with running_daemon(tmp_path_factory.mktemp("client"), DEMO_AND_LINEAR, 2) as daemon:
         yield daemon
-    finally:
-        daemon.close()
 
 
 def expected_linear(x: np.ndarray) -> np.ndarray:

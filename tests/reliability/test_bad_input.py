@@ -36,26 +36,9 @@ from hypothesis import strategies as st
 from mpsd.generate_params import MAX_PROMPT_CHARS, MAX_STOP_SEQUENCES
 from mpsd.v1 import inference_pb2
 from mpsd.worker.tensors import ALLOWED_DTYPES, MAX_DIMS, MAX_EXTENT_BYTES
-from support import Daemon, soak_factor, wait_for
+from support import DEMO_AND_LINEAR, Daemon, running_daemon, soak_factor, wait_for
 
-CONFIG = """
-[daemon]
-health_interval = "0.5s"
-
-[[models]]
-name = "demo"
-backend = "torch-lm"
-path = "@demo"
-replicas = 1
-threads = 1
-
-[[models]]
-name = "linear"
-backend = "torch-module"
-factory = "fixtures.tiny_modules:seeded_linear"
-replicas = 1
-threads = 1
-"""
+CONFIG = '[daemon]\nhealth_interval = "0.5s"\n' + DEMO_AND_LINEAR
 VERB = {"demo": "Generate", "linear": "Predict"}
 RECEIVE_LIMIT = 4 * 1024 * 1024  # grpc's default max receive message length; mpsd sets none
 CALL_TIMEOUT_S = 20  # far above any case here: a call that runs into it is a hang
@@ -108,14 +91,9 @@ def worker_identities(daemon: Daemon) -> list[tuple]:
 
 @pytest.fixture(scope="module")
 def target(demo_model, tmp_path_factory):
-    daemon = Daemon(tmp_path_factory.mktemp("bad-input"), CONFIG)
-    try:
-        daemon.start()
-        status = daemon.wait_ready(2)
-        context = next(m["context_length"] for m in status["models"] if m["name"] == "demo")
+    with running_daemon(tmp_path_factory.mktemp("bad-input"), CONFIG, 2) as daemon:
+        context = next(m["context_length"] for m in daemon.status()["models"] if m["name"] == "demo")
         yield Target(daemon, daemon.channel(), context, worker_identities(daemon))
-    finally:
-        daemon.close()
 
 
 # ---- what the documented rules say each request must get -------------------------------------------------------
