@@ -6,12 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from mpsd.client import AsyncClient, Client, InvalidRequest, ModelNotFound, Token, Unavailable
+from mpsd.client import AsyncClient, Client, InvalidRequest, ModelNotFound, MpsdError, Token, Unavailable
 from support import DEMO_AND_LINEAR, running_daemon
+
+BUGGY = """
+[[models]]
+name = "buggy"
+backend = "torch-module"
+factory = "fixtures.tiny_modules:bug_in_forward"
+threads = 1
+"""
+
 
 @pytest.fixture(scope="module")
 def daemon(demo_model, tmp_path_factory):
-    with running_daemon(tmp_path_factory.mktemp("client"), DEMO_AND_LINEAR, 2) as daemon:
+    with running_daemon(tmp_path_factory.mktemp("client"), DEMO_AND_LINEAR + BUGGY, 3) as daemon:
         yield daemon
 
 
@@ -65,3 +74,15 @@ def test_async_client_generates_concurrently_and_predicts(daemon):
 def test_no_daemon_is_unavailable(tmp_path):
     with Client("127.0.0.1:9", timeout=5) as client, pytest.raises(Unavailable):
         list(client.generate("The"))
+
+
+def test_a_model_that_raises_is_an_internal_error_naming_the_worker_not_a_lost_worker(daemon):
+    pid = daemon.worker("buggy-0")["pid"]
+    with Client(daemon.address) as client:
+        with pytest.raises(MpsdError) as failed:
+            client.predict("buggy", {"input": np.ones((2, 4), dtype=np.float32)})
+        assert failed.value.code.name == "INTERNAL" and "worker buggy-0 failed" in failed.value.details
+        assert "fixture: a bug inside the model" in failed.value.details
+        with pytest.raises(InvalidRequest, match="the model rejected them"):  # an input the model cannot take
+            client.predict("linear", {"input": np.ones((2, 5), dtype=np.float32)})
+    assert daemon.worker("buggy-0")["pid"] == pid and daemon.worker("buggy-0")["state"] == "READY"

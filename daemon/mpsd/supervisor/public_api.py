@@ -24,7 +24,7 @@ from mpsd.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger("mpsd.api")
 # Worker answers passed to the client as they are: they describe the request.
-# UNKNOWN (the worker raised) becomes INTERNAL; any other code means the worker went away.
+# UNKNOWN (the model raised) becomes INTERNAL; any other code means the worker went away.
 PASS_THROUGH_CODES = frozenset({
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -135,10 +135,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             async for message in call:
                 yield message
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in PASS_THROUGH_CODES:
-                await context.abort(exc.code(), exc.details())
-            if exc.code() == grpc.StatusCode.UNKNOWN:  # the worker lives and raised: retrying elsewhere would not help
-                await context.abort(grpc.StatusCode.INTERNAL, f"worker {lease.worker_id} failed: {exc.details()}")
+            await self._abort_if_worker_answered(context, lease, exc)
             raise WorkerLost(f"worker {lease.worker_id} went away mid-stream ({exc.code().name}: {exc.details()})") from None
         finally:
             call.cancel()  # the client left or the stream ended: stop the worker's generation
@@ -179,9 +176,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         except asyncio.TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"model {pool.name!r}: deadline passed while queued for a worker")
 
-    async def _abort_for_worker_error(self, context, lease: Lease, exc: grpc.aio.AioRpcError) -> None:
+    async def _abort_if_worker_answered(self, context, lease: Lease, exc: grpc.aio.AioRpcError) -> None:
+        """A live worker's own answer ends the call; only a vanished worker (any other code) is a loss."""
         if exc.code() in PASS_THROUGH_CODES:
             await context.abort(exc.code(), exc.details())
+        if exc.code() == grpc.StatusCode.UNKNOWN:  # the model raised: another worker would raise too
+            await context.abort(grpc.StatusCode.INTERNAL, f"worker {lease.worker_id} failed: {exc.details()}")
+
+    async def _abort_for_worker_error(self, context, lease: Lease, exc: grpc.aio.AioRpcError) -> None:
+        await self._abort_if_worker_answered(context, lease, exc)
         lost = WorkerLost(f"worker {lease.worker_id} failed: {exc.code().name}: {exc.details()}")
         await context.abort(grpc.StatusCode.UNAVAILABLE, await self._why(lost, lease))
 
