@@ -8,7 +8,7 @@ import mpsd
 
 
 def daemon_modules() -> list[str]:
-    names = ["mpsd", "mpsd.config", "mpsd.units", "mpsd.paths", "mpsd.generate_params", "mpsd.exitcodes"]
+    names = ["mpsd", "mpsd.config", "mpsd.units", "mpsd.paths", "mpsd.generate_params", "mpsd.exitcodes", "mpsd.client"]
     for package in ("mpsd.supervisor", "mpsd.cli", "mpsd.v1"):
         module = __import__(package, fromlist=["_"])
         names += [package] + [f"{package}.{m.name}" for m in pkgutil.iter_modules(module.__path__)]
