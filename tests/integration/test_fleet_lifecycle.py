@@ -57,16 +57,27 @@ def test_a_worker_that_always_crashes_at_start_goes_fatal_after_k_tries_with_its
     assert "BACKOFF" in daemon.log()
 
 
-def test_a_metal_oom_abort_goes_oom_raises_the_footprint_and_does_not_loop(make_daemon):
-    daemon = make_daemon(FAST_RESTARTS + module_model("oomy", "metal_oom_at_start"))
+def test_a_metal_oom_abort_goes_oom_raises_the_footprint_and_retries_once_per_real_memory_change(make_daemon, tmp_path):
+    probe = tmp_path / "memory.json"  # fixed numbers: this host's free memory moves by more than 64 MiB at random
+    write_probe(probe, budget=8 * GiB, used=2 * GiB)
+    daemon = make_daemon(FAST_RESTARTS + f'[memory]\nprobe = "file:{probe}"\n' + module_model("oomy", "metal_oom_at_start"))
     worker = wait_for(lambda: (w := daemon.worker("oomy-0"))["state"] == "OOM" and w, 60, "OOM")
     assert "out of memory" in worker["reason"] and "SIGABRT" in worker["reason"] and "footprint raised" in worker["reason"]
     model = daemon.status()["models"][0]
     assert model["footprint_source"] == "learned" and model["footprint_bytes"] > 512 * 1024**2
+    first_raise = model["footprint_bytes"]
     spawned = daemon.log().count("spawned")
     wait_for(lambda: daemon.worker("oomy-0")["state"] == "OOM" and daemon.log().count("spawned") == spawned and
              daemon.worker("oomy-0")["state_age_s"] > 3, 10, "the OOM state to hold without restarts")
     assert daemon.worker("oomy-0")["restarts"] == 0
+
+    write_probe(probe, budget=8 * GiB, used=0)  # 2 GiB freed: one more attempt, which hits the same wall
+    wait_for(lambda: daemon.log().count("spawned") == spawned + 1 and daemon.worker("oomy-0")["state"] == "OOM",
+             60, "one retry ending in OOM again")
+    assert "trying once more" in daemon.log()
+    assert daemon.status()["models"][0]["footprint_bytes"] > first_raise
+    wait_for(lambda: daemon.worker("oomy-0")["state_age_s"] > 3, 10, "the second OOM to hold")
+    assert daemon.log().count("spawned") == spawned + 1, "no loop after the retry"
 
 
 def test_an_oom_inside_a_request_fails_that_request_and_raises_the_footprint(make_daemon):
