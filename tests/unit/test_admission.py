@@ -1,4 +1,4 @@
-from mpsd.supervisor.admission import Candidate, MemoryView, decide, free_bytes
+from mpsd.supervisor.admission import Candidate, MemoryView, decide, free_bytes, oom_retry_due
 from mpsd.supervisor.footprint import Footprint, worker_peak_bytes
 
 GiB = 1024**3
@@ -64,3 +64,16 @@ def test_footprint_precedence_and_oom_raise():
 def test_worker_peak_takes_the_device_figure_when_larger():
     assert worker_peak_bytes(400, {"mps_driver_allocated": 900, "mps_recommended_max": 10**12}) == 900
     assert worker_peak_bytes(400, {}) == 400
+
+
+def test_an_oom_worker_is_retried_only_when_memory_has_really_changed():
+    MiB = 1024**2
+    # A small model on a 24 GiB host: the floor is 1% of the budget, not 64 MiB of noise.
+    assert not oom_retry_due(free=10 * GiB + 200 * MiB, free_at_oom=10 * GiB, footprint_bytes=600 * MiB, budget_bytes=24 * GiB)
+    assert oom_retry_due(free=10 * GiB + 250 * MiB, free_at_oom=10 * GiB, footprint_bytes=600 * MiB, budget_bytes=24 * GiB)
+    # An 80 GB model on a 256 GB Mac: a tenth of the footprint.
+    assert not oom_retry_due(free=20 * GiB + 7 * GiB, free_at_oom=20 * GiB, footprint_bytes=80 * GiB, budget_bytes=256 * GiB)
+    assert oom_retry_due(free=20 * GiB + 8 * GiB, free_at_oom=20 * GiB, footprint_bytes=80 * GiB, budget_bytes=256 * GiB)
+    # A tiny budget: never less than 64 MiB.
+    assert not oom_retry_due(free=63 * MiB, free_at_oom=0, footprint_bytes=MiB, budget_bytes=GiB)
+    assert oom_retry_due(free=64 * MiB, free_at_oom=0, footprint_bytes=MiB, budget_bytes=GiB)

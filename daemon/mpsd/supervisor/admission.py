@@ -61,6 +61,21 @@ def decide(memory: MemoryView, live_footprints: Sequence[int], candidates: Seque
     return decisions
 
 
+OOM_RETRY_MIN_GAIN_BYTES = 64 << 20
+
+
+def oom_retry_due(free: int, free_at_oom: int, footprint_bytes: int, budget_bytes: int) -> bool:
+    """Whether memory has really changed since a worker died of OOM, so one more attempt is not the same wall.
+
+    "Really" is scaled three ways: a tenth of the model's (raised) footprint,
+    a hundredth of the budget, and 64 MiB at least. Free memory on a busy
+    host wanders by more than 64 MiB within seconds (CI saw it), and the
+    wander grows with the machine; a retry on noise is a slow restart loop.
+    """
+    gain = max(OOM_RETRY_MIN_GAIN_BYTES, footprint_bytes // 10, budget_bytes // 100)
+    return free >= free_at_oom + gain
+
+
 def _admit_reason(candidate: Candidate, free: int, memory: MemoryView) -> str:
     return (f"admitted: needs {format_bytes(candidate.footprint_bytes)}, {format_bytes(max(free, 0))} free of "
             f"{format_bytes(memory.budget_bytes)} budget after {format_bytes(memory.headroom_bytes)} headroom")

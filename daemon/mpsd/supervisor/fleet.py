@@ -41,7 +41,6 @@ READY_PROBE_TIMEOUT_S = 1.0
 # one slow answer under load is not a hang, two in a row that long is.
 HEALTH_FAILURES_BEFORE_KILL = 2
 LOSS_EXPLAIN_POLL_S = 0.02
-OOM_RETRY_MIN_GAIN_BYTES = 64 << 20
 # Backend figures that carry Metal's recommended working set (only a worker can read it).
 WORKING_SET_KEYS = ("mps_recommended_max", "mlx_max_recommended_working_set")
 
@@ -230,8 +229,7 @@ class Fleet:
         for worker in self.workers.values():
             if worker.state != WorkerState.OOM:
                 continue
-            gain = max(OOM_RETRY_MIN_GAIN_BYTES, self.footprint_of(worker) // 10)
-            if free >= worker.free_at_oom + gain:
+            if admission.oom_retry_due(free, worker.free_at_oom, self.footprint_of(worker), self.memory.budget_bytes):
                 self._transition(worker, WorkerState.PENDING,
                                  f"memory freed ({format_bytes(max(free, 0))} free now); trying once more")
 
