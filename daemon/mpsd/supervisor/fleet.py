@@ -205,7 +205,7 @@ class Fleet:
             return
         live = self.live_footprints()
         free = admission.free_bytes(view, live)
-        self._retry_ooms(free)
+        self._retry_ooms(free, view.budget_bytes)
         candidates = [admission.Candidate(w.id, self.footprint_of(w)) for w in self.workers.values()
                       if w.state in (WorkerState.PENDING, WorkerState.REFUSED)]
         settling = next((w.id for w in self.workers.values() if w.state == WorkerState.STARTING), None)
@@ -224,12 +224,12 @@ class Fleet:
         self.memory_error = ""
         return admission.MemoryView(self.memory.budget_bytes, self.memory.used_bytes, self.config.memory.headroom_bytes)
 
-    def _retry_ooms(self, free: int) -> None:
+    def _retry_ooms(self, free: int, budget_bytes: int) -> None:
         """One new attempt per real change in memory, never a loop into the same wall."""
         for worker in self.workers.values():
             if worker.state != WorkerState.OOM:
                 continue
-            if admission.oom_retry_due(free, worker.free_at_oom, self.footprint_of(worker), self.memory.budget_bytes):
+            if admission.oom_retry_due(free, worker.free_at_oom, self.footprint_of(worker), budget_bytes):
                 self._transition(worker, WorkerState.PENDING,
                                  f"memory freed ({format_bytes(max(free, 0))} free now); trying once more")
 
