@@ -13,15 +13,14 @@ import tomllib
 from typing import Any
 
 from mpsd import paths
+from mpsd.backends import BACKENDS
 from mpsd.units import parse_duration, parse_size
 
-BACKENDS = ("torch-lm", "torch-module", "mlx-lm", "null-lm")
-LM_BACKENDS = ("torch-lm", "mlx-lm", "null-lm")
-PATH_BACKENDS = ("torch-lm", "mlx-lm")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 FACTORY_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
+EMBEDDED_SOURCE = "<embedded default>"  # Config.source when no file was given
 EMBEDDED_DEFAULT = """
 # The embedded default: the demo model, built locally on first use, two workers.
 [daemon]
@@ -100,7 +99,7 @@ class ModelConfig:
 
     @property
     def generates(self) -> bool:
-        return self.backend in LM_BACKENDS
+        return BACKENDS[self.backend].generates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +107,7 @@ class Config:
     daemon: DaemonConfig
     memory: MemoryConfig
     models: tuple[ModelConfig, ...]
-    source: str  # file path, or "<embedded default>"
+    source: str  # file path, or EMBEDDED_SOURCE
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
@@ -117,7 +116,7 @@ class Config:
 def load_config(path: pathlib.Path | None) -> Config:
     """Reads path, or the embedded default (the demo model) when path is None."""
     if path is None:
-        return parse_config(EMBEDDED_DEFAULT, source="<embedded default>", base_dir=pathlib.Path.cwd())
+        return parse_config(EMBEDDED_DEFAULT, source=EMBEDDED_SOURCE, base_dir=pathlib.Path.cwd())
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -314,14 +313,15 @@ def _model(reader: _Reader, table: dict[str, Any], index: int, base_dir: pathlib
 def _mlx_limits(reader: _Reader, table: dict[str, Any], at: str, backend: str) -> dict[str, int | None]:
     """Per-worker MLX limits, so several workers can share one Metal budget."""
     limits = {f"{key}_bytes": reader.size(table, key, at + key) for key in ("memory_limit", "wired_limit", "cache_limit")}
-    if backend != "mlx-lm" and any(v is not None for v in limits.values()):
-        raise reader.fail(at + "memory_limit", "memory_limit, wired_limit and cache_limit apply to backend mlx-lm only")
+    if not BACKENDS[backend].takes_mlx_limits and any(v is not None for v in limits.values()):
+        takers = ", ".join(b.name for b in BACKENDS.values() if b.takes_mlx_limits)
+        raise reader.fail(at + "memory_limit", f"memory_limit, wired_limit and cache_limit apply to backend {takers} only")
     return limits
 
 
 def _model_path(reader: _Reader, table: dict[str, Any], at: str, backend: str, base_dir: pathlib.Path) -> str | None:
     path = reader.string(table, "path", at + "path")
-    if backend in PATH_BACKENDS and not path:
+    if BACKENDS[backend].needs_path and not path:
         raise reader.fail(at + "path", f"backend {backend} needs the model directory ('@demo' or '@mlx-demo' for the demo models)")
     if path is None or path in (paths.DEMO_MODEL_REF, paths.MLX_DEMO_MODEL_REF):
         return path
@@ -330,8 +330,8 @@ def _model_path(reader: _Reader, table: dict[str, Any], at: str, backend: str, b
 
 def _model_factory(reader: _Reader, table: dict[str, Any], at: str, backend: str) -> str | None:
     factory = reader.string(table, "factory", at + "factory")
-    if backend == "torch-module" and not factory:
-        raise reader.fail(at + "factory", "backend torch-module needs factory = 'package.module:function'")
+    if BACKENDS[backend].needs_factory and not factory:
+        raise reader.fail(at + "factory", f"backend {backend} needs factory = 'package.module:function'")
     if factory and not FACTORY_PATTERN.match(factory):
         raise reader.fail(at + "factory", f"must look like 'package.module:function', got {factory!r}")
     return factory

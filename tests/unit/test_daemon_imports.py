@@ -8,7 +8,10 @@ import mpsd
 
 
 def daemon_modules() -> list[str]:
-    names = ["mpsd", "mpsd.config", "mpsd.units", "mpsd.paths", "mpsd.generate_params", "mpsd.exitcodes", "mpsd.client"]
+    """Every top-level module (the contracts both sides share) and every module of the daemon's packages."""
+    import mpsd
+
+    names = ["mpsd"] + [f"mpsd.{m.name}" for m in pkgutil.iter_modules(mpsd.__path__) if not m.ispkg]
     for package in ("mpsd.supervisor", "mpsd.cli", "mpsd.v1"):
         module = __import__(package, fromlist=["_"])
         names += [package] + [f"{package}.{m.name}" for m in pkgutil.iter_modules(module.__path__)]

@@ -1,7 +1,8 @@
 """The admin service (unix socket only): structured status and operator commands; mpsctl formats.
 
 Handlers run on the daemon's event loop, so commands change the fleet
-through its own methods and never from another thread.
+through its own methods and never from another thread. Status renders the
+fleet's snapshot, the same one metrics renders.
 """
 
 from __future__ import annotations
@@ -16,15 +17,14 @@ import grpc
 
 from mpsd import __version__
 from mpsd.config import ConfigError
-from mpsd.supervisor import admission
-from mpsd.supervisor.fleet import ControlError, Fleet, WorkerRecord
-from mpsd.supervisor.memory import process_footprint_bytes
+from mpsd.supervisor.fleet import Fleet
+from mpsd.supervisor.fleet_commands import ControlError
+from mpsd.supervisor.fleet_snapshot import MemoryReading, ModelView, WorkerView
 from mpsd.supervisor.router import ModelPool
 from mpsd.supervisor.states import WorkerState
-from mpsd.v1 import admin_pb2, admin_pb2_grpc, worker_pb2
+from mpsd.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger("mpsd.admin")
-FRESH_STATS_TIMEOUT_S = 1.0
 LOG_FOLLOW_POLL_S = 0.2
 
 
@@ -38,24 +38,25 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self._started = time.monotonic()
 
     async def Status(self, request, context):
-        await self._refresh_stats()
+        await self._fleet.refresh_stats()
+        snapshot = self._fleet.snapshot()
         return admin_pb2.StatusResponse(
             daemon=admin_pb2.DaemonStatus(
                 version=__version__, pid=os.getpid(), uptime_s=time.monotonic() - self._started,
                 listen=self._daemon_info.get("listen", ""), state_dir=str(self._daemon_info.get("state_dir", "")),
                 config_path=self._daemon_info.get("config_path", ""),
             ),
-            models=[self._model_status(m) for m in self._fleet.models.values()],
-            memory=self._memory_status(),
-            workers=[self._worker_status(w) for w in self._fleet.workers.values()],
+            models=[self._model_status(m) for m in snapshot.models if m.config is not None],
+            memory=_memory_status(snapshot.memory),
+            workers=[self._worker_status(w) for w in snapshot.workers],
         )
 
     async def WorkerLogs(self, request, context):
         """Polls the worker's stderr ring; a restart switches to the new process with a marker line."""
-        worker = self._fleet.workers.get(request.worker_id)
-        if worker is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no worker {request.worker_id!r} (workers: {', '.join(self._fleet.workers)})")
-        process = worker.process
+        try:
+            process = self._fleet.log_source(request.worker_id)
+        except ControlError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         seen = 0 if process is None else max(0, process.stderr_count - (request.lines or process.stderr_count))
         while True:
             if process is not None:
@@ -65,11 +66,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             if not request.follow:
                 return
             await asyncio.sleep(LOG_FOLLOW_POLL_S)
-            worker = self._fleet.workers.get(request.worker_id)
-            if worker is None:
-                return
-            if worker.process is not process:
-                process, seen = worker.process, 0
+            try:
+                current = self._fleet.log_source(request.worker_id)
+            except ControlError:
+                return  # removed by scale-down or reload
+            if current is not process:
+                process, seen = current, 0
                 yield admin_pb2.LogLine(text=f"--- {request.worker_id}: new process pid {process.pid} ---", pid=process.pid)
 
     async def Scale(self, request, context):
@@ -97,57 +99,38 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         log.info("operator: %s", message)
         return admin_pb2.ControlResponse(ok=True, message=message)
 
-    async def _refresh_stats(self) -> None:
-        """Asks READY workers for their counters now, so status is not a probe period old."""
-        ready = [w for w in self._fleet.workers.values() if w.state == WorkerState.READY and w.process.stub]
-
-        async def ask(worker: WorkerRecord) -> None:
-            try:
-                stats = await worker.process.stub.Stats(worker_pb2.StatsRequest(), timeout=FRESH_STATS_TIMEOUT_S)
-            except grpc.aio.AioRpcError:
-                return  # the health probe owns judging silence; status shows the last known counters
-            if worker.state == WorkerState.READY:
-                self._fleet.record_stats(worker, stats)
-
-        await asyncio.gather(*(ask(w) for w in ready))
-
-    def _model_status(self, model) -> admin_pb2.ModelStatus:
-        pool = self._pools.get(model.name)
-        footprint = self._fleet.footprints[model.name]
+    def _model_status(self, view: ModelView) -> admin_pb2.ModelStatus:
+        model, pool = view.config, self._pools.get(view.name)
         return admin_pb2.ModelStatus(
             name=model.name, backend=model.backend, replicas=model.replicas, ready=pool.ready_count if pool else 0,
             queued=pool.queued if pool else 0, queue_limit=model.queue_limit, concurrency=model.concurrency,
             device=model.device, context_length=pool.context_length if pool else 0,
-            footprint_bytes=footprint.bytes, footprint_source=footprint.source,
+            footprint_bytes=view.footprint_bytes, footprint_source=view.footprint_source,
         )
 
-    def _memory_status(self) -> admin_pb2.MemoryStatus:
-        snap, headroom = self._fleet.memory, self._fleet.config.memory.headroom_bytes
-        if snap is None:
-            failure = f" (failed: {self._fleet.memory_error})" if self._fleet.memory_error else " (not read yet)"
-            return admin_pb2.MemoryStatus(probe=self._fleet.probe.name + failure, headroom_bytes=headroom)
-        live = self._fleet.live_footprints()
-        free = admission.free_bytes(admission.MemoryView(snap.budget_bytes, snap.used_bytes, headroom), live)
-        return admin_pb2.MemoryStatus(
-            probe=snap.probe, budget_bytes=snap.budget_bytes, used_bytes=snap.used_bytes,
-            available_bytes=snap.available_bytes, headroom_bytes=headroom, detail=snap.detail,
-            free_for_workers_bytes=max(free, 0),
-        )
-
-    def _worker_status(self, worker: WorkerRecord) -> admin_pb2.WorkerStatus:
-        now = time.monotonic()
+    def _worker_status(self, worker: WorkerView) -> admin_pb2.WorkerStatus:
         stats = worker.stats
-        pid = worker.pid
-        pool = self._pools.get(worker.model.name)
+        pool = self._pools.get(worker.model)
         return admin_pb2.WorkerStatus(
-            id=worker.id, model=worker.model.name, pid=pid, state=worker.state.value,
+            id=worker.id, model=worker.model, pid=worker.pid, state=worker.state.value,
             reason="" if worker.state == WorkerState.READY else worker.reason,
-            state_age_s=now - worker.state_since, uptime_s=(now - worker.started_at) if pid else 0.0,
+            state_age_s=worker.state_age_s, uptime_s=worker.uptime_s,
             restarts=worker.restarts, inflight=pool.inflight(worker.id) if pool else 0,
             tokens=stats.tokens if stats else 0, requests=stats.requests if stats else 0,
-            memory_bytes=process_footprint_bytes(pid),
+            memory_bytes=worker.memory_bytes,
             backend_memory=dict(stats.backend_memory) if stats else {},
             backend_memory_note=stats.backend_memory_note if stats else "no report yet",
             device=stats.device if stats else "", last_exit=worker.last_exit,
             stderr_tail=worker.stderr_tail, oom_events=stats.oom_events if stats else 0,
         )
+
+
+def _memory_status(memory: MemoryReading) -> admin_pb2.MemoryStatus:
+    snap = memory.snapshot
+    if snap is None:
+        return admin_pb2.MemoryStatus(probe=f"{memory.probe} (failed: {memory.error})", headroom_bytes=memory.headroom_bytes)
+    return admin_pb2.MemoryStatus(
+        probe=snap.probe, budget_bytes=snap.budget_bytes, used_bytes=snap.used_bytes,
+        available_bytes=snap.available_bytes, headroom_bytes=memory.headroom_bytes, detail=snap.detail,
+        free_for_workers_bytes=memory.free_for_workers_bytes,
+    )

@@ -23,22 +23,23 @@ from grpc_reflection.v1alpha import reflection
 
 import mpsd
 from mpsd import paths
-from mpsd.config import Config, ModelConfig, load_config, split_listen
+from mpsd.config import EMBEDDED_SOURCE, Config, ModelConfig, load_config, split_listen
 from mpsd.supervisor.access import (
     BearerTokenInterceptor, describe, exposure_problem, is_loopback, read_token, server_credentials)
 from mpsd.supervisor.admin_api import AdminService
 from mpsd.supervisor.demo_build import ensure_demos, resolve_demo_paths
-from mpsd.supervisor.fleet import ControlError, Fleet, WorkerRecord
+from mpsd.supervisor.fleet import Fleet
+from mpsd.supervisor.fleet_commands import ControlError
 from mpsd.supervisor.memory import ReportedWorkingSet, make_probe
 from mpsd.supervisor.metrics import RequestMetrics, watch_daemon
 from mpsd.supervisor.metrics_http import start_metrics_server, url_of
 from mpsd.supervisor.public_api import InferenceService, add_inference_service
 from mpsd.supervisor.router import ModelPool, NoWorkers
 from mpsd.supervisor.states import HOPEFUL_STATES, WorkerState
+from mpsd.supervisor.worker_record import WorkerRecord
 from mpsd.v1 import admin_pb2, admin_pb2_grpc, inference_pb2
 
 log = logging.getLogger("mpsd")
-EMBEDDED_SOURCE = "<embedded default>"
 PACKAGE_PARENT = str(pathlib.Path(mpsd.__file__).resolve().parent.parent)
 
 

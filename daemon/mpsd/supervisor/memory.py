@@ -14,12 +14,9 @@ See ../shared/MACOS-FACTS.md, "Memory".
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import functools
 import json
 import pathlib
-import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -36,10 +33,6 @@ MiB = 1024**2
 
 SYSCTL = "/usr/sbin/sysctl"
 WIRED_LIMIT_SYSCTL = "iogpu.wired_limit_mb"
-LIBPROC = "/usr/lib/libproc.dylib"
-RUSAGE_INFO_V4 = 4
-RUSAGE_BUFFER_SIZE = 512  # rusage_info_v4 is ~300 bytes; room for growth
-PHYS_FOOTPRINT_OFFSET = 72  # ri_phys_footprint in rusage_info_v4
 
 WorkingSetSource = Callable[[], int | None]
 SysctlReader = Callable[[str], int | None]
@@ -340,55 +333,3 @@ def apply_overrides(snapshot: MemorySnapshot, config: MemoryConfig) -> MemorySna
     return dataclasses.replace(
         snapshot, budget_bytes=config.budget_bytes, available_bytes=available, detail=detail
     )
-
-
-# --- per-process footprint ------------------------------------------------
-
-
-def parse_phys_footprint(buffer: bytes) -> int:
-    """ri_phys_footprint from a raw rusage_info_v4 (little-endian uint64)."""
-    if len(buffer) < PHYS_FOOTPRINT_OFFSET + 8:
-        raise ValueError(f"rusage_info_v4 buffer too short: {len(buffer)} bytes")
-    return struct.unpack_from("<Q", buffer, PHYS_FOOTPRINT_OFFSET)[0]
-
-
-@functools.cache
-def _libproc_rusage() -> Callable[..., int] | None:
-    try:
-        fn = ctypes.CDLL(LIBPROC, use_errno=True).proc_pid_rusage
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def mac_phys_footprint(pid: int, *, proc_pid_rusage: Callable[..., int] | None = None) -> int | None:
-    """What Activity Monitor shows, Metal allocations included (RSS omits
-    them); None when libproc is missing or refuses (gone, other user)."""
-    fn = proc_pid_rusage or _libproc_rusage()
-    if fn is None:
-        return None
-    buffer = ctypes.create_string_buffer(RUSAGE_BUFFER_SIZE)
-    if fn(pid, RUSAGE_INFO_V4, ctypes.cast(buffer, ctypes.c_void_p)) != 0:
-        return None
-    return parse_phys_footprint(buffer.raw)
-
-
-def process_footprint_bytes(
-    pid: int,
-    *,
-    platform: str = sys.platform,
-    phys_footprint: Callable[[int], int | None] = mac_phys_footprint,
-) -> int:
-    """Memory a worker holds as the OS sees it; 0 if it is gone or hidden."""
-    if not pid:
-        return 0
-    if platform == "darwin":
-        footprint = phys_footprint(pid)
-        if footprint is not None:
-            return footprint
-    try:
-        return psutil.Process(pid).memory_info().rss
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return 0

@@ -4,8 +4,9 @@ Two kinds. What happens to requests is counted as it happens, by the public
 service (RequestMetrics: requests by final status, tokens, time to first
 token, time between tokens). What the daemon holds now (queues, workers by
 state, memory, restarts) is read at scrape time by FleetCollector from the
-fleet and the pools, which stay the only owners of that state; the scrape
-runs on the event loop (metrics_http), so it never reads them mid-change.
+fleet's snapshot (the one status renders) and the pools, which stay the only
+owners of that state; the scrape runs on the event loop (metrics_http), so it
+never reads them mid-change.
 The registry is private, not prometheus_client's global default, so two
 services in one interpreter (tests) never share or collide on figures.
 """
@@ -22,8 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from mpsd import __version__
-from mpsd.supervisor import admission
-from mpsd.supervisor.memory import process_footprint_bytes
+from mpsd.supervisor.fleet_snapshot import FleetSnapshot, MemoryReading
 from mpsd.supervisor.states import WorkerState
 
 if TYPE_CHECKING:  # the public service imports this module and needs neither
@@ -97,16 +97,17 @@ def watch_daemon(registry: CollectorRegistry, fleet: Fleet, pools: dict[str, Mod
 
 
 class FleetCollector(Collector):
-    """Reads the fleet and the pools at scrape time; changes nothing but refreshing the memory snapshot."""
+    """Renders the fleet's snapshot and the pools at scrape time; changes nothing."""
 
     def __init__(self, fleet: Fleet, pools: dict[str, ModelPool]) -> None:
         self._fleet = fleet
         self._pools = pools
 
     def collect(self) -> Iterator[Metric]:
+        snapshot = self._fleet.snapshot()  # memory read now, not when admission last looked
         yield from self._requests()
-        yield from self._workers()
-        yield from self._memory()
+        yield from _workers(snapshot)
+        yield from _memory(snapshot.memory)
 
     def _requests(self) -> Iterator[Metric]:
         queued = GaugeMetricFamily("mpsd_queue_depth", "Requests waiting for a free worker.", labels=["model"])
@@ -117,56 +118,46 @@ class FleetCollector(Collector):
         yield queued
         yield inflight
 
-    def _workers(self) -> Iterator[Metric]:
-        fleet = self._fleet
-        # Workers of a model removed by reload stay listed until they have stopped.
-        models = sorted(set(fleet.models) | {w.model.name for w in fleet.workers.values()})
-        by_state = GaugeMetricFamily("mpsd_workers", "Workers by state (every state, 0 included).",
-                                     labels=["model", "state"])
-        for name in models:
-            counts = collections.Counter(w.state for w in fleet.workers_of(name))
-            for state in WorkerState:
-                by_state.add_metric([name, state.value], counts[state])
-        yield by_state
-        counted = sorted(set(models) | set(fleet.restarts_by_model) | set(fleet.oom_exits_by_model)
-                         | set(fleet.request_ooms_by_model))
-        restarts = CounterMetricFamily("mpsd_worker_restarts", "Worker processes started after a worker's first.",
-                                       labels=["model"])
-        ooms = CounterMetricFamily("mpsd_worker_ooms", "Out-of-memory events: a worker died of one (exit) "
-                                   "or failed a request with one and lived (in_request).", labels=["model", "kind"])
-        for name in counted:
-            restarts.add_metric([name], fleet.restarts_by_model[name])
-            ooms.add_metric([name, "exit"], fleet.oom_exits_by_model[name])
-            ooms.add_metric([name, "in_request"], fleet.request_ooms_by_model[name])
-        yield restarts
-        yield ooms
-        footprints = GaugeMetricFamily("mpsd_model_footprint_bytes", "Memory admission expects one more worker "
-                                       "of the model to hold, and where that figure comes from.",
-                                       labels=["model", "source"])
-        for name in sorted(fleet.models):
-            footprint = fleet.footprints[name]
-            footprints.add_metric([name, footprint.source], footprint.bytes)
-        yield footprints
-        measured = GaugeMetricFamily("mpsd_worker_footprint_bytes", "Memory each live worker process holds as the "
-                                     "OS sees it (what status shows as its memory).", labels=["model", "worker"])
-        for worker in fleet.workers.values():
-            if worker.pid:
-                measured.add_metric([worker.model.name, worker.id], process_footprint_bytes(worker.pid))
-        yield measured
 
-    def _memory(self) -> Iterator[Metric]:
-        fleet = self._fleet
-        yield GaugeMetricFamily("mpsd_memory_headroom_bytes", "Memory admission keeps free ([memory] headroom).",
-                                value=fleet.config.memory.headroom_bytes)
-        view = fleet.read_memory()  # now, not when admission last looked: it does not look while nothing waits
-        if view is None:
-            return  # the probe failed (the log says why): no figure is better than a stale one
-        snapshot = fleet.memory
-        free = max(admission.free_bytes(view, fleet.live_footprints()), 0)
-        for name, text, value in (
-            ("budget", "The ceiling workers may use, from the memory probe or [memory] budget.", snapshot.budget_bytes),
-            ("used", "What the memory probe counts as used, workers included.", snapshot.used_bytes),
-            ("available", "What the memory probe counts as available.", snapshot.available_bytes),
-            ("free_for_workers", "Room for new workers after other use, live workers and headroom.", free),
-        ):
-            yield GaugeMetricFamily(f"mpsd_memory_{name}_bytes", text, value=value)
+def _workers(snapshot: FleetSnapshot) -> Iterator[Metric]:
+    # Workers of a model removed by reload stay listed until they have stopped, its counts for good.
+    by_state = GaugeMetricFamily("mpsd_workers", "Workers by state (every state, 0 included).",
+                                 labels=["model", "state"])
+    restarts = CounterMetricFamily("mpsd_worker_restarts", "Worker processes started after a worker's first.",
+                                   labels=["model"])
+    ooms = CounterMetricFamily("mpsd_worker_ooms", "Out-of-memory events: a worker died of one (exit) "
+                               "or failed a request with one and lived (in_request).", labels=["model", "kind"])
+    footprints = GaugeMetricFamily("mpsd_model_footprint_bytes", "Memory admission expects one more worker "
+                                   "of the model to hold, and where that figure comes from.",
+                                   labels=["model", "source"])
+    for model in sorted(snapshot.models, key=lambda m: m.name):
+        counts = collections.Counter(w.state for w in snapshot.workers_of(model.name))
+        for state in WorkerState:
+            by_state.add_metric([model.name, state.value], counts[state])
+        restarts.add_metric([model.name], model.counts.restarts)
+        ooms.add_metric([model.name, "exit"], model.counts.oom_exits)
+        ooms.add_metric([model.name, "in_request"], model.counts.request_ooms)
+        if model.config is not None:
+            footprints.add_metric([model.name, model.footprint_source], model.footprint_bytes)
+    measured = GaugeMetricFamily("mpsd_worker_footprint_bytes", "Memory each live worker process holds as the "
+                                 "OS sees it (what status shows as its memory).", labels=["model", "worker"])
+    for worker in snapshot.workers:
+        if worker.pid:
+            measured.add_metric([worker.model, worker.id], worker.memory_bytes)
+    yield from (by_state, restarts, ooms, footprints, measured)
+
+
+def _memory(memory: MemoryReading) -> Iterator[Metric]:
+    yield GaugeMetricFamily("mpsd_memory_headroom_bytes", "Memory admission keeps free ([memory] headroom).",
+                            value=memory.headroom_bytes)
+    snap = memory.snapshot
+    if snap is None:
+        return  # the probe failed (the log says why): no figure is better than a stale one
+    for name, text, value in (
+        ("budget", "The ceiling workers may use, from the memory probe or [memory] budget.", snap.budget_bytes),
+        ("used", "What the memory probe counts as used, workers included.", snap.used_bytes),
+        ("available", "What the memory probe counts as available.", snap.available_bytes),
+        ("free_for_workers", "Room for new workers after other use, live workers and headroom.",
+         memory.free_for_workers_bytes),
+    ):
+        yield GaugeMetricFamily(f"mpsd_memory_{name}_bytes", text, value=value)

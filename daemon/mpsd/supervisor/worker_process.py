@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import os
 import signal
@@ -19,7 +18,8 @@ from typing import Callable
 
 import grpc
 
-from mpsd.v1 import worker_pb2_grpc
+from mpsd.v1 import worker_pb2, worker_pb2_grpc
+from mpsd.worker_spec import WorkerSpec
 
 STDERR_TAIL_LINES = 50     # what exit classification and status read: the lines around a death
 STDERR_KEPT_LINES = 1000   # what `mpsctl logs` can show
@@ -27,9 +27,9 @@ log = logging.getLogger("mpsd.worker")
 
 
 class WorkerProcess:
-    def __init__(self, worker_id: str, spec: dict, env: dict[str, str]) -> None:
-        self.worker_id = worker_id
-        self.socket_path: str = spec["socket"]
+    def __init__(self, spec: WorkerSpec, env: dict[str, str]) -> None:
+        self.worker_id = spec.worker_id
+        self.socket_path = spec.socket
         self._spec = spec
         self._env = env
         self._process: asyncio.subprocess.Process | None = None
@@ -47,7 +47,7 @@ class WorkerProcess:
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)
         self._process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mpsd.worker", "--spec", json.dumps(self._spec),
+            sys.executable, "-m", "mpsd.worker", "--spec", self._spec.to_json(),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -60,6 +60,15 @@ class WorkerProcess:
         ]
         self._channel = grpc.aio.insecure_channel(f"unix:{self.socket_path}")
         self.stub = worker_pb2_grpc.WorkerStub(self._channel)
+
+    async def stats(self, timeout_s: float) -> worker_pb2.WorkerStats:
+        """The worker's counters; ConnectionError while it cannot answer (not listening yet, busy, gone)."""
+        if self.stub is None or not os.path.exists(self.socket_path):
+            raise ConnectionError("socket not there yet")
+        try:
+            return await self.stub.Stats(worker_pb2.StatsRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise ConnectionError(exc.details() or exc.code().name) from exc
 
     @property
     def stderr_tail(self) -> list[str]:

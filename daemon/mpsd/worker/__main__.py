@@ -9,22 +9,29 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
+import dataclasses
 import os
 import signal
 import sys
 import threading
 import traceback
 
+from mpsd.backends import BACKENDS
 from mpsd.exitcodes import EXIT_BOOT_FAILURE
+from mpsd.worker.backends.base import BootFailure
+from mpsd.worker_spec import WorkerSpec, spec_help
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    spec = json.loads(args.spec)
+    try:
+        spec = WorkerSpec.from_json(args.spec)
+    except ValueError as exc:
+        _log(f"boot failure: bad --spec: {exc}")
+        return EXIT_BOOT_FAILURE
     from mpsd.worker import watchdog
 
-    watchdog.start(spec["parent_pid"])
+    watchdog.start(spec.parent_pid)
     try:
         model = _load(spec)
         model.warm_up()
@@ -36,63 +43,47 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mpsd.worker", description="an mpsd worker (started by mpsd)")
-    parser.add_argument("--spec", required=True, help="JSON: worker_id, socket, backend, path, factory, device, threads, parent_pid")
+    parser.add_argument("--spec", required=True, help=spec_help())
     return parser.parse_args(argv)
 
 
-def _load(spec: dict):
-    if spec["backend"] == "null-lm":  # no framework at all: measures mpsd itself
-        from mpsd.worker.backends.null_lm import NullLM
+def _load(spec: WorkerSpec):
+    """Imports the chosen backend's code only: an mlx worker must never load mpsd's torch code
+    (transformers may still import torch if installed), so torch device setup runs for torch backends alone."""
+    backend = BACKENDS.get(spec.backend)
+    if backend is None:
+        raise BootFailure(f"unknown backend {spec.backend!r} (known: {', '.join(BACKENDS)})")
+    if backend.uses_torch_device:
+        spec = _on_torch_device(spec)
+    return backend.load_function()(spec, _log)
 
-        return NullLM()
-    if spec["backend"] == "mlx-lm":  # before mpsd's torch code (transformers may still import torch if installed)
-        from mpsd.worker.backends.mlx_lm import MlxCausalLM
 
-        _log(f"loading mlx-lm model from {spec['path']}")
-        model = MlxCausalLM(
-            spec["path"],
-            memory_limit_bytes=spec.get("mlx_memory_limit"),
-            wired_limit_bytes=spec.get("mlx_wired_limit"),
-            cache_limit_bytes=spec.get("mlx_cache_limit"),
-        )
-        _log(f"mlx-lm model on {model.device}, limits set (previous values: {model.limits_before})")
-        return model
+def _on_torch_device(spec: WorkerSpec) -> WorkerSpec:
+    """The spec with the device and thread count this process got, so loaders never see 'auto' or 0."""
     from mpsd.worker.device import pick_torch_device, set_torch_threads
 
-    threads = set_torch_threads(spec.get("threads", 0))
-    device = pick_torch_device(spec.get("device", "auto"))
-    _log(f"loading {spec['backend']} model on {device} with {threads} threads")
-    if spec["backend"] == "torch-lm":
-        from mpsd.worker.backends.torch_lm import TorchCausalLM
-
-        return TorchCausalLM(spec["path"], device)
-    if spec["backend"] == "torch-module":
-        from mpsd.worker.backends.torch_module import TorchModule
-
-        return TorchModule(spec["factory"], device)
-    from mpsd.worker.backends.base import BootFailure
-
-    raise BootFailure(f"unknown backend {spec['backend']!r}")
+    threads = set_torch_threads(spec.threads)
+    device = pick_torch_device(spec.device)
+    _log(f"loading {spec.backend} model on {device} with {threads} threads")
+    return dataclasses.replace(spec, device=device, threads=threads)
 
 
 def _report_boot_failure(exc: BaseException) -> None:
-    from mpsd.worker.backends.base import BootFailure
-
     if not isinstance(exc, BootFailure):
         traceback.print_exc(file=sys.stderr)
     _log(f"boot failure: {type(exc).__name__}: {exc}")
 
 
-def _serve(spec: dict, model) -> int:
+def _serve(spec: WorkerSpec, model) -> int:
     import grpc
 
     from mpsd.v1 import worker_pb2_grpc
     from mpsd.worker.server import WorkerService
 
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=spec.get("concurrency", 1) + 4)
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=spec.concurrency + 4)
     server = grpc.server(executor, options=[("grpc.so_reuseport", 0)])
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(spec["worker_id"], spec["backend"], model), server)
-    socket_path = spec["socket"]
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(spec.worker_id, spec.backend, model), server)
+    socket_path = spec.socket
     if os.path.exists(socket_path):
         os.unlink(socket_path)
     server.add_insecure_port(f"unix:{socket_path}")
@@ -103,7 +94,7 @@ def _serve(spec: dict, model) -> int:
     _log(f"ready on {socket_path}")
     stopping.wait()
     _log("stopping: finishing in-flight requests")
-    server.stop(grace=spec.get("stop_grace_s", 5.0)).wait()
+    server.stop(grace=spec.stop_grace_s).wait()
     return 0
 
 

@@ -16,6 +16,12 @@ class BootFailure(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class TokenEvent:
+    """One generated token, as a backend yields it.
+
+    `text` is what the token adds to the answer: "" while a character or a
+    possible stop sequence is incomplete, then the held-back text at once.
+    """
+
     index: int
     token_id: int
     text: str
@@ -23,6 +29,8 @@ class TokenEvent:
 
 @dataclasses.dataclass(frozen=True)
 class Finished:
+    """Ends a generation, after the last TokenEvent; the server turns it into the stream's final message."""
+
     reason: str  # "stop" or "length"
     prompt_tokens: int
     completion_tokens: int

@@ -33,11 +33,13 @@ import secrets
 from typing import Callable, Iterator
 
 from mpsd.worker.backends.base import BootFailure, Finished, GenerateParams, MemoryReport, TokenEvent
+from mpsd.backend_memory import MLX_ACTIVE, MLX_CACHE, MLX_MAX_RECOMMENDED_WORKING_SET, MLX_MEMORY_SIZE, MLX_PEAK
 from mpsd.worker.backends.streaming import check_prompt, stream_events
+from mpsd.worker_spec import WorkerSpec
 
 FLOAT32_MAX = 3.4028234663852886e38
 CPU_NOTE = ("mlx on the cpu backend: the device has no Metal working set, so "
-            "mlx_max_recommended_working_set and mlx_memory_size are absent")
+            f"{MLX_MAX_RECOMMENDED_WORKING_SET} and {MLX_MEMORY_SIZE} are absent")
 
 
 class MlxCausalLM:
@@ -76,15 +78,15 @@ class MlxCausalLM:
     def memory_report(self) -> MemoryReport:
         mx = self._mx
         figures = {
-            "mlx_active": int(mx.get_active_memory()),
-            "mlx_peak": int(mx.get_peak_memory()),
-            "mlx_cache": int(mx.get_cache_memory()),
+            MLX_ACTIVE: int(mx.get_active_memory()),
+            MLX_PEAK: int(mx.get_peak_memory()),
+            MLX_CACHE: int(mx.get_cache_memory()),
         }
         info = _device_info(mx)
         if "max_recommended_working_set_size" in info:
-            figures["mlx_max_recommended_working_set"] = int(info["max_recommended_working_set_size"])
+            figures[MLX_MAX_RECOMMENDED_WORKING_SET] = int(info["max_recommended_working_set_size"])
             if "memory_size" in info:
-                figures["mlx_memory_size"] = int(info["memory_size"])
+                figures[MLX_MEMORY_SIZE] = int(info["memory_size"])
             return MemoryReport(figures)
         return MemoryReport(figures, note=CPU_NOTE)
 
@@ -112,6 +114,18 @@ class MlxCausalLM:
 
     def _decode(self, ids) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def load(spec: WorkerSpec, log: Callable[[str], None]) -> MlxCausalLM:
+    log(f"loading mlx-lm model from {spec.path}")
+    model = MlxCausalLM(
+        spec.path,
+        memory_limit_bytes=spec.mlx_memory_limit,
+        wired_limit_bytes=spec.mlx_wired_limit,
+        cache_limit_bytes=spec.mlx_cache_limit,
+    )
+    log(f"mlx-lm model on {model.device}, limits set (previous values: {model.limits_before})")
+    return model
 
 
 def _make_sampler(mx, params: GenerateParams) -> Callable:

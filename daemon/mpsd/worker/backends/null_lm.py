@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 
 from mpsd.worker.backends.base import Finished, GenerateParams, MemoryReport, TokenEvent
 from mpsd.worker.backends.text import StopMatcher
+from mpsd.worker_spec import WorkerSpec
 
 CONTEXT_LENGTH = 1 << 20
 WORDS = ("lorem ", "ipsum ", "dolor ", "sit ", "amet ")
@@ -40,3 +41,7 @@ class NullLM:
                 return
             yield TokenEvent(index, index % len(WORDS), text)
         yield Finished("length", prompt_tokens, params.max_tokens)
+
+
+def load(spec: WorkerSpec, log: Callable[[str], None]) -> NullLM:
+    return NullLM()

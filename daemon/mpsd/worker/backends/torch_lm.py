@@ -14,6 +14,7 @@ from mpsd.worker.backends import sampling
 from mpsd.worker.backends.base import BootFailure, Finished, GenerateParams, MemoryReport, TokenEvent
 from mpsd.worker.backends.memory import torch_memory_report
 from mpsd.worker.backends.streaming import check_prompt, stream_events
+from mpsd.worker_spec import WorkerSpec
 
 
 class TorchCausalLM:
@@ -69,6 +70,11 @@ class TorchCausalLM:
 
     def _decode(self, ids) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def load(spec: WorkerSpec, log: Callable[[str], None]) -> TorchCausalLM:
+    """spec.device is the device the worker picked, never 'auto'."""
+    return TorchCausalLM(spec.path, spec.device)
 
 
 def _context_length(config) -> int:

@@ -7,10 +7,12 @@ import errors) can never reach the daemon.
 from __future__ import annotations
 
 import importlib
+from typing import Callable
 
 from mpsd.oom import exception_oom
 from mpsd.worker.backends.base import BootFailure, InvalidRequest, MemoryReport
 from mpsd.worker.backends.memory import torch_memory_report
+from mpsd.worker_spec import WorkerSpec
 
 
 def import_factory(spec: str):
@@ -58,6 +60,11 @@ class TorchModule:
                     raise  # not the input's fault: the worker server answers RESOURCE_EXHAUSTED
                 raise InvalidRequest(f"inputs: the model rejected them: {exc}") from exc
         return {name: value.detach().cpu().numpy() for name, value in _named_outputs(result).items()}
+
+
+def load(spec: WorkerSpec, log: Callable[[str], None]) -> TorchModule:
+    """spec.device is the device the worker picked, never 'auto'."""
+    return TorchModule(spec.factory, spec.device)
 
 
 def _named_outputs(result) -> dict:

@@ -1,0 +1,88 @@
+"""One read-only picture of the fleet, which status and metrics both render.
+
+The fleet builds it in one place (`Fleet.snapshot`), so "free for workers",
+each worker's measured memory and the per-model counts are computed once and
+read the same way by every reader; readers never reach into the fleet's own
+records, which only the fleet may change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mpsd.config import ModelConfig
+from mpsd.supervisor.memory import MemorySnapshot
+from mpsd.supervisor.states import WorkerState
+from mpsd.supervisor.footprint import Footprint
+from mpsd.supervisor.worker_record import ModelCounts, WorkerRecord
+from mpsd.v1 import worker_pb2
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReading:
+    """The probe read when the snapshot was taken; `snapshot` is None when it failed and `error` says why."""
+
+    probe: str
+    headroom_bytes: int
+    snapshot: MemorySnapshot | None
+    error: str
+    free_for_workers_bytes: int  # room for one more worker after other use, live workers and headroom; never < 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelView:
+    """A model that is configured, or was and still has workers stopping or counts to report (config None)."""
+
+    name: str
+    config: ModelConfig | None
+    footprint_bytes: int
+    footprint_source: str
+    counts: ModelCounts
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerView:
+    id: str
+    model: str
+    state: WorkerState
+    reason: str
+    state_age_s: float
+    uptime_s: float  # 0 when it has no process
+    pid: int
+    restarts: int
+    memory_bytes: int  # what its process holds as the OS sees it; 0 without a process
+    stats: worker_pb2.WorkerStats | None
+    last_exit: str
+    stderr_tail: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetSnapshot:
+    memory: MemoryReading
+    models: tuple[ModelView, ...]  # configured ones in config order, then the others
+    workers: tuple[WorkerView, ...]
+
+    def workers_of(self, model_name: str) -> list[WorkerView]:
+        return [w for w in self.workers if w.model == model_name]
+
+
+def view_worker(worker: WorkerRecord, now: float, memory_bytes: int) -> WorkerView:
+    pid = worker.pid
+    return WorkerView(
+        id=worker.id, model=worker.model.name, state=worker.state, reason=worker.reason,
+        state_age_s=now - worker.state_since, uptime_s=(now - worker.started_at) if pid else 0.0, pid=pid,
+        restarts=worker.restarts, memory_bytes=memory_bytes, stats=worker.stats, last_exit=worker.last_exit,
+        stderr_tail=tuple(worker.stderr_tail),
+    )
+
+
+def view_models(configured: dict[str, ModelConfig], footprints: dict[str, Footprint],
+                counts: dict[str, ModelCounts], worker_models: set[str]) -> tuple[ModelView, ...]:
+    """Configured models first; a removed one stays while it has workers stopping or counts to report."""
+    names = list(configured) + sorted((set(counts) | worker_models) - set(configured))
+    return tuple(
+        ModelView(name=name, config=configured.get(name),
+                  footprint_bytes=footprints[name].bytes if name in footprints else 0,
+                  footprint_source=footprints[name].source if name in footprints else "",
+                  counts=dataclasses.replace(counts.get(name, ModelCounts())))
+        for name in names)

@@ -1,0 +1,78 @@
+"""What the fleet knows of each worker, and what it counts per model.
+
+Plain data. Only the fleet writes these records (state and reason through
+its one door, `Fleet._transition`); everyone else reads a FleetSnapshot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from mpsd.config import ModelConfig
+from mpsd.supervisor.states import PROCESS_STATES, WorkerState
+from mpsd.supervisor.worker_process import WorkerProcess
+from mpsd.v1 import worker_pb2
+
+
+class KillCause(str, enum.Enum):
+    """Why the fleet itself SIGKILLed a worker's process, so its exit is not blamed on someone outside."""
+
+    LOAD_TIMEOUT = "load_timeout"      # STARTING for longer than the model's load_timeout
+    HEALTH_TIMEOUT = "health_timeout"  # READY but silent to health probes
+
+
+class AfterStop(str, enum.Enum):
+    """What an operator asked to happen once a worker has stopped."""
+
+    STAY = "stay"
+    RESTART = "restart"
+    REMOVE = "remove"
+
+
+@dataclasses.dataclass
+class WorkerRecord:
+    id: str
+    model: ModelConfig
+    state: WorkerState = WorkerState.PENDING
+    reason: str = "configured; waiting for admission"
+    state_since: float = 0.0
+    process: WorkerProcess | None = None
+    starts: int = 0
+    failure_times: list[float] = dataclasses.field(default_factory=list)
+    consecutive_failures: int = 0
+    last_exit: str = ""
+    stderr_tail: list[str] = dataclasses.field(default_factory=list)
+    stats: worker_pb2.WorkerStats | None = None
+    peak_bytes: int = 0
+    oom_events_seen: int = 0
+    free_at_oom: int = 0
+    next_attempt_at: float = 0.0
+    stop_deadline: float = 0.0
+    started_at: float = 0.0
+    ready_at: float = 0.0
+    last_probe_at: float = 0.0
+    last_probe_ok_at: float = 0.0
+    probe_failures: int = 0
+    probing: bool = False
+    kill_cause: KillCause | None = None
+    kill_detail: str = ""  # the numbers behind kill_cause, for the exit's description
+    after_stop: AfterStop = AfterStop.STAY
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process and self.state in PROCESS_STATES else 0
+
+    @property
+    def restarts(self) -> int:
+        """Start attempts after the first."""
+        return max(self.starts - 1, 0)
+
+
+@dataclasses.dataclass
+class ModelCounts:
+    """Per model, only ever growing (metrics): a worker removed by scale-down or reload keeps its counts here."""
+
+    restarts: int = 0
+    oom_exits: int = 0
+    request_ooms: int = 0

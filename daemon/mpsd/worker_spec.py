@@ -1,0 +1,72 @@
+"""What the daemon asks one worker process to be, shared by both sides.
+
+The spec travels as JSON on the worker's command line (`--spec`). Reading it
+back checks every key, so a daemon and worker that disagree fail at boot with
+the key named, instead of running on a silent default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    worker_id: str
+    socket: str
+    backend: str
+    parent_pid: int
+    path: str | None = None
+    factory: str | None = None
+    device: str = "auto"
+    threads: int = 0
+    concurrency: int = 1
+    stop_grace_s: float = 5.0
+    mlx_memory_limit: int | None = None
+    mlx_wired_limit: int | None = None
+    mlx_cache_limit: int | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        """Raises ValueError naming the first unknown, missing or wrongly typed key."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"spec: not valid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"spec: must be a JSON object, got {raw!r}")
+        hints = typing.get_type_hints(cls)
+        for key in raw:
+            if key not in hints:
+                raise ValueError(f"spec key {key!r}: unknown (known: {', '.join(hints)})")
+        for field in dataclasses.fields(cls):
+            if field.name not in raw:
+                if field.default is dataclasses.MISSING:
+                    raise ValueError(f"spec key {field.name!r}: missing")
+            elif not _matches(raw[field.name], hints[field.name]):
+                raise ValueError(f"spec key {field.name!r}: must be {field.type}, got {raw[field.name]!r}")
+        return cls(**raw)
+
+
+def _matches(value: object, hint: object) -> bool:
+    allowed = typing.get_args(hint) or (hint,)
+    if isinstance(value, bool):  # JSON true is a Python int, but never a count or a size
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:  # JSON has one number type: 5 is a fine float
+        return True
+    return isinstance(value, allowed)
+
+
+def spec_help() -> str:
+    """The worker's --spec help, made from the fields so it lists every key the worker reads."""
+    keys = (
+        f"{field.name} ({field.type})" if field.default is dataclasses.MISSING
+        else f"{field.name} ({field.type}, default {field.default!r})"
+        for field in dataclasses.fields(WorkerSpec)
+    )
+    return "a JSON object with keys: " + ", ".join(keys)
