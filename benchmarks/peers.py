@@ -16,7 +16,6 @@ import os
 import pathlib
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,8 +24,9 @@ import time
 import uuid
 from typing import Callable, Iterator
 
-from benchmarks import timing
-from benchmarks.timing import StreamTiming, time_tokens
+from benchmarks import processes, timing
+from benchmarks.settings import cores, worker_threads
+from benchmarks.timing import StreamTiming, percentiles_ms, time_tokens
 
 PEERS = ("ray-serve", "litserve")
 
@@ -41,7 +41,6 @@ INSTALL_TIMEOUT_S = 600
 START_TIMEOUT_S = 180
 STOP_GRACE_S = 20
 REQUEST_TIMEOUT_S = 120
-TAG_VARIABLE = "MPSD_PEER_RUN"   # set in every peer server's environment, inherited by all it starts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +114,7 @@ def ensure_venv(peer: Peer, progress) -> tuple[str, float]:
             try:
                 code = process.wait(left)
             except subprocess.TimeoutExpired:
-                _kill_group(process.pid, 0)
+                processes.kill_group(process.pid, 0)
                 raise PeerError(f"install timed out after {INSTALL_TIMEOUT_S}s during {what} (log: {log})") from None
             if code != 0:
                 raise PeerError(f"{what} failed: {_last_line(log)}")
@@ -170,7 +169,7 @@ class PeerServer:
         if peer.name == "ray-serve":
             command += ["--temp-dir", str(self.temp_dir), "--cpus", str(n_cores)]
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "RAY_ADDRESS")}
-        env.update({TAG_VARIABLE: self.tag, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+        env.update({processes.TAG_VARIABLE: self.tag, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
                     "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
                     "TMPDIR": str(self.temp_dir)})
         self._log = open(self.log_path, "wb")
@@ -210,18 +209,18 @@ class PeerServer:
         """SIGTERM to every process of the server's session, SIGKILL after a grace, then any process that
         carries this run's tag (in case one left the session), and check that none is left."""
         self.stop_report = {}
-        left = _end_session(self.process.pid, STOP_GRACE_S)
+        left = processes.end_session(self.process.pid, STOP_GRACE_S)
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
             pass
-        strays = _kill_tagged(self.tag)
+        strays = processes.kill_tagged(self.tag)
         if strays and self.peer.name == "ray-serve":
             subprocess.run([str(PEERS_DIR / self.peer.name / "bin" / "ray"), "stop", "--force"],
                            stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
         self._log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
-        remaining = _session_members(self.process.pid) + _tagged(self.tag)
+        remaining = processes.session_members(self.process.pid) + processes.tagged(self.tag)
         self.stop_report = {"killed_after_grace": left, "outside_session": len(strays), "remaining": len(remaining)}
         if remaining:
             raise PeerError(f"{len(remaining)} process(es) of the server are still alive after SIGKILL: {remaining}")
@@ -300,9 +299,6 @@ def run_peers(settings, model_dir: str, progress: Callable[[str], None]) -> dict
 
 
 def run_peer(peer: Peer, settings, model_dir: str, progress) -> dict:
-    from benchmarks.run import percentiles_ms, worker_threads
-    from benchmarks.settings import cores
-
     n_cores = cores()
     version, install_s = ensure_venv(peer, progress)
     scaling: list[float] = []
@@ -335,94 +331,3 @@ def _concurrently(call, count: int) -> list:
 
 def _first_line(text: str) -> str:
     return (text.strip().splitlines() or [""])[0][:300]
-
-
-# --- processes -------------------------------------------------------------------------------------
-
-def _proc_stat(pid: str) -> tuple[bytes, int, int] | None:
-    """(state, process group, session) of a live process, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return None
-    return fields[0], int(fields[2]), int(fields[3])
-
-
-def _session_members(sid: int) -> list[int]:
-    """Live (not zombie) processes of a session: Ray puts each worker in a process group of its own,
-    but all stay in the session the server started."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = _proc_stat(entry)
-            if stat and stat[2] == sid and stat[0] != b"Z":
-                members.append(int(entry))
-    return members
-
-
-def _end_session(sid: int, grace: float) -> int:
-    """SIGTERM to every process group of the session, SIGKILL to what is left after grace seconds.
-    Returns how many needed the SIGKILL."""
-    killed = 0
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        members = _session_members(sid)
-        if not members:
-            return killed
-        if sig == signal.SIGKILL:
-            killed = len(members)
-        for pid in members:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _session_members(sid):
-            time.sleep(0.2)
-    return killed
-
-
-def _kill_group(pgid: int, grace: float) -> None:
-    """SIGTERM to a process group, SIGKILL after grace seconds."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-
-
-def _tagged(tag: str) -> list[int]:
-    needle = f"{TAG_VARIABLE}={tag}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as environ:
-                if needle in environ.read().split(b"\0"):
-                    stat = _proc_stat(entry)
-                    if stat and stat[0] != b"Z":
-                        found.append(int(entry))
-        except OSError:
-            continue
-    return found
-
-
-def _kill_tagged(tag: str) -> list[int]:
-    strays = _tagged(tag)
-    for pid in strays:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _tagged(tag):
-        time.sleep(0.2)
-    return strays

@@ -13,18 +13,11 @@ from typing import Callable
 from benchmarks import clients, inprocess
 from benchmarks.daemon_run import RunningDaemon
 from benchmarks.peers import PEERS, run_peers
-from benchmarks.settings import Settings, cores
+from benchmarks.settings import Settings, cores, worker_threads
+from benchmarks.timing import percentiles_ms
 from mpsd import paths
 
 Progress = Callable[[str], None]
-
-
-def percentiles_ms(samples_s: list[float]) -> dict[str, float]:
-    if not samples_s:
-        return {"p50": 0.0, "p99": 0.0}
-    ordered = sorted(samples_s)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"p50": round(pick(0.50) * 1000, 3), "p99": round(pick(0.99) * 1000, 3)}
 
 
 def lm_config(replicas: int, threads: int, model_dir: str, backend: str = "torch-lm", concurrency: int = 1) -> str:
@@ -57,15 +50,6 @@ def run(settings: Settings, model_dir: str, progress: Progress = print, peers: b
         if "ttft_ms" in peer:
             results["ttft_ms"][name] = peer["ttft_ms"]
     return results
-
-
-def worker_threads(workers: int, n_cores: int) -> int:
-    """The thread count mpsd gives each worker by default, used for every system alike."""
-    from mpsd.config import ModelConfig
-    from mpsd.supervisor.daemon import default_threads
-
-    model = ModelConfig(name="bench", backend="torch-lm", path="-", replicas=workers)
-    return default_threads(model, (model,), n_cores)
 
 
 def _direct(settings: Settings, model_dir: str, n_cores: int, progress: Progress) -> dict:

@@ -1,4 +1,4 @@
-"""How much to measure: --quick for a smoke run, the full run for the README figures."""
+"""How much to measure (--quick for a smoke run, the full run for the README figures), and on how many threads."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ class Settings:
 
     @classmethod
     def quick(cls) -> "Settings":
-        return cls(max_tokens=64, ttft_requests=8, transport_tokens=2000, max_workers=min(2, _cores()), repeats=1)
+        return cls(max_tokens=64, ttft_requests=8, transport_tokens=2000, max_workers=min(2, cores()), repeats=1)
 
     @classmethod
     def full(cls) -> "Settings":
-        return cls(max_tokens=256, ttft_requests=40, transport_tokens=20000, max_workers=_cores(), repeats=3)
+        return cls(max_tokens=256, ttft_requests=40, transport_tokens=20000, max_workers=cores(), repeats=3)
 
     @classmethod
     def tiny(cls) -> "Settings":
@@ -29,12 +29,18 @@ class Settings:
         return cls(max_tokens=8, ttft_requests=2, transport_tokens=200, max_workers=1, repeats=1)
 
 
-def _cores() -> int:
+def cores() -> int:
+    """The cores this process may run on, which a container or taskset may keep below the machine's."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return max(1, os.cpu_count() or 1)
 
 
-def cores() -> int:
-    return _cores()
+def worker_threads(workers: int, n_cores: int) -> int:
+    """The thread count mpsd gives each worker by default, used for every system alike."""
+    from mpsd.config import ModelConfig
+    from mpsd.supervisor.daemon import default_threads
+
+    model = ModelConfig(name="bench", backend="torch-lm", path="-", replicas=workers)
+    return default_threads(model, (model,), n_cores)

@@ -39,3 +39,12 @@ def aggregate_tps(stream: Callable[[], StreamTiming], streams: int, repeats: int
     with concurrent.futures.ThreadPoolExecutor(streams) as pool:
         results = [t for batch in pool.map(one_client, range(streams)) for t in batch]
     return sum(r.tokens for r in results) / (time.perf_counter() - started), [r.ttft_s for r in results]
+
+
+def percentiles_ms(samples_s: list[float]) -> dict[str, float]:
+    """p50 and p99 by nearest rank, in the milliseconds the report shows; zeros when nothing was measured."""
+    if not samples_s:
+        return {"p50": 0.0, "p99": 0.0}
+    ordered = sorted(samples_s)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50": round(pick(0.50) * 1000, 3), "p99": round(pick(0.99) * 1000, 3)}

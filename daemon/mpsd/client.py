@@ -77,6 +77,12 @@ def error_from(exc: grpc.RpcError) -> MpsdError:
 
 @dataclasses.dataclass(frozen=True)
 class Token:
+    """One streamed piece of the answer, as plain data: code using the client never handles protobuf.
+
+    `text` may be "" (a token that ends mid-character, or text held back while
+    a stop sequence may be starting); that text comes with a later token.
+    """
+
     index: int
     text: str
     token_id: int
@@ -84,6 +90,8 @@ class Token:
 
 @dataclasses.dataclass(frozen=True)
 class Finish:
+    """How a stream ended ("stop" or "length"), what it cost in tokens, and which worker process served it."""
+
     reason: str
     prompt_tokens: int
     completion_tokens: int

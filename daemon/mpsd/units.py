@@ -6,6 +6,7 @@ Internally sizes are bytes and durations seconds; only the edges speak units.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -19,32 +20,28 @@ _NUMBER_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 def parse_size(value: int | float | str) -> int:
     """Bytes from 123, "8GiB", "512 MB"; ValueError with the accepted forms."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a size like '8GiB', got {value!r}")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(f"a size cannot be negative, got {value!r}")
-        return int(value)
-    match = _NUMBER_UNIT.match(str(value))
-    unit = match.group(2).lower() if match else None
-    if not match or unit not in _SIZE_UNITS:
-        raise ValueError(f"expected a size like '8GiB', '512MB' or a number of bytes, got {value!r}")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    return int(_parse(value, "size", _SIZE_UNITS, example="'8GiB'", more="'512MB' or a number of bytes"))
 
 
 def parse_duration(value: int | float | str) -> float:
     """Seconds from 30, "30s", "500ms", "2m"; ValueError with the accepted forms."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration like '30s', got {value!r}")
+    return float(_parse(value, "duration", _TIME_UNITS, example="'30s'", more="'500ms' or '2m'"))
+
+
+def _parse(value: int | float | str, noun: str, units: Mapping[str, float], *,
+           example: str, more: str) -> int | float:
+    """A bare number is already in base units; a string may name one of `units`."""
+    if isinstance(value, bool):  # an int to Python, but `true` in a config file is a mistake
+        raise ValueError(f"expected a {noun} like {example}, got {value!r}")
     if isinstance(value, (int, float)):
         if value < 0:
-            raise ValueError(f"a duration cannot be negative, got {value!r}")
-        return float(value)
+            raise ValueError(f"a {noun} cannot be negative, got {value!r}")
+        return value
     match = _NUMBER_UNIT.match(str(value))
     unit = match.group(2).lower() if match else None
-    if not match or unit not in _TIME_UNITS:
-        raise ValueError(f"expected a duration like '30s', '500ms' or '2m', got {value!r}")
-    return float(match.group(1)) * _TIME_UNITS[unit]
+    if not match or unit not in units:
+        raise ValueError(f"expected a {noun} like {example}, {more}, got {value!r}")
+    return float(match.group(1)) * units[unit]
 
 
 def format_bytes(count: int) -> str:

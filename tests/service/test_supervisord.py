@@ -5,7 +5,6 @@ beyond generous deadlines.
 """
 
 import os
-import pathlib
 import signal
 import socket
 import subprocess
@@ -14,7 +13,8 @@ import time
 
 import pytest
 
-from support import ROOT, Daemon, data_dir, pid_alive, wait_for
+from mpsd.service import shipped
+from support import Daemon, data_dir, pid_alive, wait_for
 
 supervisor = pytest.importorskip("supervisor")
 
@@ -70,7 +70,7 @@ threads = 1
 """)
     daemon.address = f"127.0.0.1:{port}"
     conf = tmp_path / "supervisord.conf"
-    conf.write_text(SUPERVISORD_CONF.format(dir=tmp_path, include=ROOT / "deploy" / "supervisord" / "mpsd.conf"))
+    conf.write_text(SUPERVISORD_CONF.format(dir=tmp_path, include=shipped("supervisord", "mpsd.conf")))
     env = dict(os.environ, MPSD_VENV=sys.prefix, MPSD_CONFIG=str(daemon.config_path),
                MPSD_STATE_DIR=str(daemon.state_dir), MPSD_LOG_DIR=str(tmp_path), MPSD_DATA_DIR=str(data_dir()))
     supervisord = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)],

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-UNIT = ROOT / "deploy" / "systemd" / "mpsd.service"
+from mpsd.service import shipped
+
+UNIT = shipped("systemd", "mpsd.service")
 
 
 def read_ini(path: pathlib.Path) -> configparser.ConfigParser:
@@ -20,7 +21,7 @@ def read_ini(path: pathlib.Path) -> configparser.ConfigParser:
 
 
 def test_supervisord_program_restarts_on_crash_and_drains_on_stop():
-    program = read_ini(ROOT / "deploy" / "supervisord" / "mpsd.conf")["program:mpsd"]
+    program = read_ini(shipped("supervisord", "mpsd.conf"))["program:mpsd"]
     assert program["command"].endswith("/bin/mpsd serve --config %(ENV_MPSD_CONFIG)s")
     assert program["autorestart"] == "unexpected" and program["exitcodes"] == "0"
     assert program["stopsignal"] == "TERM" and int(program["stopwaitsecs"]) >= 40  # drain_grace 30 + stop_timeout 10

@@ -1,4 +1,6 @@
 import asyncio
+import functools
+from typing import Awaitable, Callable
 
 import pytest
 
@@ -12,112 +14,112 @@ def test_least_outstanding_first_then_least_recently_assigned():
     assert choose_worker([Slot("x", None, inflight=1)], concurrency=1) is None
 
 
-def run(coroutine):
-    return asyncio.run(coroutine)
+def scenario(test: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+    """Runs an async test on a fresh event loop (the pool's waiters need one; no pytest asyncio plugin here)."""
+    @functools.wraps(test)
+    def run() -> None:
+        asyncio.run(test())
+    return run
 
 
-def test_two_requests_go_to_two_workers_then_queue_in_order():
-    async def scenario():
-        pool = ModelPool("m", concurrency=1, queue_limit=2, has_prospects=lambda: True)
-        pool.add_worker("w0", "stub0", 1024)
-        pool.add_worker("w1", "stub1", 1024)
-        first, second = await pool.acquire(1), await pool.acquire(1)
-        assert {first.worker_id, second.worker_id} == {"w0", "w1"}
-        third = asyncio.create_task(pool.acquire(5))
-        fourth = asyncio.create_task(pool.acquire(5))
-        await asyncio.sleep(0)
-        assert pool.queued == 2
-        with pytest.raises(QueueFull, match="queue is full"):
-            await pool.acquire(1)
-        pool.release(second)
-        assert (await third).worker_id == second.worker_id  # oldest waiter gets the freed slot
-        assert not fourth.done()
-        pool.release(first)
-        assert (await fourth).worker_id == first.worker_id
-    run(scenario())
+def pool_of(*worker_ids: str, queue_limit: int = 4, has_prospects: Callable[[], bool] = lambda: True) -> ModelPool:
+    """Workers that take one request at a time, so the next request queues; stub names say whose slot was handed out."""
+    pool = ModelPool("m", concurrency=1, queue_limit=queue_limit, has_prospects=has_prospects)
+    for worker_id in worker_ids:
+        pool.add_worker(worker_id, f"stub-{worker_id}", 1024)
+    return pool
 
 
-def test_waiter_times_out_and_leaves_the_queue():
-    async def scenario():
-        pool = ModelPool("m", concurrency=1, queue_limit=4, has_prospects=lambda: True)
-        with pytest.raises(asyncio.TimeoutError):
-            await pool.acquire(0.05)
-        assert pool.queued == 0
-    run(scenario())
+@scenario
+async def test_two_requests_go_to_two_workers_then_queue_in_order():
+    pool = pool_of("w0", "w1", queue_limit=2)
+    first, second = await pool.acquire(1), await pool.acquire(1)
+    assert {first.worker_id, second.worker_id} == {"w0", "w1"}
+    third = asyncio.create_task(pool.acquire(5))
+    fourth = asyncio.create_task(pool.acquire(5))
+    await asyncio.sleep(0)
+    assert pool.queued == 2
+    with pytest.raises(QueueFull, match="queue is full"):
+        await pool.acquire(1)
+    pool.release(second)
+    assert (await third).worker_id == second.worker_id  # oldest waiter gets the freed slot
+    assert not fourth.done()
+    pool.release(first)
+    assert (await fourth).worker_id == first.worker_id
 
 
-def test_queued_requests_fail_when_no_worker_is_coming():
-    async def scenario():
-        hopeful = [True]
-        pool = ModelPool("m", concurrency=1, queue_limit=4, has_prospects=lambda: hopeful[0])
-        waiter = asyncio.create_task(pool.acquire(5))
-        await asyncio.sleep(0)
-        hopeful[0] = False
-        pool.check_prospects()
-        with pytest.raises(NoWorkers):
-            await waiter
-        with pytest.raises(NoWorkers):
-            await pool.acquire(1)
-    run(scenario())
+@scenario
+async def test_waiter_times_out_and_leaves_the_queue():
+    pool = pool_of()
+    with pytest.raises(asyncio.TimeoutError):
+        await pool.acquire(0.05)
+    assert pool.queued == 0
 
 
-def test_a_new_worker_serves_the_queue():
-    async def scenario():
-        pool = ModelPool("m", concurrency=1, queue_limit=4, has_prospects=lambda: True)
-        waiter = asyncio.create_task(pool.acquire(5))
-        await asyncio.sleep(0)
-        pool.add_worker("w0", "stub", 0)
-        assert (await waiter).stub == "stub"
-    run(scenario())
+@scenario
+async def test_queued_requests_fail_when_no_worker_is_coming():
+    hopeful = [True]
+    pool = pool_of(has_prospects=lambda: hopeful[0])
+    waiter = asyncio.create_task(pool.acquire(5))
+    await asyncio.sleep(0)
+    hopeful[0] = False
+    pool.check_prospects()
+    with pytest.raises(NoWorkers):
+        await waiter
+    with pytest.raises(NoWorkers):
+        await pool.acquire(1)
 
 
-def test_cancelled_waiter_returns_a_slot_it_was_just_handed():
-    async def scenario():
-        pool = ModelPool("m", concurrency=1, queue_limit=4, has_prospects=lambda: True)
-        pool.add_worker("w0", "stub", 0)
-        held = await pool.acquire(1)
-        waiter = asyncio.create_task(pool.acquire(5))
-        await asyncio.sleep(0)
-        pool.release(held)  # hands the slot to the waiter ...
-        waiter.cancel()     # ... which is cancelled before it runs
-        try:
-            lease = await waiter  # Python 3.11's wait_for may still return the result: the caller owns it
-        except asyncio.CancelledError:
-            lease = None
-        if lease is not None:
-            pool.release(lease)
-        assert pool.inflight("w0") == 0  # either way, no slot leaks
-        assert (await pool.acquire(1)).worker_id == "w0"
-    run(scenario())
+@scenario
+async def test_a_new_worker_serves_the_queue():
+    pool = pool_of()
+    waiter = asyncio.create_task(pool.acquire(5))
+    await asyncio.sleep(0)
+    pool.add_worker("w0", "stub-w0", 0)
+    assert (await waiter).stub == "stub-w0"
 
 
-def test_a_retry_that_excludes_the_only_free_worker_does_not_block_the_queue_behind_it():
-    async def scenario():
-        pool = ModelPool("m", concurrency=1, queue_limit=4, has_prospects=lambda: True)
-        pool.add_worker("w0", "stub0", 1024)
-        held = await pool.acquire(1)
-        retry = asyncio.create_task(pool.acquire(5, exclude=frozenset({held.slot})))  # w0 lost its stream before
-        behind = asyncio.create_task(pool.acquire(5))
-        await asyncio.sleep(0)
-        pool.release(held)
-        assert (await asyncio.wait_for(behind, 1)).worker_id == "w0", "served past the retry that cannot use w0"
-        assert not retry.done()
-        pool.add_worker("w1", "stub1", 1024)  # e.g. the replacement of the worker that was lost
-        assert (await asyncio.wait_for(retry, 1)).worker_id == "w1"
-    run(scenario())
+@scenario
+async def test_cancelled_waiter_returns_a_slot_it_was_just_handed():
+    pool = pool_of("w0")
+    held = await pool.acquire(1)
+    waiter = asyncio.create_task(pool.acquire(5))
+    await asyncio.sleep(0)
+    pool.release(held)  # hands the slot to the waiter ...
+    waiter.cancel()     # ... which is cancelled before it runs
+    try:
+        lease = await waiter  # Python 3.11's wait_for may still return the result: the caller owns it
+    except asyncio.CancelledError:
+        lease = None
+    if lease is not None:
+        pool.release(lease)
+    assert pool.inflight("w0") == 0  # either way, no slot leaks
+    assert (await pool.acquire(1)).worker_id == "w0"
 
 
-def test_a_new_request_takes_a_free_slot_that_the_queued_retry_cannot_use():
-    async def scenario():
-        pool = ModelPool("m", concurrency=1, queue_limit=4, has_prospects=lambda: True)
-        pool.add_worker("w0", "stub0", 1024)
-        probe = await pool.acquire(1)
-        w0 = probe.slot
-        pool.release(probe)
-        retry = asyncio.create_task(pool.acquire(5, exclude=frozenset({w0})))
-        await asyncio.sleep(0)
-        assert pool.queued == 1
-        fresh = await asyncio.wait_for(pool.acquire(1), 1)
-        assert fresh.worker_id == "w0" and not retry.done()
-        retry.cancel()
-    run(scenario())
+@scenario
+async def test_a_retry_that_excludes_the_only_free_worker_does_not_block_the_queue_behind_it():
+    pool = pool_of("w0")
+    held = await pool.acquire(1)
+    retry = asyncio.create_task(pool.acquire(5, exclude=frozenset({held.slot})))  # w0 lost its stream before
+    behind = asyncio.create_task(pool.acquire(5))
+    await asyncio.sleep(0)
+    pool.release(held)
+    assert (await asyncio.wait_for(behind, 1)).worker_id == "w0", "served past the retry that cannot use w0"
+    assert not retry.done()
+    pool.add_worker("w1", "stub-w1", 1024)  # e.g. the replacement of the worker that was lost
+    assert (await asyncio.wait_for(retry, 1)).worker_id == "w1"
+
+
+@scenario
+async def test_a_new_request_takes_a_free_slot_that_the_queued_retry_cannot_use():
+    pool = pool_of("w0")
+    probe = await pool.acquire(1)
+    w0 = probe.slot
+    pool.release(probe)
+    retry = asyncio.create_task(pool.acquire(5, exclude=frozenset({w0})))
+    await asyncio.sleep(0)
+    assert pool.queued == 1
+    fresh = await asyncio.wait_for(pool.acquire(1), 1)
+    assert fresh.worker_id == "w0" and not retry.done()
+    retry.cancel()

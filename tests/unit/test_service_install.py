@@ -13,6 +13,8 @@ import sys
 import pytest
 
 from mpsd.cli import service_install as si
+from mpsd.service import plist as launchd
+from mpsd.service import shipped
 
 PYTHON = sys.executable
 SAMPLE = dict(mpsd_bin="/opt/mpsd/.venv/bin/mpsd", config="/etc/mpsd/mpsd.toml", log_dir="/Users/ann/Library/Logs/mpsd",
@@ -25,15 +27,15 @@ KINDS = ("agent", "daemon")
 
 
 def test_every_committed_template_is_a_plist_and_has_one_kind() -> None:
-    committed = sorted(p.name for p in si.PLIST_DIR.glob("*.plist"))
+    committed = sorted(p.name for p in launchd.TEMPLATE_DIR.glob("*.plist"))
     assert committed == ["io.mpsd.agent.plist", "io.mpsd.daemon.plist"]
     for kind in KINDS:
-        assert isinstance(plistlib.loads(si.template_path(kind).read_bytes()), dict)
+        assert isinstance(plistlib.loads(launchd.template_path(kind).read_bytes()), dict)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_rendered_template_carries_every_key_with_its_type(kind: si.Kind) -> None:
-    plist = plistlib.loads(si.render_plist(kind, **SAMPLE))
+def test_rendered_template_carries_every_key_with_its_type(kind: launchd.Kind) -> None:
+    plist = plistlib.loads(launchd.render_plist(kind, **SAMPLE))
     for key, expected in REQUIRED.items():
         assert type(plist[key]) is expected, key
     assert plist["Label"] == f"io.mpsd.{kind}"
@@ -50,30 +52,30 @@ def test_rendered_template_carries_every_key_with_its_type(kind: si.Kind) -> Non
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_rendered_plist_has_no_placeholder_left(kind: si.Kind) -> None:
-    rendered = si.render_plist(kind, **SAMPLE).decode()
-    assert "@" in si.template_path(kind).read_text()
+def test_rendered_plist_has_no_placeholder_left(kind: launchd.Kind) -> None:
+    rendered = launchd.render_plist(kind, **SAMPLE).decode()
+    assert "@" in launchd.template_path(kind).read_text()
     assert not re.search(r"@[A-Z_]+@", rendered)
     assert "@" not in rendered
 
 
 def test_without_config_program_arguments_carry_no_config_flag() -> None:
-    plist = plistlib.loads(si.render_plist("agent", **(SAMPLE | {"config": None})))
+    plist = plistlib.loads(launchd.render_plist("agent", **(SAMPLE | {"config": None})))
     assert plist["ProgramArguments"] == ["/opt/mpsd/.venv/bin/mpsd", "serve"]
 
 
 def test_values_are_xml_escaped() -> None:
-    plist = plistlib.loads(si.render_plist("agent", **(SAMPLE | {"home": "/Users/a&b <c>"})))
+    plist = plistlib.loads(launchd.render_plist("agent", **(SAMPLE | {"home": "/Users/a&b <c>"})))
     assert plist["EnvironmentVariables"]["HOME"] == "/Users/a&b <c>"
 
 
 def test_exit_timeout_is_raised_for_a_long_drain_never_lowered() -> None:
-    assert plistlib.loads(si.render_plist("agent", **SAMPLE, exit_timeout=100))["ExitTimeOut"] == 100
-    assert plistlib.loads(si.render_plist("agent", **SAMPLE, exit_timeout=5))["ExitTimeOut"] == 60
+    assert plistlib.loads(launchd.render_plist("agent", **SAMPLE, exit_timeout=100))["ExitTimeOut"] == 100
+    assert plistlib.loads(launchd.render_plist("agent", **SAMPLE, exit_timeout=5))["ExitTimeOut"] == 60
 
 
-def _template_without(kind: si.Kind, key: str) -> bytes:
-    text = si.template_path(kind).read_text()
+def _template_without(kind: launchd.Kind, key: str) -> bytes:
+    text = launchd.template_path(kind).read_text()
     pattern = rf"\s*<key>{key}</key>\s*(<(string|integer)>[^<]*</\2>|<true/>|<false/>|<dict>.*?</dict>|<array>.*?</array>)"
     stripped, count = re.subn(pattern, "", text, count=1, flags=re.S)
     assert count == 1
@@ -82,8 +84,8 @@ def _template_without(kind: si.Kind, key: str) -> bytes:
 
 @pytest.mark.parametrize("key", [*REQUIRED, "UserName", "GroupName"])
 def test_a_template_missing_a_key_is_rejected(key: str) -> None:
-    with pytest.raises(si.PlistError, match=key):
-        si.render_plist("daemon", **SAMPLE, template=_template_without("daemon", key))
+    with pytest.raises(launchd.PlistError, match=key):
+        launchd.render_plist("daemon", **SAMPLE, template=_template_without("daemon", key))
 
 
 @pytest.mark.parametrize("old, new, message", [
@@ -98,22 +100,22 @@ def test_a_template_missing_a_key_is_rejected(key: str) -> None:
     ("<key>KeepAlive</key>\n\t<dict>", "<key>KeepAlive</key>\n\t<true/><key>x</key><dict>", "KeepAlive"),
 ])
 def test_a_wrong_value_is_rejected(old: str, new: str, message: str) -> None:
-    text = si.template_path("agent").read_text()
+    text = launchd.template_path("agent").read_text()
     assert old in text
-    with pytest.raises(si.PlistError, match=message):
-        si.render_plist("agent", **SAMPLE, template=text.replace(old, new, 1).encode())
+    with pytest.raises(launchd.PlistError, match=message):
+        launchd.render_plist("agent", **SAMPLE, template=text.replace(old, new, 1).encode())
 
 
 def test_relative_paths_are_rejected() -> None:
-    with pytest.raises(si.PlistError, match="absolute"):
-        si.render_plist("agent", **(SAMPLE | {"config": "mpsd.toml"}))
-    with pytest.raises(si.PlistError, match="absolute"):
-        si.render_plist("agent", **(SAMPLE | {"mpsd_bin": ".venv/bin/mpsd"}))
+    with pytest.raises(launchd.PlistError, match="absolute"):
+        launchd.render_plist("agent", **(SAMPLE | {"config": "mpsd.toml"}))
+    with pytest.raises(launchd.PlistError, match="absolute"):
+        launchd.render_plist("agent", **(SAMPLE | {"mpsd_bin": ".venv/bin/mpsd"}))
 
 
 def test_broken_xml_is_rejected() -> None:
-    with pytest.raises(si.PlistError, match="not a valid plist"):
-        si.validate_plist(b"<plist><dict><key>Label</key></plist>", "agent")
+    with pytest.raises(launchd.PlistError, match="not a valid plist"):
+        launchd.validate_plist(b"<plist><dict><key>Label</key></plist>", "agent")
 
 
 # ------------------------------------------------- install/uninstall logic, recorded
@@ -296,10 +298,12 @@ def test_cli_install_off_macos_points_at_the_linux_service_files(tmp_path: pathl
     dry = _mpsctl("install", "--dry-run", platform=None, home=tmp_path)
     assert dry.returncode == 0
     assert "macOS-only" in dry.stdout
-    assert "deploy/systemd/mpsd.service" in dry.stdout and "deploy/supervisord/mpsd.conf" in dry.stdout
+    systemd, supervisord = shipped("systemd", "mpsd.service"), shipped("supervisord", "mpsd.conf")
+    assert systemd.is_file() and supervisord.is_file()
+    assert str(systemd) in dry.stdout and str(supervisord) in dry.stdout
     assert "<plist" not in dry.stdout
     real = _mpsctl("install", platform="linux", home=tmp_path)
-    assert real.returncode == 1 and "deploy/systemd/mpsd.service" in real.stdout
+    assert real.returncode == 1 and str(systemd) in real.stdout
     assert not (tmp_path / "Library").exists()
 
 

@@ -17,12 +17,20 @@ from mpsd.units import format_bytes
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
+    """A worker waiting to start (PENDING or REFUSED), with its model's footprint: what admission must find room for."""
+
     worker_id: str
     footprint_bytes: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
+    """Admission's answer for one candidate; `reason` carries the numbers, for status and the log.
+
+    A candidate gets none while another start settles, or when it would fit
+    but another was admitted first; it waits as it was for the next pass.
+    """
+
     worker_id: str
     admit: bool
     reason: str
@@ -30,6 +38,8 @@ class Decision:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryView:
+    """The probe's figures and the configured headroom: all admission needs to know of the machine."""
+
     budget_bytes: int
     used_bytes: int
     headroom_bytes: int

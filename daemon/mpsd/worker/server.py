@@ -7,9 +7,11 @@ for health probes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
+from typing import Iterator
 
 import grpc
 
@@ -58,9 +60,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             params = parse_generate_request(request)
         except InvalidRequest as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        with self._serving(context):
+            yield from self._stream(params, context)
+
+    @contextlib.contextmanager
+    def _serving(self, context) -> Iterator[None]:
+        """One request in flight: counted while it runs, its failures turned into the status the daemon relays."""
         self._counters.add(inflight=1)
         try:
-            yield from self._stream(params, context)
+            yield
         except InvalidRequest as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:
@@ -95,17 +103,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def Predict(self, request, context):
         if not hasattr(self._model, "predict"):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model of backend {self._backend_name} does not take Predict; use Generate")
-        self._counters.add(inflight=1)
-        try:
+        with self._serving(context):
             inputs = {name: to_array(name, tensor) for name, tensor in request.inputs.items()}
             outputs = self._model.predict(inputs)
-        except InvalidRequest as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except Exception as exc:
-            self._abort_if_oom(exc, context)
-            raise
-        finally:
-            self._counters.add(inflight=-1, requests=1)
         return inference_pb2.PredictResponse(
             outputs={name: to_tensor(array) for name, array in outputs.items()}, worker_id=self._worker_id,
         )
