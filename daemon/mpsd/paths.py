@@ -18,29 +18,25 @@ MLX_DEMO_MODEL_REF = "@mlx-demo"
 
 
 def default_state_dir() -> pathlib.Path:
-    override = os.environ.get("MPSD_STATE_DIR")
-    if override:
-        return pathlib.Path(override).expanduser()
-    home = pathlib.Path.home()
-    if sys.platform == "darwin":
-        return home / "Library" / "Application Support" / "mpsd"
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return pathlib.Path(runtime) / "mpsd"
-    return home / ".local" / "state" / "mpsd"
+    return _platform_dir("MPSD_STATE_DIR", "XDG_RUNTIME_DIR", ".local/state")
 
 
 def default_data_dir() -> pathlib.Path:
-    override = os.environ.get("MPSD_DATA_DIR")
+    return _platform_dir("MPSD_DATA_DIR", "XDG_DATA_HOME", ".local/share")
+
+
+def _platform_dir(override_var: str, xdg_var: str, home_fallback: str) -> pathlib.Path:
+    """The override first, then the platform's place: macOS keeps both kinds in one, XDG splits them."""
+    override = os.environ.get(override_var)
     if override:
         return pathlib.Path(override).expanduser()
     home = pathlib.Path.home()
     if sys.platform == "darwin":
         return home / "Library" / "Application Support" / "mpsd"
-    data_home = os.environ.get("XDG_DATA_HOME")
-    if data_home:
-        return pathlib.Path(data_home) / "mpsd"
-    return home / ".local" / "share" / "mpsd"
+    xdg_base = os.environ.get(xdg_var)
+    if xdg_base:
+        return pathlib.Path(xdg_base) / "mpsd"
+    return home / home_fallback / "mpsd"
 
 
 def demo_model_dir(data_dir: pathlib.Path | None = None) -> pathlib.Path:

@@ -12,7 +12,8 @@ def daemon_modules() -> list[str]:
     import mpsd
 
     names = ["mpsd"] + [f"mpsd.{m.name}" for m in pkgutil.iter_modules(mpsd.__path__) if not m.ispkg]
-    for package in ("mpsd.supervisor", "mpsd.cli", "mpsd.v1"):
+    names += ["mpsd.demo", "mpsd.demo.models", "mpsd.demo.staging", "mpsd.demo.cli"]  # what the daemon reads of a build
+    for package in ("mpsd.supervisor", "mpsd.cli", "mpsd.v1", "mpsd.service"):
         module = __import__(package, fromlist=["_"])
         names += [package] + [f"{package}.{m.name}" for m in pkgutil.iter_modules(module.__path__)]
     return names

@@ -12,9 +12,11 @@ pytest.importorskip("mlx_lm")
 
 import mlx.core as mx  # noqa: E402
 
+from mpsd.demo import MLX_DEMO  # noqa: E402
+from mpsd.demo.mlx_model import build_mlx_demo_model  # noqa: E402
 from mpsd.worker.backends.base import BootFailure, Finished, GenerateParams, InvalidRequest, TokenEvent  # noqa: E402
 from mpsd.worker.backends.mlx_lm import MlxCausalLM  # noqa: E402
-from mpsd.worker.mlx_demo_model import build_mlx_demo_model, is_mlx_demo_model_complete  # noqa: E402
+from mpsd.worker_spec import WorkerSpec  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def run(model, p):
 def test_demo_model_is_complete_and_loads_with_mlx_lm(mlx_model_dir):
     import mlx_lm
 
-    assert is_mlx_demo_model_complete(mlx_model_dir)
+    assert MLX_DEMO.is_complete(mlx_model_dir)
     marker = json.loads((mlx_model_dir / "mpsd-mlx-demo.json").read_text())
     assert marker["kind"] == "mpsd-mlx-demo-llama"
     loaded, tokenizer = mlx_lm.load(str(mlx_model_dir))
@@ -170,12 +172,13 @@ def test_worker_load_takes_the_mlx_branch_before_torch(mlx_model_dir):
     mlx_lm.tokenizer_utils imports transformers, and transformers 5 imports
     torch whenever it is installed (it has no switch to stop that).
     """
-    spec = {"backend": "mlx-lm", "path": str(mlx_model_dir),
-            "mlx_memory_limit": 2**30, "mlx_wired_limit": None, "mlx_cache_limit": 2**20}
+    spec = WorkerSpec(worker_id="m-0", socket="/tmp/m-0.sock", backend="mlx-lm", parent_pid=1,
+                      path=str(mlx_model_dir), mlx_memory_limit=2**30, mlx_cache_limit=2**20)
     code = (
-        "import json, sys\n"
+        "import sys\n"
         "from mpsd.worker.__main__ import _load\n"
-        f"m = _load(json.loads({json.dumps(json.dumps(spec))}))\n"
+        "from mpsd.worker_spec import WorkerSpec\n"
+        f"m = _load(WorkerSpec.from_json({spec.to_json()!r}))\n"
         "m.warm_up()\n"
         "print(m.device, 'mpsd.worker.device' in sys.modules or 'mpsd.worker.backends.sampling' in sys.modules)\n"
     )

@@ -57,21 +57,21 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _build_demo(args: argparse.Namespace) -> int:
+    from mpsd.demo import MLX_DEMO, TORCH_DEMO
     from mpsd.supervisor.daemon import worker_env
     from mpsd.supervisor.demo_build import DemoBuildFailed, ensure_demos
 
     setup_logging("text")
     config = load_config(None)
     data_dir = args.data_dir or paths.default_data_dir()
-    refs = [paths.DEMO_MODEL_REF] + ([paths.MLX_DEMO_MODEL_REF] if args.mlx else [])
+    demos = [TORCH_DEMO] + ([MLX_DEMO] if args.mlx else [])
     try:
-        asyncio.run(ensure_demos(refs, data_dir, worker_env(config.models[0])))
+        asyncio.run(ensure_demos([demo.ref for demo in demos], data_dir, worker_env(config.models[0])))
     except DemoBuildFailed as exc:
         print(f"mpsd: {exc}", file=sys.stderr)
         return 1
-    print(f"demo model ready in {paths.demo_model_dir(data_dir)}")
-    if args.mlx:
-        print(f"MLX demo model ready in {paths.mlx_demo_model_dir(data_dir)}")
+    for demo in demos:
+        print(f"{demo.label} ready in {demo.model_dir(data_dir)}")
     return 0
 
 

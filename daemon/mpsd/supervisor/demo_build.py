@@ -1,7 +1,8 @@
-"""Builds the demo model on first use, in a child process.
+"""Resolves the demo references in a config and builds the demo models on first use, in a child process.
 
-The builder needs torch, which the daemon must never import, so it runs as
-`python -m mpsd.worker.demo_model DIR`; its progress lines go to the log.
+The builders need torch or mlx, which the daemon must never import, so each
+runs as `python -m <its builder module> DIR`; its progress lines go to the log.
+Whether a model is already there is decided by the same check the builders use.
 """
 
 from __future__ import annotations
@@ -12,66 +13,54 @@ import logging
 import pathlib
 import sys
 
-from mpsd import paths
 from mpsd.config import Config
+from mpsd.demo import DEMO_MODELS, MLX_DEMO, TORCH_DEMO, DemoModel
 
 log = logging.getLogger("mpsd.demo")
-COMPLETE_MARKER = "mpsd-demo.json"
-MLX_COMPLETE_MARKER = "mpsd-mlx-demo.json"
 
 
 class DemoBuildFailed(RuntimeError):
     pass
 
 
-def _demo_dirs(data_dir: pathlib.Path) -> dict[str, pathlib.Path]:
-    return {paths.DEMO_MODEL_REF: paths.demo_model_dir(data_dir), paths.MLX_DEMO_MODEL_REF: paths.mlx_demo_model_dir(data_dir)}
-
-
 def resolve_demo_paths(config: Config, data_dir: pathlib.Path) -> tuple[Config, list[str]]:
     """Replaces '@demo' / '@mlx-demo' with the built models' directories; returns the references used."""
-    dirs = _demo_dirs(data_dir)
-    used = sorted({m.path for m in config.models if m.path in dirs})
-    models = tuple(dataclasses.replace(m, path=str(dirs[m.path])) if m.path in dirs else m for m in config.models)
+    used = sorted({m.path for m in config.models if m.path in DEMO_MODELS})
+    models = tuple(
+        dataclasses.replace(m, path=str(DEMO_MODELS[m.path].model_dir(data_dir))) if m.path in DEMO_MODELS else m
+        for m in config.models
+    )
     return dataclasses.replace(config, models=models), used
 
 
-def is_built(model_dir: pathlib.Path, marker: str = COMPLETE_MARKER) -> bool:
-    return (model_dir / marker).is_file()
-
-
 async def ensure_demos(refs: list[str], data_dir: pathlib.Path, env: dict[str, str]) -> None:
-    """The torch demo first: the MLX demo borrows its tokenizer."""
+    """The torch demo whenever any demo is used: the MLX demo borrows its tokenizer."""
     if not refs:
         return
-    dirs = _demo_dirs(data_dir)
-    await ensure_demo_model(dirs[paths.DEMO_MODEL_REF], env)
-    if paths.MLX_DEMO_MODEL_REF in refs and not is_built(dirs[paths.MLX_DEMO_MODEL_REF], MLX_COMPLETE_MARKER):
-        log.info("building the MLX demo model in %s", dirs[paths.MLX_DEMO_MODEL_REF])
-        await _run_builder(["mpsd.worker.mlx_demo_model", str(dirs[paths.MLX_DEMO_MODEL_REF]),
-                            "--tokenizer-dir", str(dirs[paths.DEMO_MODEL_REF])], env, "MLX demo")
-        if not is_built(dirs[paths.MLX_DEMO_MODEL_REF], MLX_COMPLETE_MARKER):
-            raise DemoBuildFailed("building the MLX demo model left no complete model (is mlx-lm installed?)")
+    torch_dir = TORCH_DEMO.model_dir(data_dir)
+    await _ensure(TORCH_DEMO, torch_dir, [], env)
+    if MLX_DEMO.ref in refs:
+        await _ensure(MLX_DEMO, MLX_DEMO.model_dir(data_dir), ["--tokenizer-dir", str(torch_dir)], env)
 
 
-async def ensure_demo_model(model_dir: pathlib.Path, env: dict[str, str]) -> None:
-    if is_built(model_dir):
+async def _ensure(demo: DemoModel, model_dir: pathlib.Path, options: list[str], env: dict[str, str]) -> None:
+    if demo.is_complete(model_dir):
         return
-    log.info("building the demo model in %s (first use only; about a minute)", model_dir)
-    await _run_builder(["mpsd.worker.demo_model", str(model_dir)], env, "demo")
-    if not is_built(model_dir):
-        raise DemoBuildFailed("building the demo model left no complete model")
+    log.info("building the %s in %s (first use only)", demo.label, model_dir)
+    await _run_builder(demo, [str(model_dir), *options], env)
+    if not demo.is_complete(model_dir):
+        raise DemoBuildFailed(f"building the {demo.label} left no complete model")
 
 
-async def _run_builder(module_args: list[str], env: dict[str, str], what: str) -> None:
+async def _run_builder(demo: DemoModel, builder_args: list[str], env: dict[str, str]) -> None:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", *module_args,
+        sys.executable, "-m", demo.builder_module, *builder_args,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
     )
     last_lines: list[str] = []
     while line := await process.stdout.readline():
         text = line.decode("utf-8", "replace").rstrip()
         last_lines = (last_lines + [text])[-5:]
-        log.info("%s build | %s", what, text)
+        log.info("%s build | %s", demo.label, text)
     if await process.wait() != 0:
-        raise DemoBuildFailed(f"building the {what} model failed: " + " / ".join(last_lines))
+        raise DemoBuildFailed(f"building the {demo.label} failed: " + " / ".join(last_lines))
