@@ -1,4 +1,4 @@
-"""How much to measure (--quick for a smoke run, the full run for the README figures), and on how many threads."""
+"""How much to measure (--quick for a smoke run, the full run for the figures in docs/performance.md), and on how many threads."""
 
 from __future__ import annotations
 

@@ -218,7 +218,7 @@ class Client:
         return self._conn.address
 
     def generate(self, prompt: str, model: str = "", *, timeout: float | None = None, **options: Any) -> Generation:
-        """Options: max_tokens, temperature, top_p, seed, stop (see README "The API")."""
+        """Options: max_tokens, temperature, top_p, seed, stop (see docs/api.md)."""
         request = generate_request(prompt, model, **options)
         return Generation(self._conn.stub.Generate(request, **self._conn.call_options(timeout)))
 

@@ -2,7 +2,7 @@
 
 Shared by the supervisor (classifying a dead worker's stderr) and the worker
 (recognising an OOM raised inside a request), so both read text the same way.
-Substrings come from real failures; see ../shared/MACOS-FACTS.md.
+Substrings come from real failures; see docs/macos.md, "How out-of-memory looks".
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from mpsd.exitcodes import EXIT_BOOT_FAILURE
 from mpsd.oom import OOM_SIGNATURES, exception_oom, find_oom_signature
 from mpsd.supervisor.exits import ExitKind, classify_exit
 
-# One recorded line per signature (../shared/MACOS-FACTS.md), each must be recognised.
+# One recorded line per signature (docs/macos.md, "How out-of-memory looks"), each must be recognised.
 RECORDED_OOM_LINES = {
     "kIOGPUCommandBufferCallbackErrorOutOfMemory":
         "[METAL] Command buffer execution failed: Insufficient Memory (00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)",

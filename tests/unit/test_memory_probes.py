@@ -1,6 +1,6 @@
 """Memory probes with fakes injected where they read the OS (sysctl, psutil,
 pynvml, libproc): no Mac or GPU is needed, and no figure is hard-coded in
-the probes themselves. Mac numbers follow ../shared/MACOS-FACTS.md "Memory"."""
+the probes themselves. Mac numbers follow docs/macos.md "Memory"."""
 
 from __future__ import annotations
 

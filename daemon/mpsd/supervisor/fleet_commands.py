@@ -88,9 +88,13 @@ class OperatorCommands:
         return f"{worker_id}: draining; it finishes its requests in flight and stays STOPPED"
 
     def apply_config(self, new: Config) -> str:
-        """Reload: adds, removes and resizes models; workers of unchanged models are not touched."""
+        """Reload: adds, removes and resizes models; workers of unchanged models are not touched.
+
+        [daemon] keeps its values until the next start (timings, restart policy
+        and ports are read once), as the reload's answer tells the operator.
+        """
         changes = [self._apply_change(step) for step in plan_reload(self.models, new.models)]
-        self.config = dataclasses.replace(new, models=tuple(self.models.values()))
+        self.config = dataclasses.replace(new, daemon=self.config.daemon, models=tuple(self.models.values()))
         return "; ".join(changes) or "no model changed"
 
     def _apply_change(self, step: ModelChange) -> str:

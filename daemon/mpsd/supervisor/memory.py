@@ -9,7 +9,7 @@ for a Mac's wired memory on machines that have none.
 The daemon must never import torch or mlx (they would claim Metal/CUDA in the
 supervisor), so every figure here comes from the OS: psutil, sysctl, libproc,
 NVML. What only Metal knows (the recommended working set) a worker reports.
-See ../shared/MACOS-FACTS.md, "Memory".
+See docs/macos.md, "Memory".
 """
 
 from __future__ import annotations
