@@ -14,6 +14,11 @@ import types
 from typing import Callable
 
 
+# Language models decode many sequences per step of one resident model: measured on 2 CPU cores, 16 streams on one
+# demo worker gave ~3.5x one stream's tokens/s (docs/performance.md); Apple GPUs gain more.
+BATCHED_CONCURRENCY = 16
+
+
 @dataclasses.dataclass(frozen=True)
 class Backend:
     name: str
@@ -23,6 +28,7 @@ class Backend:
     needs_factory: bool = False   # a 'package.module:function' returning a torch.nn.Module
     takes_mlx_limits: bool = False
     uses_torch_device: bool = False  # the worker picks a torch device and pins torch threads first
+    default_concurrency: int = 1  # sequences one worker decodes together (language models batch)
 
     def load_function(self) -> Callable:
         """Imports the loader: call it only in a worker, since it may import torch or mlx."""
@@ -31,9 +37,12 @@ class Backend:
 
 
 BACKENDS: types.MappingProxyType[str, Backend] = types.MappingProxyType({backend.name: backend for backend in (
-    Backend("torch-lm", "mpsd.worker.backends.torch_lm:load", generates=True, needs_path=True, uses_torch_device=True),
+    Backend("torch-lm", "mpsd.worker.backends.torch_lm:load", generates=True, needs_path=True, uses_torch_device=True,
+            default_concurrency=BATCHED_CONCURRENCY),
     Backend("torch-module", "mpsd.worker.backends.torch_module:load", generates=False, needs_factory=True,
             uses_torch_device=True),
-    Backend("mlx-lm", "mpsd.worker.backends.mlx_lm:load", generates=True, needs_path=True, takes_mlx_limits=True),
-    Backend("null-lm", "mpsd.worker.backends.null_lm:load", generates=True),  # no framework: measures mpsd itself
+    Backend("mlx-lm", "mpsd.worker.backends.mlx_lm:load", generates=True, needs_path=True, takes_mlx_limits=True,
+            default_concurrency=BATCHED_CONCURRENCY),
+    Backend("null-lm", "mpsd.worker.backends.null_lm:load", generates=True,  # no framework: measures mpsd itself
+            default_concurrency=BATCHED_CONCURRENCY),
 )})

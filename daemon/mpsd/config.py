@@ -87,7 +87,7 @@ class ModelConfig:
     factory: str | None = None
     replicas: int = 1
     device: str = "auto"
-    concurrency: int = 1
+    concurrency: int = 1  # parsed configs take the backend's default (backends.py)
     threads: int = 0
     footprint_bytes: int | None = None
     env: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -300,7 +300,7 @@ def _model(reader: _Reader, table: dict[str, Any], index: int, base_dir: pathlib
         factory=_model_factory(reader, table, at, backend),
         replicas=reader.integer(table, "replicas", at + "replicas", 1, 0),
         device=device,
-        concurrency=reader.integer(table, "concurrency", at + "concurrency", 1, 1),
+        concurrency=reader.integer(table, "concurrency", at + "concurrency", BACKENDS[backend].default_concurrency, 1),
         threads=reader.integer(table, "threads", at + "threads", 0, 0),
         footprint_bytes=reader.size(table, "footprint", at + "footprint"),
         env=_model_env(reader, table, at),

@@ -1,4 +1,4 @@
-"""The mlx-lm backend on a tiny random-weight MLX model (the MLX CPU backend on Linux)."""
+"""The mlx-lm backend on a tiny random-weight MLX model (the MLX CPU backend on Linux), through the decode loop."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ import mlx.core as mx  # noqa: E402
 
 from mpsd.demo import MLX_DEMO  # noqa: E402
 from mpsd.demo.mlx_model import build_mlx_demo_model  # noqa: E402
-from mpsd.worker.backends.base import BootFailure, Finished, GenerateParams, InvalidRequest, TokenEvent  # noqa: E402
+from mpsd.worker.backends.base import BootFailure, InvalidRequest, TokenEvent  # noqa: E402
 from mpsd.worker.backends.mlx_lm import MlxCausalLM  # noqa: E402
 from mpsd.worker_spec import WorkerSpec  # noqa: E402
+
+from decoding import params, run, running, together, token_ids  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,21 +29,15 @@ def mlx_model_dir(demo_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model(mlx_model_dir):
-    model = MlxCausalLM(str(mlx_model_dir), None, None, None)
-    model.warm_up()
-    return model
+def engine(mlx_model_dir):
+    return MlxCausalLM(str(mlx_model_dir), None, None, None, max_sequences=8)
 
 
-def params(prompt="Hello world", max_tokens=16, temperature=0.0, top_p=1.0, seed=None, stop=()):
-    return GenerateParams(prompt, max_tokens, temperature, top_p, seed, tuple(stop))
-
-
-def run(model, p):
-    events = list(model.generate(p, lambda: True))
-    assert all(isinstance(e, TokenEvent) for e in events[:-1])
-    assert isinstance(events[-1], Finished)
-    return events[:-1], events[-1]
+@pytest.fixture(scope="module")
+def model(engine):
+    """The decode loop over the engine: what a worker runs."""
+    with running(engine, 8) as scheduler:
+        yield scheduler
 
 
 def test_demo_model_is_complete_and_loads_with_mlx_lm(mlx_model_dir):
@@ -54,9 +50,10 @@ def test_demo_model_is_complete_and_loads_with_mlx_lm(mlx_model_dir):
     assert tokenizer.encode("Hello", add_special_tokens=False)
 
 
-def test_device_and_context(model):
-    assert model.device in ("mlx-cpu", "mlx-metal")
-    assert model.context_length == 256
+def test_device_context_and_kv_size(engine):
+    assert engine.device in ("mlx-cpu", "mlx-metal")
+    assert engine.context_length == 256
+    assert engine.kv_bytes_per_token > 0
 
 
 def test_greedy_is_deterministic_and_counts_tokens(model):
@@ -66,7 +63,7 @@ def test_greedy_is_deterministic_and_counts_tokens(model):
     assert [e.index for e in first] == list(range(len(first)))
     if done.reason == "length":
         assert done.completion_tokens == 20 == len(first)
-    assert done.prompt_tokens == len(model._tokenizer.encode("Hello world", add_special_tokens=False))
+    assert done.prompt_tokens == len(model._engine.encode("Hello world"))
 
 
 def test_seed_reproduces_sampling_and_differs_between_seeds(model):
@@ -77,15 +74,14 @@ def test_seed_reproduces_sampling_and_differs_between_seeds(model):
     assert [e.token_id for e in a] != [e.token_id for e in c]
 
 
-def test_seeded_request_is_unaffected_by_an_interleaved_request(model):
-    alone, _ = run(model, params(max_tokens=12, temperature=1.0, seed=5))
-    seeded = model.generate(params(max_tokens=12, temperature=1.0, seed=5), lambda: True)
-    other = model.generate(params(max_tokens=12, temperature=1.0, seed=None), lambda: True)
-    interleaved = []
-    for event, _ in zip(seeded, other):
-        interleaved.append(event)
-    interleaved.extend(seeded)
-    assert [e.token_id for e in interleaved if isinstance(e, TokenEvent)] == [e.token_id for e in alone]
+def test_greedy_and_seeded_requests_give_the_same_tokens_batched_as_alone(model):
+    """Per-request PRNG keys: mlx_lm.server runs a seeded request alone; here it shares the batch."""
+    requests = [params("Hello", 24), params("The module provides a way to", 24, temperature=0.8, top_p=0.9, seed=7),
+                params("Return the number of items in the sequence", 24), params("Hello", 24, temperature=1.0, seed=9)]
+    alone = [token_ids(run(model, request)[0]) for request in requests]
+    batched = [token_ids(client.events) for client in together(model, requests, stagger_s=0.005)]
+    assert batched == alone
+    assert max(record.decode_rows for record in model.steps) > 1, "the requests really shared steps"
 
 
 def test_max_tokens_gives_length(model):
@@ -106,29 +102,35 @@ def test_stop_sequence_cuts_the_text(model):
 def test_text_round_trips_through_the_tokenizer(model):
     events, _ = run(model, params(max_tokens=24))
     ids = [e.token_id for e in events]
-    assert "".join(e.text for e in events) == model._decode(ids)
+    assert "".join(e.text for e in events) == model._engine.decode(ids)
 
 
 def test_prompt_too_long_is_invalid(model):
     with pytest.raises(InvalidRequest, match=r"^prompt: "):
-        list(model.generate(params(prompt="hello " * 400), lambda: True))
+        list(model.submit(params(prompt="hello " * 400)))
 
 
 def test_max_tokens_above_context_is_invalid(model):
     with pytest.raises(InvalidRequest, match=r"^max_tokens: "):
-        list(model.generate(params(max_tokens=10_000), lambda: True))
+        list(model.submit(params(max_tokens=10_000)))
 
 
-def test_keep_going_false_stops_without_finished(model):
-    assert list(model.generate(params(max_tokens=10), lambda: False)) == []
+def test_a_cancelled_request_ends_without_finished_and_leaves_the_batch(model):
+    submission = model.submit(params(max_tokens=200))
+    first = next(iter(submission))
+    submission.cancel()
+    rest = list(submission)  # what was already on its way, then the end: no Finished
+    assert first.index == 0 and len(rest) < 199 and all(isinstance(e, TokenEvent) for e in rest)
+    run(model, params(max_tokens=3))  # the loop goes on
+    assert model.running == 0
 
 
-def test_memory_report(model):
-    report = model.memory_report()
+def test_memory_report(engine):
+    report = engine.memory_report()
     for key in ("mlx_active", "mlx_peak", "mlx_cache"):
         assert isinstance(report.bytes_by_kind[key], int) and report.bytes_by_kind[key] >= 0
     assert report.bytes_by_kind["mlx_active"] > 0
-    if model.device == "mlx-cpu":
+    if engine.device == "mlx-cpu":
         assert "Metal" in report.note
         assert "mlx_max_recommended_working_set" not in report.bytes_by_kind
     else:
@@ -176,10 +178,11 @@ def test_worker_load_takes_the_mlx_branch_before_torch(mlx_model_dir):
                       path=str(mlx_model_dir), mlx_memory_limit=2**30, mlx_cache_limit=2**20)
     code = (
         "import sys\n"
-        "from mpsd.worker.__main__ import _load\n"
+        "from mpsd.worker.__main__ import _load, _start_decoding\n"
         "from mpsd.worker_spec import WorkerSpec\n"
-        f"m = _load(WorkerSpec.from_json({spec.to_json()!r}))\n"
-        "m.warm_up()\n"
+        f"spec = WorkerSpec.from_json({spec.to_json()!r})\n"
+        "m = _load(spec)\n"
+        "_start_decoding(spec, m).stop()\n"
         "print(m.device, 'mpsd.worker.device' in sys.modules or 'mpsd.worker.backends.sampling' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

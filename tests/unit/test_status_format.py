@@ -8,7 +8,8 @@ from mpsd.cli.status_format import format_status, render_status
 def worker(id, state, **extra):
     base = {"id": id, "model": "big", "pid": 0, "state": state, "reason": "", "state_age_s": 0.0, "uptime_s": 0.0,
             "restarts": 0, "inflight": 0, "tokens": 0, "requests": 0, "memory_bytes": 0, "backend_memory": {},
-            "backend_memory_note": "", "device": "mps", "last_exit": "", "stderr_tail": [], "oom_events": 0}
+            "backend_memory_note": "", "device": "mps", "last_exit": "", "stderr_tail": [], "oom_events": 0,
+            "running_sequences": 0, "kv_bytes": 0}
     return {**base, **extra}
 
 
@@ -20,7 +21,8 @@ STATUS = {
                 "concurrency": 1, "device": "mps", "context_length": 8192, "footprint_bytes": 80 << 30,
                 "footprint_source": "learned"}],
     "workers": [
-        worker("big-0", "READY", pid=101, uptime_s=3700.0, tokens=12345, memory_bytes=81 << 30),
+        worker("big-0", "READY", pid=101, uptime_s=3700.0, tokens=12345, memory_bytes=81 << 30, inflight=12,
+               running_sequences=12, kv_bytes=3 << 30),
         worker("big-1", "STARTING", pid=102, state_age_s=95.0, reason="admitted; loading the model"),
     ],
 }
@@ -37,6 +39,6 @@ def test_the_terminal_table_has_the_same_content_with_states_in_colour():
     console = Console(record=True, width=200, force_terminal=True, color_system="standard")
     console.print(render_status(STATUS))
     plain = console.export_text(clear=False)
-    assert "STARTING 1m35s" in plain and "big-0" in plain and "12345" in plain
+    assert "STARTING 1m35s" in plain and "big-0" in plain and "12345" in plain and "3.0GiB" in plain
     coloured = console.export_text(styles=True)
     assert "\x1b[1;32mREADY" in coloured and "\x1b[33mSTARTING 1m35s" in coloured

@@ -30,7 +30,8 @@ STATE_STYLES = {
 }
 NOTEWORTHY_STATES = ("PENDING", "STARTING", "REFUSED", "OOM", "FATAL", "BACKOFF", "DRAINING")
 MODEL_HEADERS = ["MODEL", "BACKEND", "DEVICE", "READY", "QUEUED", "CONTEXT", "FOOTPRINT"]
-WORKER_HEADERS = ["WORKER", "PID", "STATE", "UPTIME", "RESTARTS", "INFLIGHT", "TOKENS", "MEMORY", "BACKEND MEMORY", "LAST EXIT"]
+WORKER_HEADERS = ["WORKER", "PID", "STATE", "UPTIME", "RESTARTS", "INFLIGHT", "BATCH", "KV", "TOKENS", "MEMORY",
+                  "BACKEND MEMORY", "LAST EXIT"]
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -110,7 +111,8 @@ def _worker_row(worker: dict[str, Any]) -> list[str]:
     return [
         worker["id"], str(worker["pid"] or "-"), state,
         format_duration(worker["uptime_s"]) if worker["pid"] else "-",
-        str(worker["restarts"]), str(worker["inflight"]), str(worker["tokens"]),
+        str(worker["restarts"]), str(worker["inflight"]), str(worker["running_sequences"]),
+        format_bytes(worker["kv_bytes"]) if worker["kv_bytes"] else "-", str(worker["tokens"]),
         format_bytes(worker["memory_bytes"]) if worker["memory_bytes"] else "-",
         _backend_memory(worker), worker["last_exit"] or "-",
     ]

@@ -122,6 +122,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             backend_memory_note=stats.backend_memory_note if stats else "no report yet",
             device=stats.device if stats else "", last_exit=worker.last_exit,
             stderr_tail=worker.stderr_tail, oom_events=stats.oom_events if stats else 0,
+            running_sequences=stats.running_sequences if stats else 0, kv_bytes=stats.kv_bytes if stats else 0,
         )
 
 

@@ -13,7 +13,7 @@ import asyncio
 import logging
 
 from mpsd.backend_memory import WORKING_SET_KEYS
-from mpsd.supervisor.footprint import worker_peak_bytes
+from mpsd.supervisor.footprint import unused_kv_reserve, worker_peak_bytes
 from mpsd.supervisor.states import PROCESS_STATES, WorkerState
 from mpsd.supervisor.worker_process import WorkerProcess
 from mpsd.supervisor.worker_record import WorkerRecord
@@ -73,7 +73,7 @@ class WorkerHealth:
         peak = worker_peak_bytes(self._footprint_of_pid(worker.pid), dict(stats.backend_memory))
         worker.peak_bytes = max(worker.peak_bytes, peak)
         footprint = self._footprints[worker.model.name]
-        footprint.observe(worker.peak_bytes)
+        footprint.observe(worker.peak_bytes + unused_kv_reserve(stats))
         if stats.oom_events > worker.oom_events_seen:
             self._count(worker.model.name).request_ooms += stats.oom_events - worker.oom_events_seen
             worker.oom_events_seen = stats.oom_events

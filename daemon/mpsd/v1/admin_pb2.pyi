@@ -115,7 +115,7 @@ class MemoryStatus(_message.Message):
     def __init__(self, probe: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., headroom_bytes: _Optional[int] = ..., detail: _Optional[str] = ..., free_for_workers_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("id", "model", "pid", "state", "reason", "state_age_s", "uptime_s", "restarts", "inflight", "tokens", "requests", "memory_bytes", "backend_memory", "backend_memory_note", "device", "last_exit", "stderr_tail", "oom_events")
+    __slots__ = ("id", "model", "pid", "state", "reason", "state_age_s", "uptime_s", "restarts", "inflight", "tokens", "requests", "memory_bytes", "backend_memory", "backend_memory_note", "device", "last_exit", "stderr_tail", "oom_events", "running_sequences", "kv_bytes")
     class BackendMemoryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,8 @@ class WorkerStatus(_message.Message):
     LAST_EXIT_FIELD_NUMBER: _ClassVar[int]
     STDERR_TAIL_FIELD_NUMBER: _ClassVar[int]
     OOM_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     pid: int
@@ -159,7 +161,9 @@ class WorkerStatus(_message.Message):
     last_exit: str
     stderr_tail: _containers.RepeatedScalarFieldContainer[str]
     oom_events: int
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., state_age_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., restarts: _Optional[int] = ..., inflight: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., device: _Optional[str] = ..., last_exit: _Optional[str] = ..., stderr_tail: _Optional[_Iterable[str]] = ..., oom_events: _Optional[int] = ...) -> None: ...
+    running_sequences: int
+    kv_bytes: int
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., state_age_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., restarts: _Optional[int] = ..., inflight: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., device: _Optional[str] = ..., last_exit: _Optional[str] = ..., stderr_tail: _Optional[_Iterable[str]] = ..., oom_events: _Optional[int] = ..., running_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("daemon", "models", "memory", "workers")

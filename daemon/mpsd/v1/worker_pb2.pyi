@@ -12,7 +12,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "pid", "backend", "device", "context_length", "tokens", "requests", "inflight", "backend_memory", "backend_memory_note", "oom_events", "last_oom")
+    __slots__ = ("worker_id", "pid", "backend", "device", "context_length", "tokens", "requests", "inflight", "backend_memory", "backend_memory_note", "oom_events", "last_oom", "running_sequences", "kv_bytes", "kv_reserve_bytes")
     class BackendMemoryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,9 @@ class WorkerStats(_message.Message):
     BACKEND_MEMORY_NOTE_FIELD_NUMBER: _ClassVar[int]
     OOM_EVENTS_FIELD_NUMBER: _ClassVar[int]
     LAST_OOM_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_RESERVE_BYTES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     pid: int
     backend: str
@@ -44,4 +47,7 @@ class WorkerStats(_message.Message):
     backend_memory_note: str
     oom_events: int
     last_oom: str
-    def __init__(self, worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., inflight: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., oom_events: _Optional[int] = ..., last_oom: _Optional[str] = ...) -> None: ...
+    running_sequences: int
+    kv_bytes: int
+    kv_reserve_bytes: int
+    def __init__(self, worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., inflight: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., oom_events: _Optional[int] = ..., last_oom: _Optional[str] = ..., running_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_reserve_bytes: _Optional[int] = ...) -> None: ...

@@ -1,8 +1,9 @@
 """Worker entry point: `python -m mpsd.worker --spec JSON`, started by exec from mpsd.
 
 Order matters: watch the parent first (an orphan must never hold GPU
-memory), then pick the device and threads, load and warm the model, and only
-then open the socket, so "the socket answers" means "ready to serve".
+memory), then pick the device and threads, load the model, start the decode
+loop (language models) and warm up through it, and only then open the socket,
+so "the socket answers" means "ready to serve".
 """
 
 from __future__ import annotations
@@ -34,11 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     watchdog.start(spec.parent_pid)
     try:
         model = _load(spec)
-        model.warm_up()
+        scheduler = _start_decoding(spec, model)
     except Exception as exc:  # anything that stops the model loading is a boot failure
         _report_boot_failure(exc)
         return EXIT_BOOT_FAILURE
-    return _serve(spec, model)
+    try:
+        return _serve(spec, model, scheduler)
+    finally:
+        if scheduler is not None:
+            scheduler.stop()
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,13 +73,29 @@ def _on_torch_device(spec: WorkerSpec) -> WorkerSpec:
     return dataclasses.replace(spec, device=device, threads=threads)
 
 
+def _start_decoding(spec: WorkerSpec, model):
+    """Language models decode on one scheduler thread; a short greedy run through it warms everything up,
+    so the first client does not pay for lazy init. Tensor models warm up by themselves."""
+    if not BACKENDS[spec.backend].generates:
+        model.warm_up()
+        return None
+    from mpsd.generate_params import GenerateParams
+    from mpsd.worker.scheduler import DecodeScheduler
+
+    scheduler = DecodeScheduler(model, spec.concurrency)
+    scheduler.start()
+    for _ in scheduler.submit(GenerateParams(prompt="Hello", max_tokens=4, temperature=0.0, top_p=1.0, seed=0, stop=())):
+        pass
+    return scheduler
+
+
 def _report_boot_failure(exc: BaseException) -> None:
     if not isinstance(exc, BootFailure):
         traceback.print_exc(file=sys.stderr)
     _log(f"boot failure: {type(exc).__name__}: {exc}")
 
 
-def _serve(spec: WorkerSpec, model) -> int:
+def _serve(spec: WorkerSpec, model, scheduler) -> int:
     import grpc
 
     from mpsd.v1 import worker_pb2_grpc
@@ -82,7 +103,7 @@ def _serve(spec: WorkerSpec, model) -> int:
 
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=spec.concurrency + 4)
     server = grpc.server(executor, options=[("grpc.so_reuseport", 0)])
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(spec.worker_id, spec.backend, model), server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(spec.worker_id, spec.backend, model, scheduler), server)
     socket_path = spec.socket
     if os.path.exists(socket_path):
         os.unlink(socket_path)

@@ -1,8 +1,10 @@
 """The worker's internal gRPC service: one loaded model behind a unix socket.
 
-Handlers run on grpc's thread pool; the daemon already limits how many
-requests a worker gets at once, so the pool is only sized with a little room
-for health probes.
+Handlers run on grpc's thread pool, one per stream; a language model's
+handlers only hand requests to the decode loop (scheduler.py) and relay its
+events, so the one thread that owns the model decodes for all of them. The
+daemon already limits how many requests a worker gets at once (its
+concurrency), so the pool is sized for that with a little room for probes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 from typing import Iterator
 
 import grpc
@@ -19,6 +22,7 @@ from mpsd.generate_params import InvalidRequest, parse_generate_request
 from mpsd.oom import exception_oom
 from mpsd.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
 from mpsd.worker.backends.base import Finished
+from mpsd.worker.scheduler import DeadlinePassed, DecodeScheduler, OutOfMemory, Submission
 from mpsd.worker.tensors import to_array, to_tensor
 
 
@@ -46,22 +50,27 @@ class Counters:
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, worker_id: str, backend_name: str, model) -> None:
+    def __init__(self, worker_id: str, backend_name: str, model, scheduler: DecodeScheduler | None) -> None:
         self._worker_id = worker_id
         self._backend_name = backend_name
         self._model = model
+        self._scheduler = scheduler  # language models: the one thread that decodes; None for tensor models
         self._counters = Counters()
         self._pid = os.getpid()
 
     def Generate(self, request, context):
-        if not hasattr(self._model, "generate"):
+        """Hands the request to the decode loop and relays its events; leaving or a deadline drops it there."""
+        if self._scheduler is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model of backend {self._backend_name} does not generate; use Predict")
         try:
             params = parse_generate_request(request)
         except InvalidRequest as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        remaining = context.time_remaining()
+        submission = self._scheduler.submit(params, None if remaining is None else time.monotonic() + remaining)
+        context.add_callback(submission.cancel)
         with self._serving(context):
-            yield from self._stream(params, context)
+            yield from self._stream(submission)
 
     @contextlib.contextmanager
     def _serving(self, context) -> Iterator[None]:
@@ -71,6 +80,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             yield
         except InvalidRequest as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except DeadlinePassed as exc:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
         except Exception as exc:
             self._abort_if_oom(exc, context)
             raise
@@ -79,16 +90,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def _abort_if_oom(self, exc: Exception, context) -> None:
         """An OOM inside a request fails that request only; the daemon learns of it from Stats."""
-        meaning = exception_oom(exc)
-        if meaning is None:
+        if isinstance(exc, OutOfMemory):
+            text = str(exc)  # the scheduler already named it
+        elif meaning := exception_oom(exc):
+            text = f"out of memory ({meaning}): {exc}"
+        else:
             return
-        text = f"out of memory ({meaning}): {exc}"
         self._counters.record_oom(text)
         sys.stderr.write(f"mpsd worker {self._pid}: {text}\n")
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, text)
 
-    def _stream(self, params, context):
-        for event in self._model.generate(params, context.is_active):
+    def _stream(self, submission: Submission):
+        for event in submission:
             if isinstance(event, Finished):
                 yield inference_pb2.GenerateResponse(finish=inference_pb2.Finish(
                     reason=event.reason,
@@ -125,4 +138,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             backend_memory_note=report.note,
             oom_events=self._counters.oom_events,
             last_oom=self._counters.last_oom,
+            **self._batch_figures(),
         )
+
+    def _batch_figures(self) -> dict[str, int]:
+        scheduler = self._scheduler
+        if scheduler is None:
+            return {}
+        return {"running_sequences": scheduler.running, "kv_bytes": scheduler.kv_bytes,
+                "kv_reserve_bytes": scheduler.kv_reserve_bytes}

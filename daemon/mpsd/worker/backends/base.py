@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, Protocol
+from typing import Protocol, Sequence
 
 from mpsd.generate_params import GenerateParams, InvalidRequest
 
-__all__ = ["BootFailure", "Finished", "GenerateParams", "InvalidRequest", "MemoryReport", "TokenEvent"]
+__all__ = ["BatchEngine", "BootFailure", "Finished", "GenerateParams", "InvalidRequest", "MemoryReport", "StepOutput",
+           "TokenEvent"]
 
 
 class BootFailure(RuntimeError):
@@ -42,14 +43,42 @@ class MemoryReport:
     note: str = ""  # why bytes_by_kind is empty, when it is
 
 
-class LanguageModel(Protocol):
+@dataclasses.dataclass
+class StepOutput:
+    """What one engine step did: the token each sequence got, and which sequences cannot go on."""
+
+    tokens: dict[int, int] = dataclasses.field(default_factory=dict)            # sequence id -> token id
+    failed: dict[int, BaseException] = dataclasses.field(default_factory=dict)  # e.g. its own prefill ran out of memory
+    prefill_tokens: int = 0   # prompt tokens this step processed (at most one chunk)
+    decode_rows: int = 0      # sequences this step decoded a token for, together
+
+
+class BatchEngine(Protocol):
+    """A language model decoding many sequences per step; only the scheduler thread calls it.
+
+    add() queues a sequence for prefill; each step() runs at most one prefill
+    chunk and one decode step for every sequence past its prefill; remove()
+    drops a sequence wherever it is and frees its KV cache. Sequences are
+    independent: per-request temperature, top_p and seed hold in a batch.
+    """
+
     device: str
     context_length: int
+    eos_ids: frozenset[int]
+    kv_bytes_per_token: int  # one token of one sequence, all layers: what a full batch is reserved by
 
-    def generate(self, params: GenerateParams, keep_going: Callable[[], bool]) -> Iterator[TokenEvent | Finished]:
-        """Yields TokenEvents, then one Finished, unless keep_going() turns False."""
+    def encode(self, text: str) -> list[int]: ...
 
-    def warm_up(self) -> None: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int) -> None: ...
+
+    def step(self) -> StepOutput: ...
+
+    def remove(self, seq_id: int) -> None: ...
+
+    def kv_bytes(self) -> int:
+        """KV cache held now, all sequences together (0 where the backend cannot tell)."""
 
     def memory_report(self) -> MemoryReport: ...
 

@@ -1,28 +1,38 @@
-"""An mlx-lm causal LM from a local directory, decoded token by token (issue 6).
+"""An mlx-lm causal LM from a local directory, decoding many sequences per step.
 
 Runs on Metal on Apple silicon and on the MLX CPU backend elsewhere (Linux:
 `pip install "mlx[cpu]"`). mpsd's own torch code stays out of an mlx worker;
 mlx-lm's tokenizer imports transformers, which imports torch when it is
 installed in the same environment (it costs start time, not correctness).
 
-Wiring. mlx-lm 0.32.2's `stream_generate` (and `generate`, and
-`BatchGenerator`) wrap every generation in `mlx_lm.generate.wired_limit`,
-which calls `mlx_lm.utils.maybe_set_recommended_wired_limit()`: on Metal it
-sets the wired limit to the device's whole `max_recommended_working_set_size`
-for the duration of the generation and restores the previous value after. With
-several workers on one Mac each would try to wire the whole working set, so
-this backend does not call `stream_generate`: it drives
-`mlx_lm.generate.generate_step` (the token loop `stream_generate` wraps, which
-never touches the wired limit) itself, and the wired limit stays what the
-worker's spec set at load (`mx.set_wired_limit`), or MLX's default of 0 when
-none was given. On the CPU backend the wired limit is a no-op either way.
+Batching. mlx-lm 0.32's `BatchGenerator` does what the scheduler needs:
+insert() a prompt at any time, next() for one decode step of every running
+sequence plus one prefill chunk of waiting prompts (left-padded per-row
+offsets, chunked prefill interleaved with decode), remove() at any stage,
+which drops the sequence's rows of the batched KV cache. It takes one sampler
+per request, which is how seeds hold (below). Measured on the CPU backend,
+batched rows were bit-identical to solo decoding, greedy and seeded, with
+sequences joining and leaving mid-way. mpsd keeps its own end-of-text, stop
+and budget rules (SequenceStream), so the generator is given no stop tokens
+and one token more than the budget, and never ends a sequence by itself.
+
+Wiring. `BatchGenerator()` (like `stream_generate`) calls
+`mlx_lm.utils.maybe_set_recommended_wired_limit()`: on Metal it sets the
+wired limit to the device's whole `max_recommended_working_set_size` until
+`close()`. With several workers on one Mac each would try to wire the whole
+working set, so the generator is closed right after it is built (it stays
+usable: close() only restores the limit), and the wired limit stays what the
+worker's spec set at load (`mx.set_wired_limit`), or MLX's default of 0. On
+the CPU backend the wired limit is a no-op either way.
 
 Sampling. mlx-lm's `make_sampler` draws from MLX's global random state, so a
 seed set with `mx.random.seed` reproduces a request only while no other
-request samples at the same time. Here each request owns a PRNG key (from its
-seed, or fresh randomness) and splits it per token, so a seeded request gives
-the same tokens whatever runs beside it; greedy and top_p follow mlx-lm's own
-`apply_top_p` and the same rules as the torch backend.
+request samples at the same time (mlx_lm.server therefore never batches a
+seeded request). Here each request owns a PRNG key (from its seed, or fresh
+randomness) and splits it per token, so a seeded request gives the same
+tokens whatever runs beside it; greedy and top_p follow mlx-lm's own
+`apply_top_p` and the same rules as the torch backend. BatchGenerator calls a
+request's sampler on its own row whenever the rows' samplers differ.
 """
 
 from __future__ import annotations
@@ -30,14 +40,15 @@ from __future__ import annotations
 import json
 import pathlib
 import secrets
-from typing import Callable, Iterator
+from typing import Callable
 
-from mpsd.worker.backends.base import BootFailure, Finished, GenerateParams, MemoryReport, TokenEvent
 from mpsd.backend_memory import MLX_ACTIVE, MLX_CACHE, MLX_MAX_RECOMMENDED_WORKING_SET, MLX_MEMORY_SIZE, MLX_PEAK
-from mpsd.worker.backends.streaming import check_prompt, stream_events
+from mpsd.worker.backends.base import BootFailure, GenerateParams, MemoryReport, StepOutput
 from mpsd.worker_spec import WorkerSpec
 
 FLOAT32_MAX = 3.4028234663852886e38
+PREFILL_CHUNK_TOKENS = 256  # prompt tokens per prefilling sequence per step
+PREFILL_SEQUENCES = 4       # prompts prefilled together in one step
 CPU_NOTE = ("mlx on the cpu backend: the device has no Metal working set, so "
             f"{MLX_MAX_RECOMMENDED_WORKING_SET} and {MLX_MEMORY_SIZE} are absent")
 
@@ -49,6 +60,7 @@ class MlxCausalLM:
         memory_limit_bytes: int | None = None,
         wired_limit_bytes: int | None = None,
         cache_limit_bytes: int | None = None,
+        max_sequences: int = 1,
     ) -> None:
         import mlx.core as mx
 
@@ -67,13 +79,12 @@ class MlxCausalLM:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise BootFailure(f"cannot load the model in {model_dir!r}: {exc}") from exc
         self.context_length = _context_length(config)
-        self._eos_ids = _eos_ids(config, self._tokenizer)
-
-    def warm_up(self) -> None:
-        """One short greedy run, so the first client does not pay for lazy init."""
-        params = GenerateParams(prompt="Hello", max_tokens=4, temperature=0.0, top_p=1.0, seed=0, stop=())
-        for _ in self.generate(params, lambda: True):
-            pass
+        self.eos_ids = _eos_ids(config, self._tokenizer)
+        self._max_sequences = max_sequences
+        self._generator = None  # built on the scheduler thread: MLX streams belong to a thread
+        self._uids: dict[int, int] = {}  # sequence id -> the generator's uid
+        self._sequences: dict[int, int] = {}  # the generator's uid -> sequence id
+        self.kv_bytes_per_token = _kv_bytes_per_token(mx, self._model)
 
     def memory_report(self) -> MemoryReport:
         mx = self._mx
@@ -90,30 +101,48 @@ class MlxCausalLM:
             return MemoryReport(figures)
         return MemoryReport(figures, note=CPU_NOTE)
 
-    def generate(self, params: GenerateParams, keep_going: Callable[[], bool]) -> Iterator[TokenEvent | Finished]:
-        from mlx_lm.generate import generate_step
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
 
-        mx = self._mx
-        prompt_ids = list(self._tokenizer.encode(params.prompt, add_special_tokens=False))
-        check_prompt(prompt_ids, params, self.context_length)
-        budget = min(params.max_tokens, self.context_length - len(prompt_ids))
-        # generate_step, not stream_generate: see the module docstring on wiring.
-        # MLX errors ("[metal::malloc] ...", "[malloc] Unable to allocate ...")
-        # propagate unchanged; the worker server classifies them as out of memory.
-        steps = generate_step(
-            mx.array(prompt_ids), self._model,
-            max_tokens=budget, sampler=_make_sampler(mx, params),
-        )
-        try:
-            yield from stream_events(
-                (token_id for token_id, _logprobs in steps), prompt_ids=prompt_ids, params=params, budget=budget,
-                eos_ids=self._eos_ids, decode=self._decode, keep_going=keep_going,
-            )
-        finally:
-            steps.close()  # leaves generate_step's stream context even when we stop early
-
-    def _decode(self, ids) -> str:
+    def decode(self, ids) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int) -> None:
+        (uid,) = self._batch().insert([prompt_ids], max_tokens=[budget + 1], samplers=[_make_sampler(self._mx, params)])
+        self._uids[seq_id], self._sequences[uid] = uid, seq_id
+
+    def remove(self, seq_id: int) -> None:
+        uid = self._uids.pop(seq_id, None)
+        if uid is not None:
+            del self._sequences[uid]
+            self._batch().remove([uid])
+
+    def kv_bytes(self) -> int:
+        return int(self._batch().prompt_cache_nbytes)
+
+    def step(self) -> StepOutput:
+        """MLX errors ("[metal::malloc] ...", "[malloc] Unable to allocate ...") propagate unchanged:
+        the scheduler classifies them as out of memory."""
+        generator = self._batch()
+        with generator.stats() as stats:
+            _, responses = generator.next()
+        output = StepOutput(prefill_tokens=stats.prompt_tokens, decode_rows=len(responses))
+        for response in responses:
+            if response.uid in self._sequences:  # a removed one may still answer once: the batch runs a step ahead
+                output.tokens[self._sequences[response.uid]] = int(response.token)
+        return output
+
+    def _batch(self):
+        if self._generator is None:
+            from mlx_lm.generate import BatchGenerator
+
+            mx = self._mx
+            self._generator = BatchGenerator(
+                self._model, stop_tokens=None, completion_batch_size=self._max_sequences,
+                prefill_batch_size=min(PREFILL_SEQUENCES, self._max_sequences),
+                prefill_step_size=PREFILL_CHUNK_TOKENS, stream=mx.default_stream(mx.default_device()))
+            self._generator.close()  # give back the wired limit it took: see the module docstring
+        return self._generator
 
 
 def load(spec: WorkerSpec, log: Callable[[str], None]) -> MlxCausalLM:
@@ -123,6 +152,7 @@ def load(spec: WorkerSpec, log: Callable[[str], None]) -> MlxCausalLM:
         memory_limit_bytes=spec.mlx_memory_limit,
         wired_limit_bytes=spec.mlx_wired_limit,
         cache_limit_bytes=spec.mlx_cache_limit,
+        max_sequences=spec.concurrency,
     )
     log(f"mlx-lm model on {model.device}, limits set (previous values: {model.limits_before})")
     return model
@@ -149,6 +179,20 @@ def _make_sampler(mx, params: GenerateParams) -> Callable:
         return mx.random.categorical(best_is_zero * inverse_temperature, key=sub)
 
     return sampler
+
+
+def _kv_bytes_per_token(mx, model) -> int:
+    """One token through the model; MLX caches grow in blocks, so bytes are divided by the slots allocated."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([[0]]), cache=cache))
+    total = 0
+    for layer in cache:
+        for array in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if array is not None and array.ndim == 4 and array.shape[2]:
+                total += array.nbytes // array.shape[2]
+    return total
 
 
 def _apply_limits(mx, memory: int | None, wired: int | None, cache: int | None) -> dict[str, int]:

@@ -1,16 +1,17 @@
-"""A zero-compute language model: yields tokens as fast as Python can.
+"""A zero-compute language model: every step gives every sequence its next word at once.
 
-It exists to measure mpsd itself — the daemon's per-token cost and its
-transport ceiling — with no model in the way (benchmarks/ uses it). It honours
-the same parameters as a real model so the request path is the real one.
+It exists to measure mpsd itself — the scheduler, the worker's per-token
+cost and the daemon's transport ceiling — with no model in the way
+(benchmarks/ uses it). It goes through the same scheduler and streaming rules
+as a real model, so the request path is the real one. Its vocabulary is five
+words; a prompt counts one token per word.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Sequence
 
-from mpsd.worker.backends.base import Finished, GenerateParams, MemoryReport, TokenEvent
-from mpsd.worker.backends.text import StopMatcher
+from mpsd.worker.backends.base import GenerateParams, MemoryReport, StepOutput
 from mpsd.worker_spec import WorkerSpec
 
 CONTEXT_LENGTH = 1 << 20
@@ -20,27 +21,36 @@ WORDS = ("lorem ", "ipsum ", "dolor ", "sit ", "amet ")
 class NullLM:
     device = "none"
     context_length = CONTEXT_LENGTH
+    eos_ids = frozenset()
+    kv_bytes_per_token = 0
 
-    def warm_up(self) -> None:
-        """Nothing to warm."""
+    def __init__(self) -> None:
+        self._generated: dict[int, int] = {}  # sequence id -> tokens given so far
 
     def memory_report(self) -> MemoryReport:
         return MemoryReport({}, note="null-lm holds no model")
 
-    def generate(self, params: GenerateParams, keep_going: Callable[[], bool]) -> Iterator[TokenEvent | Finished]:
-        prompt_tokens = max(1, len(params.prompt.split()))
-        stops = StopMatcher(params.stop)
-        for index in range(params.max_tokens):
-            if not keep_going():
-                return
-            text, stopped = stops.feed(WORDS[index % len(WORDS)])
-            if stopped:
-                if text:
-                    yield TokenEvent(index, index % len(WORDS), text)
-                yield Finished("stop", prompt_tokens, index + 1)
-                return
-            yield TokenEvent(index, index % len(WORDS), text)
-        yield Finished("length", prompt_tokens, params.max_tokens)
+    def encode(self, text: str) -> list[int]:
+        return [0] * len(text.split())
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(WORDS[i] for i in ids)
+
+    def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int) -> None:
+        self._generated[seq_id] = 0
+
+    def remove(self, seq_id: int) -> None:
+        self._generated.pop(seq_id, None)
+
+    def kv_bytes(self) -> int:
+        return 0
+
+    def step(self) -> StepOutput:
+        output = StepOutput(decode_rows=len(self._generated))
+        for seq_id, count in self._generated.items():
+            output.tokens[seq_id] = count % len(WORDS)
+            self._generated[seq_id] = count + 1
+        return output
 
 
 def load(spec: WorkerSpec, log: Callable[[str], None]) -> NullLM:

@@ -1,13 +1,14 @@
 """The rules every generative backend streams by, written once.
 
 A backend supplies token ids; this turns them into TokenEvents and one
-Finished: end of text, stop sequences (held back until certain), the token
-budget, and the client leaving. Frameworks differ only in how they pick ids.
+Finished: end of text, stop sequences (held back until certain) and the token
+budget. Frameworks differ only in how they pick ids; the client leaving and
+its deadline are the scheduler's to watch.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Collection, Iterable, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 from mpsd.generate_params import GenerateParams, InvalidRequest, check_against_model
 from mpsd.worker.backends.base import Finished, TokenEvent
@@ -25,33 +26,44 @@ def check_prompt(prompt_ids: Sequence[int], params: GenerateParams, context_leng
     check_against_model(params, context_length)
 
 
-def stream_events(
-    token_ids: Iterable[int], *, prompt_ids: Sequence[int], params: GenerateParams, budget: int,
-    eos_ids: Collection[int], decode: Callable[[Sequence[int]], str], keep_going: Callable[[], bool],
-) -> Iterator[TokenEvent | Finished]:
-    detokenizer = IncrementalDetokenizer(decode, prompt_ids)
-    stops = StopMatcher(params.stop)
-    steps = iter(token_ids)
-    for index in range(budget):
-        if not keep_going():
-            return
-        token_id = int(next(steps))
-        if token_id in eos_ids:
-            yield from _held_back(index, token_id, stops.flush())
-            yield Finished("stop", len(prompt_ids), index + 1)
-            return
-        text, stopped = stops.feed(detokenizer.push(token_id))
+class SequenceStream:
+    """One request's rules, fed a token at a time by the scheduler, whatever else shares the batch.
+
+    push() returns the events a token gives: TokenEvents, and a Finished as
+    the last one once end of text, a stop sequence or the budget is reached.
+    """
+
+    def __init__(self, *, prompt_ids: Sequence[int], params: GenerateParams, budget: int,
+                 eos_ids: Collection[int], decode: Callable[[Sequence[int]], str]) -> None:
+        self._prompt_tokens = len(prompt_ids)
+        self._budget = budget
+        self._eos_ids = eos_ids
+        self._detokenizer = IncrementalDetokenizer(decode, prompt_ids)
+        self._stops = StopMatcher(params.stop)
+        self.generated = 0
+        self.finished = False
+
+    def push(self, token_id: int) -> list[TokenEvent | Finished]:
+        index = self.generated
+        self.generated += 1
+        if token_id in self._eos_ids:
+            return self._finish(index, token_id, self._stops.flush(), "stop")
+        text, stopped = self._stops.feed(self._detokenizer.push(token_id))
         if stopped:
-            yield from _held_back(index, token_id, text)
-            yield Finished("stop", len(prompt_ids), index + 1)
-            return
-        if index == budget - 1:
-            text += stops.flush()
-        yield TokenEvent(index, token_id, text)
-    yield Finished("length", len(prompt_ids), budget)
+            return self._finish(index, token_id, text, "stop")
+        if self.generated == self._budget:
+            return self._finish(index, token_id, text + self._stops.flush(), "length", last_text_always=True)
+        return [TokenEvent(index, token_id, text)]
+
+    def _finish(self, index: int, token_id: int, text: str, reason: str,
+                last_text_always: bool = False) -> list[TokenEvent | Finished]:
+        self.finished = True
+        events: list[TokenEvent | Finished] = list(_held_back(index, token_id, text, last_text_always))
+        events.append(Finished(reason, self._prompt_tokens, index + 1 if reason == "stop" else self._budget))
+        return events
 
 
-def _held_back(index: int, token_id: int, text: str) -> Iterator[TokenEvent]:
-    """The last piece of text before a stop, if the stop left any."""
-    if text:
+def _held_back(index: int, token_id: int, text: str, always: bool) -> Iterator[TokenEvent]:
+    """The last piece of text before a stop, if the stop left any; the budget's last token always counts."""
+    if text or always:
         yield TokenEvent(index, token_id, text)

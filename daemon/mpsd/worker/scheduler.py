@@ -1,0 +1,251 @@
+"""The decode loop: one thread owns the model and the device, however many clients there are.
+
+RPC handler threads only hand requests in (`submit`) and read events out of
+their own queue. Each pass of the loop takes in new requests, lets go of
+the ones whose client left or whose deadline passed, and asks the engine for
+one step: a prefill chunk for joining prompts and one token for every running
+sequence. Each token goes through that request's own SequenceStream (end of
+text, stop sequences, budget); a finished sequence leaves the engine at once,
+which frees its KV cache. One thread touching the device is also what makes
+MPS and MLX safe, which are not for several threads at a time.
+
+An engine (backends/*) knows its framework; this loop knows requests.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import queue
+import threading
+import time
+import traceback
+from typing import Callable, Iterator
+
+from mpsd.generate_params import GenerateParams, InvalidRequest
+from mpsd.oom import exception_oom
+from mpsd.worker.backends.base import BatchEngine, Finished, StepOutput, TokenEvent
+from mpsd.worker.backends.streaming import SequenceStream, check_prompt
+
+IDLE_WAIT_S = 0.5
+STEP_HISTORY = 4096  # recent steps kept for tests and status: what each step did
+
+
+class DeadlinePassed(Exception):
+    """The client's deadline passed while its sequence was in the batch."""
+
+
+class OutOfMemory(Exception):
+    """This sequence could not be given memory; the others in the batch go on."""
+
+
+class _Closed:
+    """Ends a request's event queue without a Finished: the client left."""
+
+
+@dataclasses.dataclass(eq=False)
+class Submission:
+    """One request, shared by its RPC thread (reads events) and the scheduler thread (writes them)."""
+
+    params: GenerateParams
+    deadline: float | None  # time.monotonic() seconds
+    wake: Callable[[], None]
+    events: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """From any thread: the scheduler drops the sequence before its next step."""
+        if not self.cancelled.is_set():
+            self.cancelled.set()
+            self.events.put(_Closed())
+            self.wake()
+
+    def __iter__(self) -> Iterator[TokenEvent | Finished]:
+        """TokenEvents then one Finished; raises the request's failure; ends early if cancelled."""
+        while True:
+            event = self.events.get()
+            if isinstance(event, _Closed):
+                return
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+            if isinstance(event, Finished):
+                return
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    prefill_tokens: int
+    decode_rows: int
+    seconds: float
+
+
+@dataclasses.dataclass
+class _Running:
+    submission: Submission
+    stream: SequenceStream
+
+
+class DecodeScheduler:
+    def __init__(self, engine: BatchEngine, max_sequences: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._engine = engine
+        self._max_sequences = max_sequences
+        self._clock = clock
+        self._inbox: collections.deque[Submission] = collections.deque()
+        self._wakeup = threading.Condition()
+        self._running: dict[int, _Running] = {}
+        self._ids = itertools.count()
+        self._stopping = False
+        self._stopped = threading.Event()
+        self.steps: collections.deque[StepRecord] = collections.deque(maxlen=STEP_HISTORY)
+        self.kv_bytes = 0  # written by the scheduler thread after each step; read by Stats
+        self._thread = threading.Thread(target=self._loop, name="mpsd-decode", daemon=True)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def kv_reserve_bytes(self) -> int:
+        """KV cache a full batch of full-context sequences would hold: what admission must leave room for."""
+        return self._engine.kv_bytes_per_token * self._engine.context_length * self._max_sequences
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Returns once the loop has stopped; the thread itself stays parked (see _park)."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        self._stopped.wait()
+
+    def submit(self, params: GenerateParams, deadline: float | None = None) -> Submission:
+        submission = Submission(params, deadline, self._wake)
+        with self._wakeup:
+            self._inbox.append(submission)
+            self._wakeup.notify()
+        return submission
+
+    def _wake(self) -> None:
+        with self._wakeup:
+            self._wakeup.notify()
+
+    # -- the scheduler thread ------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            self._decode_until_stopped()
+        finally:
+            self._stopped.set()
+        _park()
+
+    def _decode_until_stopped(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._stopping and not self._inbox and not self._running:
+                    self._wakeup.wait(IDLE_WAIT_S)
+                if self._stopping:
+                    return
+                joining = self._take_joining()
+            for submission in joining:
+                self._join(submission)
+            self._let_go()
+            if self._running:
+                self._step()
+
+    def _take_joining(self) -> list[Submission]:
+        room = self._max_sequences - len(self._running)
+        joining = []
+        while self._inbox and len(joining) < room:
+            joining.append(self._inbox.popleft())
+        return joining
+
+    def _join(self, submission: Submission) -> None:
+        """Tokenizes and checks the prompt here, on the thread that owns the model; bad input fails alone."""
+        if submission.cancelled.is_set():
+            return
+        engine, params = self._engine, submission.params
+        try:
+            prompt_ids = engine.encode(params.prompt)
+            check_prompt(prompt_ids, params, engine.context_length)
+        except InvalidRequest as exc:
+            submission.events.put(exc)
+            return
+        budget = min(params.max_tokens, engine.context_length - len(prompt_ids))
+        seq_id = next(self._ids)
+        stream = SequenceStream(prompt_ids=prompt_ids, params=params, budget=budget,
+                                eos_ids=engine.eos_ids, decode=engine.decode)
+        self._running[seq_id] = _Running(submission, stream)
+        engine.add(seq_id, prompt_ids, params, budget)
+
+    def _let_go(self) -> None:
+        """Sequences whose client left or whose deadline passed leave before the next step."""
+        now = self._clock()
+        for seq_id, running in list(self._running.items()):
+            submission = running.submission
+            if submission.cancelled.is_set():
+                self._leave(seq_id)
+            elif submission.deadline is not None and now >= submission.deadline:
+                self._leave(seq_id, DeadlinePassed("the request's deadline passed while it was generating"))
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        try:
+            output = self._engine.step()
+        except Exception as exc:  # noqa: BLE001  (the batch must survive what one step raised)
+            self._step_failed(exc)
+            return
+        self.steps.append(StepRecord(output.prefill_tokens, output.decode_rows, time.perf_counter() - started))
+        for seq_id, exc in output.failed.items():
+            self._leave(seq_id, _as_failure(exc))
+        for seq_id, token_id in output.tokens.items():
+            self._deliver(seq_id, token_id)
+        self.kv_bytes = self._engine.kv_bytes()
+
+    def _deliver(self, seq_id: int, token_id: int) -> None:
+        running = self._running.get(seq_id)
+        if running is None:
+            return
+        for event in running.stream.push(token_id):
+            running.submission.events.put(event)
+        if running.stream.finished:
+            self._leave(seq_id)
+
+    def _step_failed(self, exc: Exception) -> None:
+        """Out of memory: the youngest sequence gives its memory back and fails; the rest try again.
+        Anything else is a bug in the step: every sequence in it fails with the error, the worker lives."""
+        if exception_oom(exc) and self._running:
+            self._leave(max(self._running), _as_failure(exc))
+            return
+        traceback.print_exc()
+        for seq_id in list(self._running):
+            self._leave(seq_id, exc)
+
+    def _leave(self, seq_id: int, failure: BaseException | None = None) -> None:
+        running = self._running.pop(seq_id, None)
+        if running is None:
+            return
+        self._engine.remove(seq_id)
+        self.kv_bytes = self._engine.kv_bytes()
+        if failure is not None:
+            running.submission.events.put(failure)
+        elif not running.stream.finished:
+            running.submission.events.put(_Closed())
+
+
+def _park() -> None:
+    """The decode thread never exits: MLX keeps a compile cache per thread whose destructor takes the GIL, and a
+    thread ending while the interpreter shuts down aborts the process (std::terminate, seen in about a third of
+    worker exits). A parked daemon thread is simply frozen at exit, as grpc's pool threads are."""
+    threading.Event().wait()
+
+
+def _as_failure(exc: BaseException) -> BaseException:
+    """An out-of-memory error becomes OutOfMemory naming what ran out; others pass as they are."""
+    meaning = exception_oom(exc)
+    return OutOfMemory(f"out of memory ({meaning}): {exc}") if meaning else exc
+
+
+__all__ = ["DeadlinePassed", "DecodeScheduler", "OutOfMemory", "StepOutput", "StepRecord", "Submission"]
