@@ -62,6 +62,14 @@ class Client(threading.Thread):
         return self
 
 
+def started(scheduler: DecodeScheduler, requests: list[GenerateParams]) -> list[Client]:
+    """Clients already reading their streams, submitted in order."""
+    clients = [Client(scheduler, request) for request in requests]
+    for client in clients:
+        client.start()
+    return clients
+
+
 def together(scheduler: DecodeScheduler, requests: list[GenerateParams], stagger_s: float = 0.0) -> list[Client]:
     """All requests in flight at once (joining a running batch when staggered); waits for every one."""
     clients = []

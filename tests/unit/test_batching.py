@@ -23,7 +23,7 @@ from mpsd.worker.backends.base import Finished, TokenEvent  # noqa: E402
 from mpsd.worker.backends.torch_lm import PREFILL_CHUNK_TOKENS, TorchCausalLM  # noqa: E402
 from mpsd.worker.scheduler import DeadlinePassed, OutOfMemory  # noqa: E402
 
-from decoding import Client, params, run, running, together, token_ids  # noqa: E402
+from decoding import Client, params, run, running, started, together, token_ids  # noqa: E402
 
 MPS_OOM = ("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.20 GB, max allowed: 18.13 GB). "
            "Tried to allocate 256.00 MB on private pool.")
@@ -61,9 +61,7 @@ def test_greedy_and_seeded_requests_give_the_same_tokens_batched_as_alone(demo):
 
 def test_cancel_mid_batch_frees_the_slot_and_the_others_keep_streaming(slow):
     with running(slow, 4) as scheduler:
-        clients = [Client(scheduler, params(p, 30)) for p in PROMPTS[:3]]
-        for client in clients:
-            client.start()
+        clients = started(scheduler, [params(p, 30) for p in PROMPTS[:3]])
         _wait(lambda: len(clients[1].events) >= 3, "a few tokens")
         clients[1].submission.cancel()
         for client in clients:
@@ -88,9 +86,7 @@ def test_a_deadline_passing_mid_batch_ends_only_that_request(slow):
 
 def test_a_request_joining_a_running_batch_streams_before_the_batch_finishes(slow):
     with running(slow, 4) as scheduler:
-        long = [Client(scheduler, params(p, 80)) for p in PROMPTS[:2]]
-        for client in long:
-            client.start()
+        long = started(scheduler, [params(p, 80) for p in PROMPTS[:2]])
         _wait(lambda: len(long[0].events) >= 5, "the batch to be running")
         short = Client(scheduler, params(PROMPTS[3], 5))
         short.start()
@@ -122,9 +118,7 @@ def test_a_long_prompt_joins_in_chunks_and_the_others_get_a_token_every_step(slo
 
 def test_bad_input_fails_alone_while_the_batch_goes_on(demo):
     with running(demo, 4) as scheduler:
-        good = [Client(scheduler, params(p, 40)) for p in PROMPTS[:2]]
-        for client in good:
-            client.start()
+        good = started(scheduler, [params(p, 40) for p in PROMPTS[:2]])
         with pytest.raises(InvalidRequest, match="^prompt: .* does not fit the model's context"):
             list(scheduler.submit(params("hello " * 2000)))
         with pytest.raises(InvalidRequest, match="^max_tokens: "):

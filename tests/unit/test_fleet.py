@@ -50,6 +50,7 @@ class FakeProcess:
         self.stub = object()
         self.signals: list[signal.Signals] = []
         self.answering = True
+        self.stats_reply = worker_pb2.WorkerStats(device="cpu")
         self.exit_on_term = True
         self.stderr_tail: list[str] = []
         self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -63,7 +64,7 @@ class FakeProcess:
     async def stats(self, timeout_s: float) -> worker_pb2.WorkerStats:
         if not self.answering:
             raise ConnectionError("no answer")
-        return worker_pb2.WorkerStats(device="cpu")
+        return self.stats_reply
 
     def send_signal(self, signum: signal.Signals) -> None:
         self.signals.append(signum)
@@ -306,3 +307,15 @@ def test_apply_config_keeps_unchanged_workers_and_replaces_changed_ones(tmp_path
 
     run(scenario)
 
+
+
+def test_the_learned_footprint_leaves_room_for_the_kv_cache_a_full_batch_would_hold(tmp_path):
+    async def scenario():
+        h = await Harness(tmp_path, ONE_MODEL.replace('footprint = "1GiB"\n', "")).all_ready()
+        assert h.fleet.snapshot().models[0].footprint_source == "learned"  # the process's half GiB
+        h.processes[0].stats_reply = worker_pb2.WorkerStats(device="cpu", kv_bytes=GiB // 4, kv_reserve_bytes=GiB)
+        await h.step(1)  # the next health probe brings the figures
+        model = h.fleet.snapshot().models[0]
+        assert (model.footprint_bytes, model.footprint_source) == (GiB // 2 + 3 * GiB // 4, "learned")
+
+    run(scenario)
