@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -152,6 +153,78 @@ class Daemon:
                 pass
 
 
+class Stream:
+    """One Generate call read on its own thread, recording what came, how it ended and when."""
+
+    def __init__(self, daemon: Daemon, max_tokens: int, prompt: str = "The", model: str = "slow",
+                 timeout: float = 120, **fields) -> None:
+        fields.setdefault("temperature", 0)
+        self.max_tokens = max_tokens
+        self.first_token = threading.Event()
+        self.first_token_at = 0.0  # time.monotonic()
+        self.messages: list = []
+        self.error: grpc.RpcError | None = None
+        self.ended_at = 0.0
+        self._call = daemon.inference().Generate(inference_pb2.GenerateRequest(
+            model=model, prompt=prompt, max_tokens=max_tokens, **fields), timeout=timeout)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for message in self._call:
+                if not self.messages:
+                    self.first_token_at = time.monotonic()
+                self.messages.append(message)
+                self.first_token.set()
+        except grpc.RpcError as exc:
+            self.error = exc
+        finally:
+            self.ended_at = time.monotonic()
+            self.first_token.set()
+
+    def started(self, timeout: float = 60) -> "Stream":
+        assert self.first_token.wait(timeout), "no first token"
+        return self
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def join(self, timeout: float) -> "Stream":
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "a stream hung"
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def tokens(self) -> list:
+        return [m for m in self.messages if not m.HasField("finish")]
+
+    @property
+    def text(self) -> str:
+        return "".join(m.text for m in self.tokens)
+
+    @property
+    def completed(self) -> bool:
+        """Ended well with every token asked for (the slow model's greedy "The" never meets end of text)."""
+        return (self.error is None and bool(self.messages) and self.messages[-1].HasField("finish")
+                and self.messages[-1].finish.usage.completion_tokens == self.max_tokens)
+
+    @property
+    def worker_id(self) -> str:
+        return self.messages[-1].finish.worker_id if self.completed else ""
+
+    def summary(self) -> str:
+        if self.completed:
+            return f"completed {self.max_tokens} tokens on {self.worker_id}"
+        if self.error is None:
+            return f"ended after {len(self.messages)} messages without an error"
+        return f"{self.error.code().name} after {len(self.messages)} tokens: {self.error.details()}"
+
+
 @contextlib.contextmanager
 def running_daemon(folder: pathlib.Path, config_text: str, ready: int, listen: str = "127.0.0.1:0"):
     """A started daemon with `ready` READY workers, for module fixtures; closed however the block ends."""
@@ -184,7 +257,8 @@ threads = 1
 
 
 def demo_config(replicas: int = 2, queue: int = 2, slow_model: pathlib.Path | None = None, slow_replicas: int = 2) -> str:
-    """The demo model, plus (when given) the slow fixture model as model "slow"."""
+    """The demo model (batching at its backend's default concurrency), plus (when given) the slow fixture model as
+    model "slow" with one slot per worker: it is there to hold a worker busy, so that the next request queues."""
     text = f"""
 [daemon]
 drain_grace = "20s"
@@ -205,6 +279,7 @@ name = "slow"
 backend = "torch-lm"
 path = "{slow_model}"
 replicas = {slow_replicas}
+concurrency = 1
 threads = 1
 queue = {queue}
 """

@@ -9,6 +9,8 @@ import sys
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from mpsd.backends import BACKENDS
+
 
 def mpsctl(daemon, *args, timeout=60):
     return subprocess.run(
@@ -26,8 +28,11 @@ def test_status_json_has_the_contracted_shape(shared_daemon):
     assert status["daemon"]["version"] and status["daemon"]["uptime_s"] > 0
     assert status["memory"]["budget_bytes"] > 0
     assert [m["name"] for m in status["models"]] == ["demo", "slow"] and status["models"][0]["context_length"] == 1024
+    assert [m["concurrency"] for m in status["models"]] == [BACKENDS["torch-lm"].default_concurrency, 1], \
+        "demo batches at torch-lm's default; slow is set to one slot"
     for worker in status["workers"]:
-        assert set(worker) >= {"id", "model", "pid", "state", "reason", "restarts", "inflight", "tokens", "memory_bytes"}
+        assert set(worker) >= {"id", "model", "pid", "state", "reason", "restarts", "inflight", "tokens", "memory_bytes",
+                               "running_sequences", "kv_bytes"}
         assert worker["state"] == "READY" and worker["pid"] > 0 and worker["memory_bytes"] > 10_000_000
         assert isinstance(worker["tokens"], int) and worker["device"] == "cpu"
         assert worker["backend_memory_note"]  # CPU torch reports none, and says so

@@ -13,14 +13,12 @@ a Metal abort does. The daemon's classification and recovery are real.
 import contextlib
 import os
 import signal
-import threading
 import time
 
 import grpc
 import pytest
 
-from mpsd.v1 import inference_pb2
-from support import pid_alive, wait_for
+from support import Stream, pid_alive, wait_for
 
 METAL_OOM_LINE = ("libc++abi: terminating due to uncaught exception of type std::runtime_error: "
                   "[METAL] Command buffer execution failed: Insufficient Memory "
@@ -46,55 +44,6 @@ threads = 1
 queue = 16
 {extra_model}
 """
-
-
-class Stream:
-    """One Generate call read on its own thread, recording how and when it ended."""
-
-    def __init__(self, daemon, max_tokens: int, prompt: str = "The") -> None:
-        self.max_tokens = max_tokens
-        self.first_token = threading.Event()
-        self.messages: list = []
-        self.error: grpc.RpcError | None = None
-        self.ended_at = 0.0
-        self._call = daemon.inference().Generate(inference_pb2.GenerateRequest(
-            model="slow", prompt=prompt, max_tokens=max_tokens, temperature=0), timeout=120)
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        try:
-            for message in self._call:
-                self.messages.append(message)
-                self.first_token.set()
-        except grpc.RpcError as exc:
-            self.error = exc
-        finally:
-            self.ended_at = time.monotonic()
-            self.first_token.set()
-
-    def started(self, timeout: float = 60) -> "Stream":
-        assert self.first_token.wait(timeout), "no first token"
-        return self
-
-    def join(self, timeout: float) -> "Stream":
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "a stream hung"
-        return self
-
-    @property
-    def completed(self) -> bool:
-        return (self.error is None and bool(self.messages) and self.messages[-1].HasField("finish")
-                and self.messages[-1].finish.usage.completion_tokens == self.max_tokens)
-
-    @property
-    def worker_id(self) -> str:
-        return self.messages[-1].finish.worker_id if self.completed else ""
-
-    def summary(self) -> str:
-        if self.completed:
-            return f"completed {self.max_tokens} tokens on {self.worker_id}"
-        return f"{self.error.code().name} after {len(self.messages)} tokens: {self.error.details()}"
 
 
 def inflight(daemon) -> dict[str, int]:
@@ -214,7 +163,7 @@ def test_sigterm_under_load_finishes_every_stream_refuses_new_ones_and_exits_0(m
     daemon.process.send_signal(signal.SIGTERM)
     wait_for(lambda: "draining" in daemon.log(), 10, "the daemon to start draining")
     refusals = []
-    while any(s._thread.is_alive() for s in streams) and len(refusals) < 20:
+    while any(s.alive for s in streams) and len(refusals) < 20:
         with pytest.raises(grpc.RpcError) as refused:
             daemon.generate("The", model="slow", max_tokens=3)
         refusals.append(refused.value)

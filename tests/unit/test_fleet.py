@@ -314,8 +314,11 @@ def test_the_learned_footprint_leaves_room_for_the_kv_cache_a_full_batch_would_h
         h = await Harness(tmp_path, ONE_MODEL.replace('footprint = "1GiB"\n', "")).all_ready()
         assert h.fleet.snapshot().models[0].footprint_source == "learned"  # the process's half GiB
         h.processes[0].stats_reply = worker_pb2.WorkerStats(device="cpu", kv_bytes=GiB // 4, kv_reserve_bytes=GiB)
-        await h.step(1)  # the next health probe brings the figures
+        await h.step(1)  # the next health probe brings the figures; of the process's half GiB, a quarter is KV
         model = h.fleet.snapshot().models[0]
-        assert (model.footprint_bytes, model.footprint_source) == (GiB // 2 + 3 * GiB // 4, "learned")
+        assert (model.footprint_bytes, model.footprint_source) == (GiB // 2 + GiB, "learned")
+        h.processes[0].stats_reply = worker_pb2.WorkerStats(device="cpu", kv_bytes=0, kv_reserve_bytes=GiB)
+        await h.step(1)  # the batch emptied: the KV it held is not counted twice
+        assert h.fleet.snapshot().models[0].footprint_bytes == GiB // 2 + GiB
 
     run(scenario)

@@ -13,7 +13,7 @@ import asyncio
 import logging
 
 from mpsd.backend_memory import WORKING_SET_KEYS
-from mpsd.supervisor.footprint import unused_kv_reserve, worker_peak_bytes
+from mpsd.supervisor.footprint import worker_peak_bytes
 from mpsd.supervisor.states import PROCESS_STATES, WorkerState
 from mpsd.supervisor.worker_process import WorkerProcess
 from mpsd.supervisor.worker_record import WorkerRecord
@@ -70,10 +70,11 @@ class WorkerHealth:
         working_set = max((stats.backend_memory.get(k, 0) for k in WORKING_SET_KEYS), default=0)
         if working_set:
             self._report_working_set(working_set)
-        peak = worker_peak_bytes(self._footprint_of_pid(worker.pid), dict(stats.backend_memory))
-        worker.peak_bytes = max(worker.peak_bytes, peak)
+        # What it holds without its batch's KV cache, at most; the full batch's KV is then added once.
+        held = worker_peak_bytes(self._footprint_of_pid(worker.pid), dict(stats.backend_memory)) - stats.kv_bytes
+        worker.peak_bytes = max(worker.peak_bytes, held)
         footprint = self._footprints[worker.model.name]
-        footprint.observe(worker.peak_bytes + unused_kv_reserve(stats))
+        footprint.observe(worker.peak_bytes + stats.kv_reserve_bytes)
         if stats.oom_events > worker.oom_events_seen:
             self._count(worker.model.name).request_ooms += stats.oom_events - worker.oom_events_seen
             worker.oom_events_seen = stats.oom_events

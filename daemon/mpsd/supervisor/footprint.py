@@ -64,13 +64,6 @@ def worker_peak_bytes(process_bytes: int, backend_memory: dict[str, int]) -> int
     return max(process_bytes, device)
 
 
-def unused_kv_reserve(stats) -> int:
-    """KV cache a worker's batch may still grow into: what a full batch (concurrency sequences at the model's
-    context) would hold, less what it holds now. Admission counts it, so a batch filling up never meets the wall
-    that a third worker would have."""
-    return max(stats.kv_reserve_bytes - stats.kv_bytes, 0)
-
-
 def estimate_bytes(model_path: str | None) -> int:
     """Files on disk times a factor, plus the process's own overhead; a guess until workers report."""
     if not model_path:

@@ -224,11 +224,12 @@ class DecodeScheduler:
             self._leave(seq_id, exc)
 
     def _leave(self, seq_id: int, failure: BaseException | None = None) -> None:
-        running = self._running.pop(seq_id, None)
+        running = self._running.get(seq_id)
         if running is None:
             return
         self._engine.remove(seq_id)
         self.kv_bytes = self._engine.kv_bytes()
+        del self._running[seq_id]  # after its KV is gone, so Stats never shows KV for no sequence
         if failure is not None:
             running.submission.events.put(failure)
         elif not running.stream.finished:
