@@ -77,6 +77,7 @@ class MemoryConfig:
     probe: str = "auto"
     budget_bytes: int | None = None
     headroom_bytes: int = 0
+    min_residency_s: float = 30.0  # a worker READY for less is never evicted: the anti-thrash rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +97,12 @@ class ModelConfig:
     memory_limit_bytes: int | None = None   # mlx-lm: mx.set_memory_limit
     wired_limit_bytes: int | None = None    # mlx-lm: mx.set_wired_limit
     cache_limit_bytes: int | None = None    # mlx-lm: mx.set_cache_limit
+    # Demand (supervisor/demand.py). With only `replicas` given, min = max = replicas: a static fleet, as before.
+    min_replicas: int = 1
+    max_replicas: int = 1
+    keep_alive_s: float | None = 300.0  # idle time before a worker above min_replicas stops; None: never
+    priority: int = 0                   # higher is evicted last
+    scale_up_queue: int = 1             # queued requests per live worker that start one more
 
     @property
     def generates(self) -> bool:
@@ -261,7 +268,7 @@ def _check_listen(reader: _Reader, listen: str, key: str) -> None:
 
 
 def _memory(reader: _Reader, table: dict[str, Any], base_dir: pathlib.Path) -> MemoryConfig:
-    reader.only_keys(table, "memory.", ("probe", "budget", "headroom"))
+    reader.only_keys(table, "memory.", ("probe", "budget", "headroom", "min_residency"))
     probe = reader.string(table, "probe", "memory.probe", "auto")
     if probe not in ("auto", "host", "macos", "nvml") and not re.match(r"^(file:.+|nvml:[0-9]+)$", probe):
         raise reader.fail("memory.probe", f"must be auto, host, macos, nvml, nvml:N or file:PATH, got {probe!r}")
@@ -271,12 +278,14 @@ def _memory(reader: _Reader, table: dict[str, Any], base_dir: pathlib.Path) -> M
         probe=probe,
         budget_bytes=reader.size(table, "budget", "memory.budget"),
         headroom_bytes=reader.size(table, "headroom", "memory.headroom") or 0,
+        min_residency_s=reader.duration(table, "min_residency", "memory.min_residency", MemoryConfig.min_residency_s),
     )
 
 
 _MODEL_KEYS = (
     "name", "backend", "path", "factory", "replicas", "device", "concurrency", "threads",
     "footprint", "env", "queue", "load_timeout", "memory_limit", "wired_limit", "cache_limit",
+    "min_replicas", "max_replicas", "keep_alive", "priority", "scale_up_queue",
 )
 
 
@@ -298,7 +307,7 @@ def _model(reader: _Reader, table: dict[str, Any], index: int, base_dir: pathlib
         backend=backend,
         path=_model_path(reader, table, at, backend, base_dir),
         factory=_model_factory(reader, table, at, backend),
-        replicas=reader.integer(table, "replicas", at + "replicas", 1, 0),
+        **_demand(reader, table, at),
         device=device,
         concurrency=reader.integer(table, "concurrency", at + "concurrency", BACKENDS[backend].default_concurrency, 1),
         threads=reader.integer(table, "threads", at + "threads", 0, 0),
@@ -308,6 +317,33 @@ def _model(reader: _Reader, table: dict[str, Any], index: int, base_dir: pathlib
         load_timeout_s=reader.duration(table, "load_timeout", at + "load_timeout", 300.0),
         **_mlx_limits(reader, table, at, backend),
     )
+
+
+def _demand(reader: _Reader, table: dict[str, Any], at: str) -> dict[str, Any]:
+    """replicas is the count at start; min/max bound what demand may do. Each refusal names the key."""
+    minimum = reader.integer(table, "min_replicas", at + "min_replicas", 1, 0) if "min_replicas" in table else None
+    replicas = reader.integer(table, "replicas", at + "replicas", 1 if minimum is None else minimum, 0)
+    minimum = replicas if minimum is None else minimum
+    maximum = reader.integer(table, "max_replicas", at + "max_replicas", max(replicas, minimum), 0)
+    if replicas > maximum:
+        raise reader.fail(at + "replicas", f"{replicas} is above max_replicas {maximum}")
+    if minimum > maximum:
+        raise reader.fail(at + "min_replicas", f"{minimum} is above max_replicas {maximum}")
+    if replicas < minimum:
+        raise reader.fail(at + "replicas", f"{replicas} is below min_replicas {minimum}")
+    return dict(replicas=replicas, min_replicas=minimum, max_replicas=maximum,
+                keep_alive_s=_keep_alive(reader, table, at), priority=reader.integer(
+                    table, "priority", at + "priority", 0, -(1 << 31)),
+                scale_up_queue=reader.integer(table, "scale_up_queue", at + "scale_up_queue", 1, 1))
+
+
+def _keep_alive(reader: _Reader, table: dict[str, Any], at: str) -> float | None:
+    value = table.get("keep_alive", "5m")
+    if value in (-1, "-1"):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        raise reader.fail(at + "keep_alive", f"must be a duration like '5m', or -1 for never, got {value!r}")
+    return reader.duration(table, "keep_alive", at + "keep_alive", 300.0)
 
 
 def _mlx_limits(reader: _Reader, table: dict[str, Any], at: str, backend: str) -> dict[str, int | None]:

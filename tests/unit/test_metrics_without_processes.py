@@ -124,7 +124,7 @@ def test_in_flight_counts_requests_on_a_worker_that_left_ready_and_queue_depth_c
     fleet = make_fleet(tmp_path)
 
     async def scenario() -> list[tuple[float, float]]:
-        pool = ModelPool("a", 1, 4, has_prospects=lambda: True)
+        pool = ModelPool("a", 1, 4, prospects=lambda: None)
         registry = CollectorRegistry()
         registry.register(FleetCollector(fleet, {"a": pool}))
         seen = []

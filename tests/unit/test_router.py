@@ -22,9 +22,9 @@ def scenario(test: Callable[[], Awaitable[None]]) -> Callable[[], None]:
     return run
 
 
-def pool_of(*worker_ids: str, queue_limit: int = 4, has_prospects: Callable[[], bool] = lambda: True) -> ModelPool:
+def pool_of(*worker_ids: str, queue_limit: int = 4, prospects: Callable[[], str | None] = lambda: None) -> ModelPool:
     """Workers that take one request at a time, so the next request queues; stub names say whose slot was handed out."""
-    pool = ModelPool("m", concurrency=1, queue_limit=queue_limit, has_prospects=has_prospects)
+    pool = ModelPool("m", concurrency=1, queue_limit=queue_limit, prospects=prospects)
     for worker_id in worker_ids:
         pool.add_worker(worker_id, f"stub-{worker_id}", 1024)
     return pool
@@ -58,15 +58,15 @@ async def test_waiter_times_out_and_leaves_the_queue():
 
 @scenario
 async def test_queued_requests_fail_when_no_worker_is_coming():
-    hopeful = [True]
-    pool = pool_of(has_prospects=lambda: hopeful[0])
+    why_not: list[str | None] = [None]
+    pool = pool_of(prospects=lambda: why_not[0])
     waiter = asyncio.create_task(pool.acquire(5))
     await asyncio.sleep(0)
-    hopeful[0] = False
+    why_not[0] = "m-0 gave up: boot failure"
     pool.check_prospects()
-    with pytest.raises(NoWorkers):
+    with pytest.raises(NoWorkers, match="'m' has no live worker: m-0 gave up: boot failure"):
         await waiter
-    with pytest.raises(NoWorkers):
+    with pytest.raises(NoWorkers, match="boot failure"):
         await pool.acquire(1)
 
 

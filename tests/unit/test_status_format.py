@@ -19,7 +19,8 @@ STATUS = {
                "headroom_bytes": 8 << 30, "detail": "iogpu.wired_limit_mb", "free_for_workers_bytes": 78 << 30},
     "models": [{"name": "big", "backend": "mlx-lm", "replicas": 2, "ready": 1, "queued": 3, "queue_limit": 64,
                 "concurrency": 1, "device": "mps", "context_length": 8192, "footprint_bytes": 80 << 30,
-                "footprint_source": "learned"}],
+                "footprint_source": "learned", "min_replicas": 0, "max_replicas": 3, "live": 1, "desired": 2,
+                "last_change": "big-1 started on demand: 3 queued"}],
     "workers": [
         worker("big-0", "READY", pid=101, uptime_s=3700.0, tokens=12345, memory_bytes=81 << 30, inflight=12,
                running_sequences=12, kv_bytes=3 << 30),
@@ -33,6 +34,7 @@ def test_a_loading_worker_shows_how_long_it_has_been_loading():
     assert "STARTING 1m35s" in text
     assert "big-1: STARTING: admitted; loading the model (1m35s so far)" in text
     assert "1/2" in text and "3/64" in text and "80.0GiB (learned)" in text and "big-0: READY" not in text
+    assert "0/3/1/2" in text and "model big: last change: big-1 started on demand: 3 queued" in text
 
 
 def test_the_terminal_table_has_the_same_content_with_states_in_colour():

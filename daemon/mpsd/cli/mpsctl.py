@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     scale = commands.add_parser("scale", help="set a model's replica count")
     scale.add_argument("model")
     scale.add_argument("replicas", type=int)
+    scale.add_argument("--min", type=int, dest="min_replicas", help="demand: the fewest workers kept, even idle")
+    scale.add_argument("--max", type=int, dest="max_replicas", help="demand: the most started when requests wait")
     scale.set_defaults(handler=_scale)
     restart = commands.add_parser("restart", help="drain a worker and start a fresh one (or retry a FATAL/REFUSED/OOM one)")
     restart.add_argument("worker")
@@ -173,10 +175,13 @@ def _logs(args) -> int:
 
 
 def _scale(args) -> int:
-    if args.replicas < 0:
-        print("mpsctl: replicas must be 0 or more", file=sys.stderr)
+    counts = {"replicas": args.replicas, "min_replicas": args.min_replicas, "max_replicas": args.max_replicas}
+    negative = [name for name, value in counts.items() if value is not None and value < 0]
+    if negative:
+        print(f"mpsctl: {negative[0]} must be 0 or more", file=sys.stderr)
         return 2
-    return _control(args, "Scale", admin_pb2.ScaleRequest(model=args.model, replicas=args.replicas))
+    return _control(args, "Scale", admin_pb2.ScaleRequest(
+        model=args.model, **{name: value for name, value in counts.items() if value is not None}))
 
 
 def _control(args, method: str, request) -> int:

@@ -29,7 +29,7 @@ STATE_STYLES = {
     "STOPPED": "dim", "REFUSED": "magenta", "OOM": "bold red", "FATAL": "bold red",
 }
 NOTEWORTHY_STATES = ("PENDING", "STARTING", "REFUSED", "OOM", "FATAL", "BACKOFF", "DRAINING")
-MODEL_HEADERS = ["MODEL", "BACKEND", "DEVICE", "READY", "QUEUED", "CONTEXT", "FOOTPRINT"]
+MODEL_HEADERS = ["MODEL", "BACKEND", "DEVICE", "READY", "MIN/MAX/LIVE/DESIRED", "QUEUED", "CONTEXT", "FOOTPRINT"]
 WORKER_HEADERS = ["WORKER", "PID", "STATE", "UPTIME", "RESTARTS", "INFLIGHT", "BATCH", "KV", "TOKENS", "MEMORY",
                   "BACKEND MEMORY", "LAST EXIT"]
 
@@ -72,14 +72,16 @@ def _heading(status: dict[str, Any]) -> list[str]:
 
 
 def _model_rows(status: dict[str, Any]) -> list[list[str]]:
-    return [[m["name"], m["backend"], m["device"], f"{m['ready']}/{m['replicas']}", f"{m['queued']}/{m['queue_limit']}",
+    return [[m["name"], m["backend"], m["device"], f"{m['ready']}/{m['replicas']}",
+             f"{m['min_replicas']}/{m['max_replicas']}/{m['live']}/{m['desired']}", f"{m['queued']}/{m['queue_limit']}",
              str(m["context_length"] or "-"), f"{format_bytes(m['footprint_bytes'])} ({m['footprint_source']})"]
             for m in status["models"]]
 
 
 def _notes(status: dict[str, Any]) -> list[str]:
-    """Why each worker that is not simply serving is where it is; a loading worker shows how long it has loaded."""
-    lines = []
+    """The last start or stop demand made per model; why each worker that is not simply serving is where it is;
+    a loading worker shows how long it has loaded."""
+    lines = [f"model {m['name']}: last change: {m['last_change']}" for m in status["models"] if m.get("last_change")]
     for worker in status["workers"]:
         if worker["state"] in NOTEWORTHY_STATES:
             elapsed = f" ({format_duration(worker['state_age_s'])} so far)" if worker["state"] == "STARTING" else ""

@@ -75,7 +75,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 yield admin_pb2.LogLine(text=f"--- {request.worker_id}: new process pid {process.pid} ---", pid=process.pid)
 
     async def Scale(self, request, context):
-        return self._control(lambda: self._fleet.scale(request.model, request.replicas))
+        bounds = {key: getattr(request, key) for key in ("min_replicas", "max_replicas") if request.HasField(key)}
+        return self._control(lambda: self._fleet.scale(request.model, request.replicas, **bounds))
 
     async def RestartWorker(self, request, context):
         return self._control(lambda: self._fleet.restart_worker(request.worker_id))
@@ -106,6 +107,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             queued=pool.queued if pool else 0, queue_limit=model.queue_limit, concurrency=model.concurrency,
             device=model.device, context_length=pool.context_length if pool else 0,
             footprint_bytes=view.footprint_bytes, footprint_source=view.footprint_source,
+            min_replicas=model.min_replicas, max_replicas=model.max_replicas, priority=model.priority,
+            live=view.live, desired=view.desired, last_change=view.last_change,
         )
 
     def _worker_status(self, worker: WorkerView) -> admin_pb2.WorkerStatus:

@@ -122,7 +122,7 @@ class Daemon:
         self._working_set = ReportedWorkingSet()  # a Mac's Metal ceiling, as a worker reports it
         probe = make_probe(self.config.memory, working_set_bytes=self._working_set)
         self.fleet = Fleet(self.config, run_dir, worker_env, self._on_transition, probe,
-                           report_working_set=self._working_set.set)
+                           report_working_set=self._working_set.set, load_of=self.pools.get)
         self._sync_pools()
         watch_daemon(self.metrics.registry, self.fleet, self.pools)
         public = await self._start_public()
@@ -148,14 +148,13 @@ class Daemon:
         for name, model in self.fleet.models.items():
             pool = self.pools.get(name)
             if pool is None:
-                self.pools[name] = ModelPool(name, model.concurrency, model.queue_limit, has_prospects=self._prospects(name))
+                self.pools[name] = ModelPool(name, model.concurrency, model.queue_limit,
+                                             prospects=lambda name=name: self.fleet.prospects(name),
+                                             why_waiting=lambda name=name: self.fleet.why_waiting(name))
             else:
                 pool.reconfigure(model.concurrency, model.queue_limit)
         for name in [n for n in self.pools if n not in self.fleet.models]:
             self.pools.pop(name).fail_waiters(NoWorkers(f"model {name!r} was removed from the config"))
-
-    def _prospects(self, name: str):
-        return lambda: any(w.state in HOPEFUL_STATES for w in self.fleet.workers_of(name))
 
     async def reload(self) -> str:
         """Re-reads the config file the daemon started with and applies what changed."""
@@ -278,6 +277,7 @@ class Daemon:
         if pool is None:
             return  # its model was removed; nothing routes to it any more
         if new == WorkerState.READY:
+            self.metrics.time_to_ready.labels(worker.model.name).observe(worker.ready_at - worker.started_at)
             context_length = worker.stats.context_length if worker.stats else 0
             pool.add_worker(worker.id, worker.process.stub, context_length)
         elif old == WorkerState.READY:

@@ -28,6 +28,7 @@ from mpsd.supervisor import admission
 from mpsd.supervisor.backoff import RestartPolicy, restart_delay, should_give_up
 from mpsd.supervisor.exits import ExitKind, classify_exit
 from mpsd.supervisor.fleet_commands import OperatorCommands
+from mpsd.supervisor.fleet_demand import DemandBalancer, ModelLoad
 from mpsd.supervisor.fleet_health import WorkerHealth
 from mpsd.supervisor.fleet_snapshot import FleetSnapshot, MemoryReading, view_models, view_worker
 from mpsd.supervisor.footprint import Footprint, estimate_bytes, process_footprint_bytes
@@ -49,7 +50,7 @@ Listener = Callable[[WorkerRecord, WorkerState, WorkerState], None]
 Launcher = Callable[[WorkerSpec, dict[str, str]], WorkerProcess]
 
 
-class Fleet(WorkerHealth, OperatorCommands):
+class Fleet(WorkerHealth, OperatorCommands, DemandBalancer):
     def __init__(
         self,
         config: Config,
@@ -61,6 +62,7 @@ class Fleet(WorkerHealth, OperatorCommands):
         footprint_of_pid: Callable[[int], int] = process_footprint_bytes,
         report_working_set: Callable[[int], None] = lambda value: None,
         launch: Launcher = WorkerProcess,
+        load_of: Callable[[str], ModelLoad | None] = lambda name: None,
     ) -> None:
         self.config = config
         self._run_dir = run_dir
@@ -72,6 +74,10 @@ class Fleet(WorkerHealth, OperatorCommands):
         self._footprint_of_pid = footprint_of_pid
         self._report_working_set = report_working_set
         self._launch = launch
+        self._load_of = load_of
+        self._last_start: dict[str, float] = {}   # model -> when demand last started a worker for it
+        self._last_change: dict[str, str] = {}    # model -> the last start or stop demand made, for status
+        self._blocked: dict[str, str] = {}        # model -> why no room can be made for it now
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
         self._socket_numbers = itertools.count()
@@ -105,7 +111,7 @@ class Fleet(WorkerHealth, OperatorCommands):
         now = self._clock()
         workers = tuple(view_worker(w, now, self._footprint_of_pid(w.pid) if w.pid else 0)
                         for w in self.workers.values())
-        models = view_models(self.models, self._footprints, self._counts, {w.model.name for w in self.workers.values()})
+        models = view_models(self.models, self._footprints, self._counts, list(self.workers.values()), self._last_change)
         return FleetSnapshot(reading, models, workers)
 
     def log_source(self, worker_id: str) -> WorkerProcess | None:
@@ -143,6 +149,7 @@ class Fleet(WorkerHealth, OperatorCommands):
             if handler:
                 handler(self, worker, now)
         if not self._stopping:
+            self._balance(now)
             self._admit()
 
     def _tick_starting(self, worker: WorkerRecord, now: float) -> None:
@@ -223,7 +230,8 @@ class Fleet(WorkerHealth, OperatorCommands):
                 self._transition(worker, WorkerState.PENDING, "memory freed; " + decision.reason)
             self._spawn(worker, decision.reason)
         else:
-            self._transition(worker, WorkerState.REFUSED, decision.reason)
+            blocked = self._blocked.get(worker.model.name)
+            self._transition(worker, WorkerState.REFUSED, f"{decision.reason}; {blocked}" if blocked else decision.reason)
 
     # -- processes --------------------------------------------------------
 
@@ -327,10 +335,10 @@ class Fleet(WorkerHealth, OperatorCommands):
         for _ in range(model.replicas):
             self._add_worker(model)
 
-    def _add_worker(self, model: ModelConfig) -> WorkerRecord:
+    def _add_worker(self, model: ModelConfig, reason: str = "configured; waiting for admission") -> WorkerRecord:
         index = self._next_index[model.name]
         self._next_index[model.name] = index + 1
-        worker = WorkerRecord(id=f"{model.name}-{index}", model=model, state_since=self._clock())
+        worker = WorkerRecord(id=f"{model.name}-{index}", model=model, reason=reason, state_since=self._clock())
         self.workers[worker.id] = worker
         return worker
 

@@ -24,8 +24,12 @@ class ControlError(Exception):
 class Change(str, enum.Enum):
     REMOVED = "removed"
     ADDED = "added"
-    REPLACED = "replaced"    # anything but the replica count changed: its workers are replaced
-    RESCALED = "rescaled"    # only the replica count changed: its workers are kept
+    REPLACED = "replaced"    # what its workers run changed: they are replaced
+    RESCALED = "rescaled"    # only how many and when (DEMAND_FIELDS) changed: its workers are kept
+
+
+# What decides how many workers a model has, not what they run: changing these keeps its workers.
+DEMAND_FIELDS = ("replicas", "min_replicas", "max_replicas", "keep_alive_s", "priority", "scale_up_queue")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +47,9 @@ def plan_reload(old: dict[str, ModelConfig], new: Iterable[ModelConfig]) -> list
         before = old.get(name)
         if before is None:
             plan.append(ModelChange(Change.ADDED, name, model))
-        elif dataclasses.replace(before, replicas=model.replicas) != model:
+        elif dataclasses.replace(before, **{f: getattr(model, f) for f in DEMAND_FIELDS}) != model:
             plan.append(ModelChange(Change.REPLACED, name, model))
-        elif before.replicas != model.replicas:
+        elif before != model:
             plan.append(ModelChange(Change.RESCALED, name, model))
     return plan
 
@@ -53,11 +57,20 @@ def plan_reload(old: dict[str, ModelConfig], new: Iterable[ModelConfig]) -> list
 class OperatorCommands:
     """Fleet methods for operator commands; each returns the sentence the operator sees."""
 
-    def scale(self, model_name: str, replicas: int) -> str:
+    def scale(self, model_name: str, replicas: int, min_replicas: int | None = None,
+              max_replicas: int | None = None) -> str:
+        """Workers now. Without bounds, a static model (min = max) stays static at the new count and a demand-driven
+        one widens its bounds to include it (an operator may pin below min_replicas)."""
         if model_name not in self.models:
             raise ControlError(f"no model named {model_name!r} (configured: {', '.join(sorted(self.models))})")
         current = [w for w in self.workers_of(model_name) if w.after_stop != AfterStop.REMOVE]
-        self.models[model_name] = dataclasses.replace(self.models[model_name], replicas=replicas)
+        model = self.models[model_name]
+        static = model.min_replicas == model.max_replicas and min_replicas is None and max_replicas is None
+        low = replicas if static else min(model.min_replicas if min_replicas is None else min_replicas, replicas)
+        high = replicas if static else max(model.max_replicas if max_replicas is None else max_replicas, replicas)
+        if min_replicas is not None and min_replicas > high or max_replicas is not None and max_replicas < low:
+            raise ControlError(f"{model_name}: min_replicas {low} .. max_replicas {high} cannot hold {replicas} replicas")
+        self.models[model_name] = dataclasses.replace(model, replicas=replicas, min_replicas=low, max_replicas=high)
         if replicas > len(current):
             added = [self._add_worker(self.models[model_name]).id for _ in range(replicas - len(current))]
             return f"{model_name}: {len(current)} -> {replicas} replicas; added {', '.join(added)}"
@@ -99,7 +112,7 @@ class OperatorCommands:
 
     def _apply_change(self, step: ModelChange) -> str:
         if step.change == Change.RESCALED:
-            return self.scale(step.name, step.model.replicas)
+            return self._retune(step.model)
         if step.change in (Change.REMOVED, Change.REPLACED):
             why = "model removed from config" if step.change == Change.REMOVED else "model config changed; replacing"
             for worker in self.workers_of(step.name):
@@ -109,6 +122,18 @@ class OperatorCommands:
             return f"removed {step.name}"
         self._add_model(step.model)  # a replaced model keeps its place in the order
         return f"added {step.name} ({step.model.replicas} replicas)" if step.change == Change.ADDED else f"replaced {step.name}"
+
+    def _retune(self, model: ModelConfig) -> str:
+        """New bounds keep the workers; a static model goes to its new count, a demand-driven one into its bounds."""
+        held = len([w for w in self.workers_of(model.name) if w.after_stop != AfterStop.REMOVE])
+        self.models[model.name] = model
+        target = model.replicas if model.min_replicas == model.max_replicas else min(max(held, model.min_replicas),
+                                                                                      model.max_replicas)
+        if target != held:
+            message = self.scale(model.name, target)
+            self.models[model.name] = dataclasses.replace(model, replicas=target)
+            return message
+        return f"retuned {model.name} (min {model.min_replicas}, max {model.max_replicas})"
 
     def _worker(self, worker_id: str) -> WorkerRecord:
         worker = self.workers.get(worker_id)

@@ -14,7 +14,7 @@ from mpsd.config import ModelConfig
 from mpsd.supervisor.memory import MemorySnapshot
 from mpsd.supervisor.states import WorkerState
 from mpsd.supervisor.footprint import Footprint
-from mpsd.supervisor.worker_record import ModelCounts, WorkerRecord
+from mpsd.supervisor.worker_record import AfterStop, ModelCounts, WorkerRecord
 from mpsd.v1 import worker_pb2
 
 
@@ -38,6 +38,9 @@ class ModelView:
     footprint_bytes: int
     footprint_source: str
     counts: ModelCounts
+    desired: int = 0        # workers it holds (any state but leaving): what demand wants now
+    live: int = 0           # of those, READY
+    last_change: str = ""   # the last start or stop demand made for it, with why
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +80,17 @@ def view_worker(worker: WorkerRecord, now: float, memory_bytes: int) -> WorkerVi
 
 
 def view_models(configured: dict[str, ModelConfig], footprints: dict[str, Footprint],
-                counts: dict[str, ModelCounts], worker_models: set[str]) -> tuple[ModelView, ...]:
+                counts: dict[str, ModelCounts], workers: list[WorkerRecord],
+                last_change: dict[str, str]) -> tuple[ModelView, ...]:
     """Configured models first; a removed one stays while it has workers stopping or counts to report."""
-    names = list(configured) + sorted((set(counts) | worker_models) - set(configured))
+    names = list(configured) + sorted((set(counts) | {w.model.name for w in workers}) - set(configured))
+    held = [w for w in workers if w.after_stop != AfterStop.REMOVE]
     return tuple(
         ModelView(name=name, config=configured.get(name),
                   footprint_bytes=footprints[name].bytes if name in footprints else 0,
                   footprint_source=footprints[name].source if name in footprints else "",
-                  counts=dataclasses.replace(counts.get(name, ModelCounts())))
+                  counts=dataclasses.replace(counts.get(name, ModelCounts())),
+                  desired=sum(w.model.name == name for w in held),
+                  live=sum(w.model.name == name and w.state == WorkerState.READY for w in held),
+                  last_change=last_change.get(name, ""))
         for name in names)

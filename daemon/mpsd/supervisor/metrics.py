@@ -38,6 +38,8 @@ FIRST_TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 
 # One decode step plus the hop through the daemon: well under a millisecond for tiny models, tens for large ones.
 INTER_TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# Spawn to READY: seconds for small models, minutes for large ones read from a cold disk.
+READY_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
 class RequestMetrics:
@@ -58,6 +60,12 @@ class RequestMetrics:
         self.duration = Histogram(
             "mpsd_request_duration_seconds", "From a call's arrival to its end, whatever the status.",
             ["model", "method"], buckets=REQUEST_BUCKETS, registry=self.registry)
+        self.time_to_ready = Histogram(
+            "mpsd_worker_time_to_ready_seconds", "From a worker's spawn to READY (its model loaded and warmed).",
+            ["model"], buckets=READY_BUCKETS, registry=self.registry)
+        self.waited_for_load = Counter(
+            "mpsd_requests_waited_for_load", "Requests that arrived when their model had no READY worker and were "
+            "served once one loaded.", ["model"], registry=self.registry)
 
     def start(self, model: str, method: str) -> RequestTimer:
         return RequestTimer(self, model, method, self._clock)
@@ -130,7 +138,13 @@ def _workers(snapshot: FleetSnapshot) -> Iterator[Metric]:
     footprints = GaugeMetricFamily("mpsd_model_footprint_bytes", "Memory admission expects one more worker "
                                    "of the model to hold, and where that figure comes from.",
                                    labels=["model", "source"])
+    loads = CounterMetricFamily("mpsd_demand_loads", "Workers started because requests waited.", labels=["model"])
+    stops = CounterMetricFamily("mpsd_demand_stops", "Workers demand stopped: idle past keep_alive, or evicted to make "
+                                "room for another model.", labels=["model", "reason"])
     for model in sorted(snapshot.models, key=lambda m: m.name):
+        loads.add_metric([model.name], model.counts.demand_starts)
+        stops.add_metric([model.name, "idle"], model.counts.idle_stops)
+        stops.add_metric([model.name, "evicted"], model.counts.evictions)
         counts = collections.Counter(w.state for w in snapshot.workers_of(model.name))
         for state in WorkerState:
             by_state.add_metric([model.name, state.value], counts[state])
@@ -144,7 +158,7 @@ def _workers(snapshot: FleetSnapshot) -> Iterator[Metric]:
     for worker in snapshot.workers:
         if worker.pid:
             measured.add_metric([worker.model, worker.id], worker.memory_bytes)
-    yield from (by_state, restarts, ooms, footprints, measured)
+    yield from (by_state, restarts, ooms, footprints, measured, loads, stops)
 
 
 def _memory(memory: MemoryReading) -> Iterator[Metric]:

@@ -167,13 +167,20 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         return pool
 
     async def _acquire(self, pool: ModelPool, context, tried: frozenset[Slot]) -> Lease:
+        loading = not pool.ready_count  # served only once a worker loads (on demand, or after a restart)
         try:
-            return await pool.acquire(context.time_remaining(), exclude=tried)
+            lease = await pool.acquire(context.time_remaining(), exclude=tried)
+            if loading:
+                self._metrics.waited_for_load.labels(pool.name).inc()
+            return lease
         except QueueFull as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except NoWorkers as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except asyncio.TimeoutError:
+            if why := pool.why_waiting():  # its load was refused for memory: say what holds it
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"model {pool.name!r}: deadline passed waiting for memory: {why}")
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"model {pool.name!r}: deadline passed while queued for a worker")
 
     async def _abort_if_worker_answered(self, context, lease: Lease, exc: grpc.aio.AioRpcError) -> None:

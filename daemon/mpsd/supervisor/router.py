@@ -11,6 +11,7 @@ import asyncio
 import collections
 import dataclasses
 import itertools
+import time
 from typing import Any, Callable
 
 
@@ -30,6 +31,7 @@ class Slot:
     stub: Any
     inflight: int = 0
     last_assigned: int = 0
+    idle_since: float = dataclasses.field(default_factory=time.monotonic)  # when its last request ended
 
 
 def choose_worker(slots: list[Slot], concurrency: int, exclude: frozenset[Slot] = frozenset()) -> Slot | None:
@@ -52,11 +54,15 @@ class Lease:
 
 
 class ModelPool:
-    def __init__(self, name: str, concurrency: int, queue_limit: int, has_prospects: Callable[[], bool]) -> None:
+    def __init__(self, name: str, concurrency: int, queue_limit: int, prospects: Callable[[], str | None],
+                 why_waiting: Callable[[], str] = lambda: "") -> None:
+        """prospects: None while a worker may still come (live, loading, or demand may start one), else why not.
+        why_waiting: why queued requests cannot be served now (a load refused for memory), "" when nothing stops it."""
         self.name = name
         self._concurrency = concurrency
         self._queue_limit = queue_limit
-        self._has_prospects = has_prospects
+        self._prospects = prospects
+        self.why_waiting = why_waiting
         self._slots: dict[str, Slot] = {}
         self._waiters: collections.deque[tuple[asyncio.Future, frozenset[Slot]]] = collections.deque()
         self._sequence = itertools.count(1)
@@ -80,6 +86,11 @@ class ModelPool:
         slot = self._slots.get(worker_id)
         return slot.inflight if slot else 0
 
+    def idle_since(self, worker_id: str) -> float | None:
+        """When the worker last went idle (monotonic); None while it is busy or not READY."""
+        slot = self._slots.get(worker_id)
+        return slot.idle_since if slot and not slot.inflight else None
+
     def add_worker(self, worker_id: str, stub: Any, context_length: int) -> None:
         self._slots[worker_id] = Slot(worker_id, stub)
         self.context_length = context_length or self.context_length
@@ -90,9 +101,9 @@ class ModelPool:
         self.check_prospects()
 
     def check_prospects(self) -> None:
-        """Fails queued requests once no worker is live and none is coming."""
-        if not self._slots and not self._has_prospects():
-            self.fail_waiters(NoWorkers(f"model {self.name!r} has no live worker and none is coming"))
+        """Fails queued requests once no worker is live and none is coming, saying why."""
+        if not self._slots and (why := self._prospects()) is not None:
+            self.fail_waiters(NoWorkers(f"model {self.name!r} has no live worker: {why}"))
 
     def fail_waiters(self, error: Exception) -> None:
         while self._waiters:
@@ -106,8 +117,8 @@ class ModelPool:
         slot = choose_worker(list(self._slots.values()), self._concurrency, exclude)
         if slot:
             return self._take(slot)
-        if not self._slots and not self._has_prospects():
-            raise NoWorkers(f"model {self.name!r} has no live worker and none is coming")
+        if not self._slots and (why := self._prospects()) is not None:
+            raise NoWorkers(f"model {self.name!r} has no live worker: {why}")
         if len(self._waiters) >= self._queue_limit:
             raise QueueFull(f"model {self.name!r}: queue is full ({self._queue_limit} waiting); retry later")
         future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
@@ -123,6 +134,8 @@ class ModelPool:
         if lease.slot.inflight > 0:
             lease.slot.inflight -= 1
             self.inflight_total -= 1
+            if not lease.slot.inflight:
+                lease.slot.idle_since = time.monotonic()
         self._hand_out()
 
     def _take(self, slot: Slot) -> Lease:

@@ -58,6 +58,7 @@ class WorkerRecord:
     kill_cause: KillCause | None = None
     kill_detail: str = ""  # the numbers behind kill_cause, for the exit's description
     after_stop: AfterStop = AfterStop.STAY
+    evicted_for: str = ""  # the model it is being stopped to make room for
 
     @property
     def pid(self) -> int:
@@ -76,3 +77,6 @@ class ModelCounts:
     restarts: int = 0
     oom_exits: int = 0
     request_ooms: int = 0
+    demand_starts: int = 0   # workers started because requests waited
+    idle_stops: int = 0      # workers stopped after keep_alive
+    evictions: int = 0       # workers stopped to make room for another model

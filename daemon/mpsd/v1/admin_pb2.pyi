@@ -25,12 +25,16 @@ class LogLine(_message.Message):
     def __init__(self, text: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class ScaleRequest(_message.Message):
-    __slots__ = ("model", "replicas")
+    __slots__ = ("model", "replicas", "min_replicas", "max_replicas")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     model: str
     replicas: int
-    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
+    min_replicas: int
+    max_replicas: int
+    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[int] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ...) -> None: ...
 
 class WorkerRequest(_message.Message):
     __slots__ = ("worker_id",)
@@ -71,7 +75,7 @@ class DaemonStatus(_message.Message):
     def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., listen: _Optional[str] = ..., state_dir: _Optional[str] = ..., config_path: _Optional[str] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "backend", "replicas", "ready", "queued", "queue_limit", "concurrency", "device", "context_length", "footprint_bytes", "footprint_source")
+    __slots__ = ("name", "backend", "replicas", "ready", "queued", "queue_limit", "concurrency", "device", "context_length", "footprint_bytes", "footprint_source", "min_replicas", "max_replicas", "live", "desired", "last_change", "priority")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +87,12 @@ class ModelStatus(_message.Message):
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     FOOTPRINT_BYTES_FIELD_NUMBER: _ClassVar[int]
     FOOTPRINT_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     name: str
     backend: str
     replicas: int
@@ -94,7 +104,13 @@ class ModelStatus(_message.Message):
     context_length: int
     footprint_bytes: int
     footprint_source: str
-    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., replicas: _Optional[int] = ..., ready: _Optional[int] = ..., queued: _Optional[int] = ..., queue_limit: _Optional[int] = ..., concurrency: _Optional[int] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., footprint_bytes: _Optional[int] = ..., footprint_source: _Optional[str] = ...) -> None: ...
+    min_replicas: int
+    max_replicas: int
+    live: int
+    desired: int
+    last_change: str
+    priority: int
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., replicas: _Optional[int] = ..., ready: _Optional[int] = ..., queued: _Optional[int] = ..., queue_limit: _Optional[int] = ..., concurrency: _Optional[int] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., footprint_bytes: _Optional[int] = ..., footprint_source: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., live: _Optional[int] = ..., desired: _Optional[int] = ..., last_change: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class MemoryStatus(_message.Message):
     __slots__ = ("probe", "budget_bytes", "used_bytes", "available_bytes", "headroom_bytes", "detail", "free_for_workers_bytes")
