@@ -72,7 +72,7 @@ def _heading(status: dict[str, Any]) -> list[str]:
 
 
 def _model_rows(status: dict[str, Any]) -> list[list[str]]:
-    return [[m["name"], m["backend"], m["device"], f"{m['ready']}/{m['replicas']}",
+    return [[m["name"], m["backend"], m["device"], f"{m['ready']}/{m['desired']}",
              f"{m['min_replicas']}/{m['max_replicas']}/{m['live']}/{m['desired']}", f"{m['queued']}/{m['queue_limit']}",
              str(m["context_length"] or "-"), f"{format_bytes(m['footprint_bytes'])} ({m['footprint_source']})"]
             for m in status["models"]]
