@@ -1,4 +1,4 @@
-"""`python -m benchmarks run [--quick] [--out DIR]`: one run, every system, ratios side by side."""
+"""`python -m benchmarks run [--model demo|25m] [--quick] [--out DIR]`: one run, every system, ratios side by side."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pathlib
 import sys
 import time
 
-from benchmarks import report, run
+from benchmarks import models, report, run
 from benchmarks.settings import Settings
 
 
@@ -15,18 +15,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     commands = parser.add_subparsers(dest="command", required=True)
     go = commands.add_parser("run", help="measure and write results.json, results.md and chart.png")
-    go.add_argument("--quick", action="store_true", help="small settings: under 3 minutes")
+    go.add_argument("--model", choices=models.MODEL_CHOICES, default="demo",
+                    help="demo: mpsd's demo models; 25m: a ~25M-parameter GPT-2 and MLX llama, built on first use")
+    go.add_argument("--quick", action="store_true", help="small settings: under 3 minutes with the demo model")
     go.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's smoke run
     go.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/out"))
-    go.add_argument("--model-dir", default=None, help="a Hugging Face causal LM directory (default: the demo model)")
-    go.add_argument("--no-peers", action="store_true", help="skip Ray Serve and LitServe")
+    go.add_argument("--model-dir", default=None, help="another Hugging Face causal LM directory for the torch systems")
+    go.add_argument("--no-peers", action="store_true", help="skip Ray Serve, LitServe and mlx_lm.server")
     args = parser.parse_args(argv)
     settings = Settings.tiny() if args.tiny else Settings.quick() if args.quick else Settings.full()
-    model_dir = args.model_dir or run.default_model_dir()
     started = time.perf_counter()
     progress = lambda line: print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)  # noqa: E731
-    results = run.run(settings, model_dir, progress, peers=not args.no_peers)
+    model = models.resolve(args.model, progress, args.model_dir)
+    results = run.run(settings, model, progress, peers=not args.no_peers)
     results["elapsed_s"] = round(time.perf_counter() - started, 1)
+    results["command"] = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
     print(report.write(results, args.out))
     print(f"\nwritten: {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'chart.png'}", file=sys.stderr)
     return 0

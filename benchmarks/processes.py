@@ -25,6 +25,24 @@ def _proc_stat(pid: str) -> tuple[bytes, int, int] | None:
     return fields[0], int(fields[2]), int(fields[3])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a live process, 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def session_members(sid: int) -> list[int]:
     """Live (not zombie) processes of a session: Ray puts each worker in a process group of its own,
     but all stay in the session the server started."""
@@ -87,6 +105,22 @@ def tagged(tag: str) -> list[int]:
                     stat = _proc_stat(entry)
                     if stat and stat[0] != b"Z":
                         found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def tagged_by_any_run() -> list[int]:
+    """Live processes carrying any peer run's tag: what the benchmark started, wherever it went."""
+    prefix = f"{TAG_VARIABLE}=".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as environ:
+                if any(item.startswith(prefix) for item in environ.read().split(b"\0")):
+                    found.append(int(entry))
         except OSError:
             continue
     return found

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import time
-from typing import Callable, Iterable
+from typing import Iterable
 
 
 @dataclasses.dataclass
@@ -16,9 +15,10 @@ class StreamTiming:
     total_s: float
 
 
-def time_tokens(tokens: Iterable[object]) -> StreamTiming:
-    """Consumes an iterable that yields once per token; the clock starts before the first pull."""
-    started = time.perf_counter()
+def time_tokens(tokens: Iterable[object], started: float | None = None) -> StreamTiming:
+    """Consumes an iterable that yields once per token; the clock starts at `started` (perf_counter seconds:
+    when the request was sent), or else before the first pull."""
+    started = time.perf_counter() if started is None else started
     last, ttft, gaps, count = started, 0.0, [], 0
     for _ in tokens:
         now = time.perf_counter()
@@ -28,17 +28,6 @@ def time_tokens(tokens: Iterable[object]) -> StreamTiming:
             gaps.append(now - last)
         last, count = now, count + 1
     return StreamTiming(ttft, gaps, count, time.perf_counter() - started)
-
-
-def aggregate_tps(stream: Callable[[], StreamTiming], streams: int, repeats: int) -> tuple[float, list[float]]:
-    """`streams` clients at once, each running `repeats` streams in turn: tokens/s over all, and every TTFT."""
-    def one_client(_) -> list[StreamTiming]:
-        return [stream() for _ in range(repeats)]
-
-    started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
-        results = [t for batch in pool.map(one_client, range(streams)) for t in batch]
-    return sum(r.tokens for r in results) / (time.perf_counter() - started), [r.ttft_s for r in results]
 
 
 def percentiles_ms(samples_s: list[float]) -> dict[str, float]:

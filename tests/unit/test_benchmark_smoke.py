@@ -10,9 +10,12 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-KEYS = ("direct_tps", "mpsd_tps", "per_token_overhead_ms", "ttft_ms", "transport_tps", "scaling", "peers",
-        "daemon_rss_bytes", "restart_s", "machine", "start_to_ready_s", "worker_rss_beyond_weights_bytes",
-        "transport_cpu_ms_per_1k_tokens")
+KEYS = ("direct_tps", "mpsd_tps", "per_token_overhead_ms", "ttft_ms", "transport", "scaling", "peers", "sweep",
+        "targets", "daemon_rss_bytes", "restart_s", "machine", "model", "start_to_ready_s",
+        "worker_rss_beyond_weights_bytes", "single_pairs", "mpsd_vs_direct")
+CELL_KEYS = {"streams", "requests", "tokens", "seconds", "tps", "ttft_ms", "itl_ms", "tokens_per_stream", "failures",
+             "failure_examples", "overtaken", "others_cores", "tps_runs", "requests_all_runs",
+             "failures_all_runs", "overtaken_all_runs"}
 
 
 def test_tiny_run_writes_every_figure(tmp_path, demo_model):
@@ -24,10 +27,20 @@ def test_tiny_run_writes_every_figure(tmp_path, demo_model):
     for key in ("direct_tps", "mpsd_tps", "daemon_rss_bytes", "restart_s", "start_to_ready_s"):
         assert isinstance(results[key], (int, float)) and results[key] > 0 and math.isfinite(results[key]), key
     assert set(results["per_token_overhead_ms"]) == {"p50", "p99"}
-    assert set(results["ttft_ms"]) >= {"direct", "mpsd"} and all(v["p50"] > 0 for v in results["ttft_ms"].values())
-    assert set(results["transport_tps"]) == {"1", "8"} and all(v > 0 for v in results["transport_tps"].values())
-    scaling = results["scaling"]
-    assert scaling["workers"] == [1] and all(len(scaling[k]) == 1 and scaling[k][0] > 0 for k in ("mpsd", "threads", "ideal"))
+    assert set(results["ttft_ms"]) == {"direct", "mpsd"} and all(v["p50"] > 0 for v in results["ttft_ms"].values())
+
+    sweep = results["sweep"]
+    assert set(sweep["systems"]) == {"direct", "mpsd"}
+    for cells in sweep["systems"]["mpsd"].values():
+        assert [c["streams"] for c in cells] == sweep["levels"]
+        for c in cells:
+            assert set(c) == CELL_KEYS and c["tps"] > 0 and c["failures"] == 0 and c["tokens"] > 0
+
+    transport = results["transport"]
+    assert set(transport["tps"]) == {"1", "8", "16"} and all(v > 0 for v in transport["tps"].values())
+    assert all(set(v) == {"daemon", "worker", "clients", "wall"} for v in transport["cpu_ms_per_1k_tokens"].values())
+    assert results["scaling"]["workers"] == [1] and results["scaling"]["mpsd"][0] > 0
     assert set(results["peers"]) == {"ray-serve", "litserve"} and all("error" in p for p in results["peers"].values())
+    assert all({"target", "value", "met"} == set(t) for t in results["targets"])
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| mpsd 1 worker tokens/s, 1 stream |" in result.stdout
+    assert "| mpsd | 1 | 1 |" in result.stdout
