@@ -39,6 +39,16 @@ def test_starts_go_one_at_a_time_with_a_cooldown_up_to_max_replicas():
     assert run([dataclasses.replace(busy, failed=True)]) == [], "a model that gave up does not load in a loop"
 
 
+def test_a_model_with_no_worker_starts_at_once_whatever_the_cooldown():
+    cold = model("a", queued=1, last_start_at=NOW - 1)
+    assert run([cold]) == [Start("a", "started on demand: 1 queued")]
+
+
+def test_a_refused_load_whose_requests_have_gone_evicts_nobody():
+    models = [model("a", workers=1, queued=0), model("b", workers=1)]
+    assert run(models, [worker("b-0", "b")], free=0, waiting=["a"]) == []
+
+
 def test_idle_workers_stop_after_keep_alive_down_to_min_replicas_and_never_with_keep_alive_minus_one():
     workers = [worker("a-0", "a", idle_since=NOW - 400), worker("a-1", "a", idle_since=NOW - 301),
                worker("a-2", "a", idle_since=NOW - 10)]

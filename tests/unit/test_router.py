@@ -4,7 +4,7 @@ from typing import Awaitable, Callable
 
 import pytest
 
-from mpsd.supervisor.router import ModelPool, NoWorkers, QueueFull, Slot, choose_worker
+from mpsd.supervisor.router import MEMORY_ANSWER_MARGIN_S, ModelPool, NoWorkers, QueueFull, Slot, choose_worker
 
 
 def test_least_outstanding_first_then_least_recently_assigned():
@@ -123,3 +123,19 @@ async def test_a_new_request_takes_a_free_slot_that_the_queued_retry_cannot_use(
     fresh = await asyncio.wait_for(pool.acquire(1), 1)
     assert fresh.worker_id == "w0" and not retry.done()
     retry.cancel()
+
+
+@scenario
+async def test_a_wait_that_memory_blocks_answers_before_the_deadline_and_an_ordinary_one_at_it():
+    pool = pool_of()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(asyncio.TimeoutError):
+        await pool.acquire(0.5)
+    ordinary = loop.time() - started
+    pool.why_waiting = lambda: "needs 10.0GiB, 5.0GiB free; nothing evictable (a-0 busy)"
+    started = loop.time()
+    with pytest.raises(asyncio.TimeoutError):
+        await pool.acquire(0.5)
+    blocked = loop.time() - started
+    assert ordinary >= 0.5 and blocked < 0.5 - MEMORY_ANSWER_MARGIN_S / 2, "the client still waits for the answer"

@@ -82,8 +82,10 @@ def decide(models: Sequence[ModelDemand], workers: Sequence[WorkerLoad], free_by
     actions += _idle_stops(by_name, workers, now)
     stopping = {a.worker_id for a in actions if isinstance(a, Stop)}
     for name in waiting:
-        if not evicting:
-            actions += _make_room(by_name[name], by_name, workers, free_bytes, now, min_residency_s, stopping)
+        needy = by_name[name]
+        if evicting or needy.queued == 0 and needy.workers > needy.min_replicas:
+            continue  # no request waits for it any more: evict nobody for a load that lost its reason
+        actions += _make_room(needy, by_name, workers, free_bytes, now, min_residency_s, stopping)
     return actions
 
 
@@ -92,8 +94,8 @@ def _scale_up(model: ModelDemand, now: float) -> Start | None:
         return None
     if model.workers and model.queued < model.scale_up_queue * model.workers:
         return None
-    if model.last_start_at is not None and now - model.last_start_at < SCALE_UP_COOLDOWN_S:
-        return None
+    if model.workers and model.last_start_at is not None and now - model.last_start_at < SCALE_UP_COOLDOWN_S:
+        return None  # the cooldown paces scaling up; a model with no worker at all has nothing to wait for
     return Start(model.name, f"started on demand: {model.queued} queued")
 
 

@@ -14,6 +14,10 @@ import itertools
 import time
 from typing import Any, Callable
 
+# A client's own timer fires at its deadline, so an answer sent then is lost to it (it sees a bare DEADLINE_EXCEEDED).
+# A wait that memory blocks (why_waiting) ends this much earlier, so the client learns what holds the memory.
+MEMORY_ANSWER_MARGIN_S = 0.25
+
 
 class QueueFull(Exception):
     """The model's queue is at its bound: answered as RESOURCE_EXHAUSTED."""
@@ -125,10 +129,22 @@ class ModelPool:
         entry = (future, exclude)
         self._waiters.append(entry)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+            return await self._wait(future, timeout_s)
         except BaseException:
             self._abandon(entry)
             raise
+
+    async def _wait(self, future: asyncio.Future, timeout_s: float | None) -> Lease:
+        """Until a slot is handed over or the deadline passes; MEMORY_ANSWER_MARGIN_S sooner while memory blocks it.
+        The waiter keeps its place in the queue throughout."""
+        if timeout_s is None or timeout_s <= MEMORY_ANSWER_MARGIN_S:
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s - MEMORY_ANSWER_MARGIN_S)
+        except asyncio.TimeoutError:
+            if self.why_waiting():
+                raise
+        return await asyncio.wait_for(asyncio.shield(future), MEMORY_ANSWER_MARGIN_S)
 
     def release(self, lease: Lease) -> None:
         if lease.slot.inflight > 0:
