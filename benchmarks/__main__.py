@@ -1,4 +1,5 @@
-"""`python -m benchmarks run [--model demo|25m] [--quick] [--out DIR]`: one run, every system, ratios side by side."""
+"""`python -m benchmarks run [--model demo|25m] [--quick] [--out DIR]`: one run, every system, ratios side by side;
+`python -m benchmarks equality [--model demo|25m]`: tokens that differ between batched and solo decoding."""
 
 from __future__ import annotations
 
@@ -22,7 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     go.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/out"))
     go.add_argument("--model-dir", default=None, help="another Hugging Face causal LM directory for the torch systems")
     go.add_argument("--no-peers", action="store_true", help="skip Ray Serve, LitServe and mlx_lm.server")
+    same = commands.add_parser("equality", help="count tokens that differ between batched and solo decoding")
+    same.add_argument("--model", choices=models.MODEL_CHOICES, default="demo")
+    same.add_argument("--requests", type=int, default=24)
+    same.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args(argv)
+    if args.command == "equality":
+        return _equality(args)
     settings = Settings.tiny() if args.tiny else Settings.quick() if args.quick else Settings.full()
     started = time.perf_counter()
     progress = lambda line: print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)  # noqa: E731
@@ -32,6 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     results["command"] = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
     print(report.write(results, args.out))
     print(f"\nwritten: {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'chart.png'}", file=sys.stderr)
+    return 0
+
+
+def _equality(args) -> int:
+    from benchmarks import equality
+
+    model = models.resolve(args.model, lambda line: print(line, file=sys.stderr))
+    for name, make in equality.engines(model).items():
+        for mode, figures in equality.compare(make(), args.requests, args.max_tokens).items():
+            print(f"{args.model} {name} {mode}: {figures['differing_tokens']} of {figures['tokens']} tokens differ "
+                  f"({figures['requests_differing']} of {args.requests} requests), widest batch "
+                  f"{figures['widest_batch']}")
     return 0
 
 

@@ -30,7 +30,8 @@ class RunningDaemon:
         self.log_path = self.dir / "mpsd.log"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mpsd.cli.mpsd_cmd", "serve", "--config", str(self.dir / "mpsd.toml"),
-             "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--state-dir", str(self.dir / "state")],
+             "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--http-listen", "",
+             "--state-dir", str(self.dir / "state")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.log_path, "wb"), start_new_session=True,
         )
         self.address = _wait(lambda: LISTEN_LINE.search(self.log()), 60, "the listening line").group(1)

@@ -8,6 +8,7 @@ the fixture kills whatever is left in `finally`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import re
@@ -16,9 +17,11 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from mpsd import paths
 from mpsd.cli.status_format import to_plain
@@ -27,6 +30,7 @@ from mpsd.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LISTEN_LINE = re.compile(r"public API listening on (\S+)")
 METRICS_LINE = re.compile(r"metrics on (http://\S+)")
+HTTP_LINE = re.compile(r"OpenAI-compatible HTTP API listening on (https?://\S+/v1)")
 
 
 def data_dir() -> pathlib.Path:
@@ -48,6 +52,20 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
+def write_probe(path: pathlib.Path, budget: int, used: int = 0) -> None:
+    """What a `file:` memory probe reads: tests set the machine's memory to known numbers."""
+    path.write_text(json.dumps({"budget_bytes": budget, "used_bytes": used}))
+
+
+def metric(daemon: "Daemon", name: str, **labels: str) -> float:
+    """One sample from the daemon's /metrics now; 0 for a labelled series not created yet."""
+    with urllib.request.urlopen(daemon.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    wanted = frozenset(labels.items())
+    return next((s.value for family in text_string_to_metric_families(text) for s in family.samples
+                 if s.name == name and frozenset(s.labels.items()) == wanted), 0.0)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -56,9 +74,11 @@ def pid_alive(pid: int) -> bool:
 
 
 class Daemon:
-    def __init__(self, tmp_path: pathlib.Path, config_text: str, listen: str = "127.0.0.1:0") -> None:
+    def __init__(self, tmp_path: pathlib.Path, config_text: str, listen: str = "127.0.0.1:0",
+                 http_listen: str = "127.0.0.1:0") -> None:
         self.dir = tmp_path
         self.listen = listen
+        self.http_listen = http_listen
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.state_dir = tmp_path / "state"
         self.config_path = tmp_path / "mpsd.toml"
@@ -67,13 +87,15 @@ class Daemon:
         self.process: subprocess.Popen | None = None
         self.address = ""
         self.metrics_url = ""
+        self.http_url = ""  # the OpenAI-compatible API's base URL, .../v1
         self._channels: list[grpc.Channel] = []
         self.seen_worker_pids: set[int] = set()
 
     def start(self, timeout: float = 30) -> "Daemon":
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mpsd.cli.mpsd_cmd", "serve", "--config", str(self.config_path),
-             "--listen", self.listen, "--metrics-listen", "127.0.0.1:0", "--state-dir", str(self.state_dir),
+             "--listen", self.listen, "--metrics-listen", "127.0.0.1:0", "--http-listen", self.http_listen,
+             "--state-dir", str(self.state_dir),
              "--data-dir", str(data_dir())],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.log_path, "wb"),
             start_new_session=True, env=self._env(),
@@ -82,6 +104,9 @@ class Daemon:
         self.address = match.group(1)
         self.metrics_url = wait_for(lambda: self._exited_early() or METRICS_LINE.search(self.log()), timeout,
                                     "the metrics line").group(1)
+        if self.http_listen:
+            self.http_url = wait_for(lambda: self._exited_early() or HTTP_LINE.search(self.log()), timeout,
+                                     "the HTTP API line").group(1)
         return self
 
     @staticmethod
@@ -226,9 +251,10 @@ class Stream:
 
 
 @contextlib.contextmanager
-def running_daemon(folder: pathlib.Path, config_text: str, ready: int, listen: str = "127.0.0.1:0"):
+def running_daemon(folder: pathlib.Path, config_text: str, ready: int, listen: str = "127.0.0.1:0",
+                   http_listen: str = "127.0.0.1:0"):
     """A started daemon with `ready` READY workers, for module fixtures; closed however the block ends."""
-    daemon = Daemon(folder, config_text, listen=listen)
+    daemon = Daemon(folder, config_text, listen=listen, http_listen=http_listen)
     try:
         daemon.start()
         daemon.wait_ready(ready)

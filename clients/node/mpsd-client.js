@@ -49,8 +49,19 @@ function connect(address = process.env.MPSD_ADDRESS || DEFAULT_ADDRESS, { tlsCa,
  * Leave a field undefined to get the daemon's default; 0 is sent as 0 (temperature 0 = greedy).
  * A gRPC error is thrown from the loop with .code (grpc.status) and .details.
  */
-async function* generate(client, request, { deadline } = {}) {
-  const call = client.Generate(request, deadline ? { deadline } : {});
+function generate(client, request, { deadline } = {}) {
+  return relay(client.Generate(request, deadline ? { deadline } : {}));
+}
+
+/**
+ * Streams the reply to a conversation ({model, messages: [{role, content}], max_tokens, ...}), rendered by the
+ * worker with the model's own chat template; messages arrive as from generate().
+ */
+function chat(client, request, { deadline } = {}) {
+  return relay(client.Chat(request, deadline ? { deadline } : {}));
+}
+
+async function* relay(call) {
   try {
     yield* call;
   } finally {
@@ -69,4 +80,4 @@ function readToken(file) {
   return fs.readFileSync(file, 'utf8').trim();
 }
 
-module.exports = { connect, generate, statusName, readToken, DEFAULT_ADDRESS };
+module.exports = { connect, generate, chat, statusName, readToken, DEFAULT_ADDRESS };

@@ -10,6 +10,7 @@ turn gRPC status codes into exceptions a caller can catch by meaning.
         for token in stream:
             print(token.text, end="", flush=True)
         print(stream.finish)
+        reply = client.chat([{"role": "user", "content": "Hello"}], max_tokens=40).text()
 
 numpy is imported only by predict(), so generating needs only grpcio.
 """
@@ -19,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from typing import Any, AsyncIterator, Iterator, Mapping
+import json
+from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 import grpc
 
@@ -112,6 +114,16 @@ def generate_request(prompt: str, model: str = "", *, max_tokens: int | None = N
         if value is not None:
             setattr(request, field, value)
     return request
+
+
+def chat_request(messages: Sequence[Mapping[str, str]], model: str = "", *, tools: Sequence[Mapping] | None = None,
+                 **options: Any) -> inference_pb2.ChatRequest:
+    """messages: {"role": ..., "content": ...} in order; options as for generate_request."""
+    sampling = generate_request("", model, **options)
+    return inference_pb2.ChatRequest(
+        model=model, messages=[inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+        tools_json=json.dumps(list(tools)) if tools else "",
+        **{field.name: value for field, value in sampling.ListFields() if field.name not in ("model", "prompt")})
 
 
 def _predict_request(model: str, inputs: Mapping[str, Any]) -> inference_pb2.PredictRequest:
@@ -222,6 +234,13 @@ class Client:
         request = generate_request(prompt, model, **options)
         return Generation(self._conn.stub.Generate(request, **self._conn.call_options(timeout)))
 
+    def chat(self, messages: Sequence[Mapping[str, str]], model: str = "", *, timeout: float | None = None,
+             **options: Any) -> Generation:
+        """The model's reply to a conversation, rendered with its own chat template; options as for generate, and
+        tools (a list of tool definitions, for templates that take them)."""
+        request = chat_request(messages, model, **options)
+        return Generation(self._conn.stub.Chat(request, **self._conn.call_options(timeout)))
+
     def predict(self, model: str, inputs: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
         """numpy arrays in, numpy arrays out (named as the model returns them)."""
         try:
@@ -250,6 +269,11 @@ class AsyncClient:
     def generate(self, prompt: str, model: str = "", *, timeout: float | None = None, **options: Any) -> AsyncGeneration:
         request = generate_request(prompt, model, **options)
         return AsyncGeneration(self._conn.stub.Generate(request, **self._conn.call_options(timeout)))
+
+    def chat(self, messages: Sequence[Mapping[str, str]], model: str = "", *, timeout: float | None = None,
+             **options: Any) -> AsyncGeneration:
+        request = chat_request(messages, model, **options)
+        return AsyncGeneration(self._conn.stub.Chat(request, **self._conn.call_options(timeout)))
 
     async def predict(self, model: str, inputs: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
         try:

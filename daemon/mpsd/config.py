@@ -55,6 +55,7 @@ class PublicAccess:
 class DaemonConfig:
     listen: str = "127.0.0.1:7700"
     metrics_listen: str = "127.0.0.1:7701"  # Prometheus /metrics over plain HTTP; "" serves none
+    http_listen: str = "127.0.0.1:7702"     # the OpenAI-compatible HTTP API, same access rules as listen; "" off
     access: PublicAccess = PublicAccess()
     state_dir: pathlib.Path | None = None
     drain_grace_s: float = 30.0
@@ -205,6 +206,7 @@ def _daemon(reader: _Reader, table: dict[str, Any], base_dir: pathlib.Path) -> D
         "listen", "state_dir", "drain_grace", "stop_timeout", "health_interval", "health_timeout", "log_format",
         "restart_delay", "restart_max_delay", "restart_reset_after", "fatal_failures", "fatal_window",
         "log_file", "log_max_size", "log_backups", "tls_cert", "tls_key", "token_file", "metrics_listen",
+        "http_listen",
     )
     reader.only_keys(table, "daemon.", fields)
     defaults = DaemonConfig()
@@ -213,6 +215,9 @@ def _daemon(reader: _Reader, table: dict[str, Any], base_dir: pathlib.Path) -> D
     metrics_listen = reader.string(table, "metrics_listen", "daemon.metrics_listen", defaults.metrics_listen)
     if metrics_listen:
         _check_listen(reader, metrics_listen, "daemon.metrics_listen")
+    http_listen = reader.string(table, "http_listen", "daemon.http_listen", defaults.http_listen)
+    if http_listen:
+        _check_listen(reader, http_listen, "daemon.http_listen")
     state_dir = reader.string(table, "state_dir", "daemon.state_dir")
     log_format = reader.string(table, "log_format", "daemon.log_format", "text")
     if log_format not in ("text", "json"):
@@ -220,6 +225,7 @@ def _daemon(reader: _Reader, table: dict[str, Any], base_dir: pathlib.Path) -> D
     return DaemonConfig(
         listen=listen,
         metrics_listen=metrics_listen,
+        http_listen=http_listen,
         access=_access(reader, table, base_dir),
         state_dir=(base_dir / pathlib.Path(state_dir).expanduser()) if state_dir else None,
         drain_grace_s=reader.duration(table, "drain_grace", "daemon.drain_grace", defaults.drain_grace_s),
@@ -321,14 +327,16 @@ def _model(reader: _Reader, table: dict[str, Any], index: int, base_dir: pathlib
 
 def _demand(reader: _Reader, table: dict[str, Any], at: str) -> dict[str, Any]:
     """replicas is the count at start; min/max bound what demand may do. Each refusal names the key."""
-    minimum = reader.integer(table, "min_replicas", at + "min_replicas", 1, 0) if "min_replicas" in table else None
+    given_min = "min_replicas" in table
+    minimum = reader.integer(table, "min_replicas", at + "min_replicas", 1, 0) if given_min else None
     replicas = reader.integer(table, "replicas", at + "replicas", 1 if minimum is None else minimum, 0)
     minimum = replicas if minimum is None else minimum
-    maximum = reader.integer(table, "max_replicas", at + "max_replicas", max(replicas, minimum), 0)
+    # A demand-driven model (min_replicas given) may load on request: at least one worker unless max says 0.
+    maximum = reader.integer(table, "max_replicas", at + "max_replicas", max(replicas, minimum, int(given_min)), 0)
+    if given_min and minimum > maximum:
+        raise reader.fail(at + "min_replicas", f"{minimum} is above max_replicas {maximum}")
     if replicas > maximum:
         raise reader.fail(at + "replicas", f"{replicas} is above max_replicas {maximum}")
-    if minimum > maximum:
-        raise reader.fail(at + "min_replicas", f"{minimum} is above max_replicas {maximum}")
     if replicas < minimum:
         raise reader.fail(at + "replicas", f"{replicas} is below min_replicas {minimum}")
     return dict(replicas=replicas, min_replicas=minimum, max_replicas=maximum,

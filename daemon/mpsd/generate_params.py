@@ -28,14 +28,24 @@ class GenerateParams:
     top_p: float
     seed: int | None
     stop: tuple[str, ...]
+    prompt_field: str = "prompt"  # the request field the prompt came from, named in errors ("messages" for Chat)
 
 
 def parse_generate_request(request) -> GenerateParams:
     """request: an mpsd.v1.GenerateRequest. Raises InvalidRequest."""
     if not request.prompt.strip():
         raise InvalidRequest("prompt: must not be empty")
-    if len(request.prompt) > MAX_PROMPT_CHARS:
-        raise InvalidRequest(f"prompt: {len(request.prompt)} characters is over the limit of {MAX_PROMPT_CHARS}")
+    check_prompt_length(request.prompt, "prompt")
+    return sampling_params(request, request.prompt)
+
+
+def check_prompt_length(text: str, field: str) -> None:
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(f"{field}: {len(text)} characters is over the limit of {MAX_PROMPT_CHARS}")
+
+
+def sampling_params(request, prompt: str) -> GenerateParams:
+    """The fields Generate and Chat share (same names and numbers in both messages), checked; raises InvalidRequest."""
     max_tokens = request.max_tokens if request.HasField("max_tokens") else DEFAULT_MAX_TOKENS
     if max_tokens < 1:
         raise InvalidRequest(f"max_tokens: must be at least 1, got {max_tokens}")
@@ -50,7 +60,7 @@ def parse_generate_request(request) -> GenerateParams:
     if any(not s for s in request.stop):
         raise InvalidRequest("stop: stop sequences must not be empty strings")
     return GenerateParams(
-        prompt=request.prompt,
+        prompt=prompt,
         max_tokens=max_tokens,
         temperature=float(temperature),
         top_p=float(top_p),

@@ -18,6 +18,7 @@ class WorkerSpec:
     socket: str
     backend: str
     parent_pid: int
+    model: str = ""  # the configured model's name, for the worker's own answers ("model 'demo' has no chat template")
     path: str | None = None
     factory: str | None = None
     device: str = "auto"

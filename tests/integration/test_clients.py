@@ -22,6 +22,10 @@ SUMMARY = re.compile(r"^\[length: (\d+) prompt \+ 20 generated tokens, worker (\
 
 
 def node_generate(*args: str) -> subprocess.CompletedProcess:
+    return node_run("generate.js", *args)
+
+
+def node_run(script: str, *args: str) -> subprocess.CompletedProcess:
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed (the Node client needs Node.js 18+)")
@@ -29,7 +33,7 @@ def node_generate(*args: str) -> subprocess.CompletedProcess:
         pytest.skip("clients/node/node_modules is missing: run ./dev setup (or npm ci in clients/node)")
     # The developer's own daemon settings must not leak into a run against the test daemon.
     env = {k: v for k, v in os.environ.items() if k not in ("MPSD_ADDRESS", "MPSD_TOKEN_FILE", "MPSD_TLS_CA")}
-    return subprocess.run([node, str(NODE_CLIENT / "generate.js"), *args],
+    return subprocess.run([node, str(NODE_CLIENT / script), *args],
                           capture_output=True, text=True, timeout=60, env=env)
 
 
@@ -52,6 +56,19 @@ def test_node_client_reports_a_grpc_error(shared_daemon):
     assert result.returncode == 1
     assert result.stderr.startswith("mpsd: NOT_FOUND: ") and "no-such-model" in result.stderr
     assert result.stdout == ""
+
+
+def test_node_client_chats_as_python_does(shared_daemon):
+    from mpsd.client import Client
+
+    result = node_run("chat.js", "--address", shared_daemon.address, "--model", "demo", "--system", "Be brief.",
+                      "--max-tokens", "12", "--temperature", "0", "Hello")
+    assert result.returncode == 0, result.stderr
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    with Client(shared_daemon.address) as client:
+        expected = client.chat(messages, "demo", max_tokens=12, temperature=0).text()
+    assert expected and result.stdout == expected + "\n"
+    assert "12 generated tokens, worker demo-" in result.stderr
 
 
 def describe_and_generate(address: str, prompt: str) -> tuple[set[str], descriptor.MethodDescriptor, str]:

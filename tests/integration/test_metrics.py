@@ -83,10 +83,10 @@ def test_requests_tokens_and_token_timing_move_by_exactly_what_was_streamed(shar
     after = Scrape(shared_daemon)
     moved = lambda name, **labels: after.since(before, name, **labels)  # noqa: E731
     assert all(tokens), tokens
-    assert moved("mpsd_requests_total", model="demo", method="Generate", code="OK") == 3
-    assert moved("mpsd_requests_total", model="(unknown)", method="Generate", code="NOT_FOUND") == 1
-    assert moved("mpsd_requests_total", model="demo", method="Generate", code="INVALID_ARGUMENT") == 1
-    assert moved("mpsd_request_duration_seconds_count", model="demo", method="Generate") == 4
+    assert moved("mpsd_requests_total", model="demo", method="Generate", protocol="grpc", code="OK") == 3
+    assert moved("mpsd_requests_total", model="(unknown)", method="Generate", protocol="grpc", code="NOT_FOUND") == 1
+    assert moved("mpsd_requests_total", model="demo", method="Generate", protocol="grpc", code="INVALID_ARGUMENT") == 1
+    assert moved("mpsd_request_duration_seconds_count", model="demo", method="Generate", protocol="grpc") == 4
     assert moved("mpsd_generated_tokens_total", model="demo") == sum(tokens)
     assert moved("mpsd_time_to_first_token_seconds_count", model="demo") == 3
     assert moved("mpsd_inter_token_seconds_count", model="demo") == sum(tokens) - 3
@@ -112,7 +112,7 @@ def test_in_flight_and_queue_depth_follow_busy_workers_and_cancels_are_counted(s
         for call in held:
             call.cancel()
         queued.join(60)
-    slow = {"model": "slow", "method": "Generate"}
+    slow = {"model": "slow", "method": "Generate", "protocol": "grpc"}
     after = scrape_until(shared_daemon, lambda s: s.since(before, "mpsd_requests_total", code="CANCELLED", **slow) == 2,
                          "both cancels counted")
     assert after("mpsd_queue_depth", model="slow") == 0 and after("mpsd_inflight_requests", model="slow") == 0

@@ -74,3 +74,13 @@ def test_mlx_memory_figures_in_status(mlx_daemon):
         assert worker["memory_bytes"] > 0
     model = next(m for m in status["models"] if m["name"] == "mlx")
     assert model["backend"] == "mlx-lm" and model["footprint_source"] == "learned"
+
+
+def test_the_mlx_demo_chats_through_its_template(mlx_daemon):
+    from mpsd.client import Client
+
+    with Client(mlx_daemon.address) as client:
+        chat = client.chat([{"role": "user", "content": "Hi"}], "mlx", max_tokens=10, temperature=0)
+        text = chat.text()
+        generated = client.generate("user: Hi<|endoftext|>assistant:", "mlx", max_tokens=10, temperature=0).text()
+    assert text == generated and chat.finish.worker_id.startswith("mlx-")

@@ -1,7 +1,12 @@
-"""The public port beyond loopback: refused without TLS and a token; with them, only token holders get in."""
+"""The public ports beyond loopback (gRPC and the OpenAI-compatible HTTP API): refused without TLS and a token;
+with them, only token holders get in."""
 
+import json
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import grpc
 import pytest
@@ -48,12 +53,21 @@ def test_a_non_loopback_address_is_refused_without_tls_and_a_token(tmp_path, tls
     assert "public API listening" not in bare.stderr + token_only.stderr + open_token.stderr
 
 
+def test_the_http_api_beyond_loopback_is_refused_without_tls_and_a_token(tmp_path, tls_files):
+    bare = serve(tmp_path, "127.0.0.1:0", 'http_listen = "0.0.0.0:0"')
+    assert bare.returncode == 1
+    assert "http_listen '0.0.0.0:0' is not loopback" in bare.stderr and "tls_cert and tls_key and token_file" in bare.stderr
+    token_only = serve(tmp_path, "127.0.0.1:0", f'http_listen = "0.0.0.0:0"\ntoken_file = "{tls_files / "token"}"')
+    assert token_only.returncode == 1 and "http_listen '0.0.0.0:0' is not loopback" in token_only.stderr
+    assert "HTTP API listening" not in bare.stderr + token_only.stderr
+
+
 @pytest.fixture(scope="module")
 def exposed_daemon(demo_model, tls_files, tmp_path_factory):
     extra = (f'tls_cert = "{tls_files / "cert.pem"}"\ntls_key = "{tls_files / "key.pem"}"\n'
              f'token_file = "{tls_files / "token"}"\n')
     config = f"[daemon]\n{extra}" + demo_config(replicas=1).replace("[daemon]\n", "")
-    with running_daemon(tmp_path_factory.mktemp("exposed"), config, 1, listen="0.0.0.0:0") as daemon:
+    with running_daemon(tmp_path_factory.mktemp("exposed"), config, 1, listen="0.0.0.0:0", http_listen="0.0.0.0:0") as daemon:
         yield daemon
 
 
@@ -116,3 +130,31 @@ def test_the_node_client_speaks_tls_with_the_token(exposed_daemon, tls_files):
     assert ok.returncode == 0 and "3 generated tokens" in ok.stderr, ok.stderr
     refused = node_generate(*base)
     assert refused.returncode == 1 and "mpsd: UNAUTHENTICATED" in refused.stderr
+
+
+def https_url(daemon) -> str:
+    return "https://127.0.0.1:" + daemon.http_url.rpartition(":")[2]
+
+
+def https_client(daemon, tls_files, token: str):
+    import openai
+
+    http_client = openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=tls_files / "cert.pem"))
+    return openai.OpenAI(base_url=https_url(daemon), api_key=token, max_retries=0, http_client=http_client)
+
+
+def test_the_http_api_over_tls_takes_the_same_token(exposed_daemon, tls_files):
+    import openai
+
+    assert exposed_daemon.http_url.startswith("https://0.0.0.0:")
+    with https_client(exposed_daemon, tls_files, TOKEN) as client:
+        answer = client.completions.create(model="demo", prompt="The", max_tokens=3)
+        assert answer.usage.completion_tokens == 3 and [m.id for m in client.models.list()] == ["demo"]
+    with https_client(exposed_daemon, tls_files, "wrong-token-of-some-length") as client:
+        with pytest.raises(openai.AuthenticationError) as refused:
+            client.models.list()
+    assert refused.value.status_code == 401 and "bearer token" in refused.value.message
+    context = ssl.create_default_context(cafile=tls_files / "cert.pem")
+    with pytest.raises(urllib.error.HTTPError) as no_token:  # no Authorization header at all
+        urllib.request.urlopen(https_url(exposed_daemon) + "/models", context=context, timeout=30)
+    assert no_token.value.code == 401 and json.loads(no_token.value.read())["error"]["code"] == "invalid_api_key"

@@ -60,6 +60,7 @@ def test_supervisord_restarts_a_killed_mpsd_with_no_orphans(demo_model, tmp_path
 [daemon]
 listen = "127.0.0.1:{port}"
 metrics_listen = "127.0.0.1:0"
+http_listen = "127.0.0.1:0"
 health_interval = "0.5s"
 [[models]]
 name = "demo"

@@ -87,3 +87,64 @@ def test_metrics_listen_takes_an_address_or_nothing(tmp_path):
     models = "[[models]]\nname='a'\nbackend='null-lm'\n"
     assert parse("[daemon]\nmetrics_listen = '0.0.0.0:9100'\n" + models).daemon.metrics_listen == "0.0.0.0:9100"
     assert parse("[daemon]\nmetrics_listen = ''\n" + models).daemon.metrics_listen == ""
+
+
+def test_http_listen_defaults_to_loopback_and_takes_an_address_or_nothing(tmp_path):
+    models = "[[models]]\nname='a'\nbackend='null-lm'\n"
+    assert parse(models).daemon.http_listen == "127.0.0.1:7702"
+    assert parse("[daemon]\nhttp_listen = ''\n" + models).daemon.http_listen == ""
+    with pytest.raises(ConfigError, match=r"daemon.http_listen: must be HOST:PORT"):
+        parse("[daemon]\nhttp_listen = '7702'\n" + models)
+
+
+MODEL_A = "[[models]]\nname='a'\nbackend='null-lm'\n"
+
+
+def demand_of(keys: str) -> tuple:
+    model = parse(MODEL_A + keys).models[0]
+    return model.replicas, model.min_replicas, model.max_replicas, model.keep_alive_s, model.priority, model.scale_up_queue
+
+
+@pytest.mark.parametrize("keys,expected", [
+    ("", (1, 1, 1, 300.0, 0, 1)),                                  # a static model, as before demand
+    ("replicas = 3", (3, 3, 3, 300.0, 0, 1)),                      # min = max = replicas
+    ("min_replicas = 2", (2, 2, 2, 300.0, 0, 1)),                  # replicas defaults to min_replicas
+    ("min_replicas = 0\nmax_replicas = 3", (0, 0, 3, 300.0, 0, 1)),  # load on the first request
+    ("min_replicas = 0", (0, 0, 1, 300.0, 0, 1)),                  # demand-driven: one worker when requested
+    ("replicas = 0", (0, 0, 0, 300.0, 0, 1)),                      # static and empty, as before demand
+    ("min_replicas = 1\nreplicas = 2\nmax_replicas = 4", (2, 1, 4, 300.0, 0, 1)),
+    ("keep_alive = -1", (1, 1, 1, None, 0, 1)),                   # never stopped for idleness
+    ("keep_alive = '-1'", (1, 1, 1, None, 0, 1)),
+    ("keep_alive = '90s'", (1, 1, 1, 90.0, 0, 1)),
+    ("keep_alive = 0", (1, 1, 1, 0.0, 0, 1)),
+    ("priority = -5\nscale_up_queue = 4", (1, 1, 1, 300.0, -5, 4)),
+])
+def test_demand_keys_and_their_defaults(keys, expected):
+    assert demand_of(keys) == expected
+
+
+def test_min_residency_defaults_to_thirty_seconds():
+    assert parse(MODEL_A).memory.min_residency_s == 30.0
+    assert parse("[memory]\nmin_residency = '1s'\n" + MODEL_A).memory.min_residency_s == 1.0
+
+
+@pytest.mark.parametrize("keys,message", [
+    ("min_replicas = 3\nmax_replicas = 2\nreplicas = 2", r"models\[0\] \(a\)\.min_replicas: 3 is above max_replicas 2"),
+    ("min_replicas = 3\nmax_replicas = 2", r"models\[0\] \(a\)\.min_replicas: 3 is above max_replicas 2"),
+    ("replicas = 3\nmax_replicas = 2", r"models\[0\] \(a\)\.replicas: 3 is above max_replicas 2"),
+    ("replicas = 1\nmin_replicas = 2", r"models\[0\] \(a\)\.replicas: 1 is below min_replicas 2"),
+    ("min_replicas = -1", r"models\[0\] \(a\)\.min_replicas: must be an integer >= 0, got -1"),
+    ("max_replicas = 'two'", r"models\[0\] \(a\)\.max_replicas: must be an integer >= 0"),
+    ("keep_alive = -2", r"models\[0\] \(a\)\.keep_alive: must be a duration like '5m', or -1 for never, got -2"),
+    ("keep_alive = -0.5", r"models\[0\] \(a\)\.keep_alive: must be a duration like '5m', or -1 for never"),
+    ("keep_alive = '-5s'", r"models\[0\] \(a\)\.keep_alive: expected a duration"),
+    ("keep_alive = true", r"models\[0\] \(a\)\.keep_alive: expected a duration"),
+    ("scale_up_queue = 0", r"models\[0\] \(a\)\.scale_up_queue: must be an integer >= 1, got 0"),
+    ("priority = 'high'", r"models\[0\] \(a\)\.priority: must be an integer"),
+    ("min_replica = 1", r"test.toml: models\[0\]\.min_replica: unknown key"),
+    ("[memory]\nmin_residency = -1", r"memory\.min_residency: a duration cannot be negative"),
+    ("[memory]\nresidency = '1s'", r"memory\.residency: unknown key"),
+])
+def test_demand_errors_name_the_key(keys, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(MODEL_A + keys)

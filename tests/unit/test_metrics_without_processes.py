@@ -62,9 +62,10 @@ def test_a_stream_gives_time_to_first_token_then_one_gap_per_further_token():
     assert value(scraped, "mpsd_inter_token_seconds_bucket", model="demo", le="0.005") == 0
     assert value(scraped, "mpsd_inter_token_seconds_bucket", model="demo", le="0.01") == 1
     assert value(scraped, "mpsd_inter_token_seconds_bucket", model="demo", le="0.025") == 2
-    assert value(scraped, "mpsd_requests_total", model="demo", method="Generate", code="OK") == 1
-    assert value(scraped, "mpsd_requests_total", model="(unknown)", method="Predict", code="NOT_FOUND") == 1
-    assert value(scraped, "mpsd_request_duration_seconds_sum", model="demo", method="Generate") == 1.0
+    assert value(scraped, "mpsd_requests_total", model="demo", method="Generate", protocol="grpc", code="OK") == 1
+    assert value(scraped, "mpsd_requests_total", model="(unknown)", method="Predict", protocol="grpc",
+                 code="NOT_FOUND") == 1
+    assert value(scraped, "mpsd_request_duration_seconds_sum", model="demo", method="Generate", protocol="grpc") == 1.0
     assert not any(name.startswith(("mpsd_generated_tokens", "mpsd_time_to_first_token")) and ("model", "(unknown)") in labels
                    for name, labels in scraped), "a call that streamed nothing lists no token series"
 

@@ -70,9 +70,9 @@ def test_undecodable_and_unknown_model_requests_are_counted_without_minting_a_mo
                      stream=False, service=service))
 
     def count(method: str, code: str) -> float | None:
-        labels = {"model": UNKNOWN_MODEL, "method": method, "code": code}
+        labels = {"model": UNKNOWN_MODEL, "method": method, "protocol": "grpc", "code": code}
         return metrics.registry.get_sample_value("mpsd_requests_total", labels)
 
     assert count("Generate", "INVALID_ARGUMENT") == 1 and count("Predict", "NOT_FOUND") == 1
     assert metrics.registry.get_sample_value("mpsd_requests_total", {"model": "nope", "method": "Predict",
-                                                                     "code": "NOT_FOUND"}) is None
+                                                                     "protocol": "grpc", "code": "NOT_FOUND"}) is None

@@ -1,4 +1,4 @@
-"""`mpsctl`: the operator's client. Status over the admin socket; generate over the public API."""
+"""`mpsctl`: the operator's client. Status over the admin socket; generate and chat over the public API."""
 
 from __future__ import annotations
 
@@ -57,19 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     logs.set_defaults(handler=_logs)
     generate = commands.add_parser("generate", help="stream generated text to the terminal")
     generate.add_argument("prompt")
-    generate.add_argument("--model", default="", help="model name (default: the only model)")
-    generate.add_argument("--max-tokens", type=int)
-    generate.add_argument("--temperature", type=float)
-    generate.add_argument("--top-p", type=float)
-    generate.add_argument("--seed", type=int)
-    generate.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
-    generate.add_argument("--address", help="public API HOST:PORT (default: $MPSD_ADDRESS, else asked of the daemon)")
-    generate.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
-    generate.add_argument("--tls-ca", type=pathlib.Path, default=os.environ.get("MPSD_TLS_CA"),
-                          help="CA certificate (PEM) to reach a daemon serving TLS (default: $MPSD_TLS_CA)")
-    generate.add_argument("--token-file", type=pathlib.Path, default=os.environ.get("MPSD_TOKEN_FILE"),
-                          help="file holding the bearer token the daemon requires (default: $MPSD_TOKEN_FILE)")
+    _add_generation_options(generate)
     generate.set_defaults(handler=_generate)
+    chat = commands.add_parser("chat", help="a conversation with a model on a terminal; one reply when piped")
+    chat.add_argument("message", nargs="?", help="send this one message and print the reply (default: a "
+                      "conversation on a terminal, or all of stdin as one message when it is piped)")
+    chat.add_argument("--system", help="a system message that opens the conversation")
+    _add_generation_options(chat)
+    chat.set_defaults(handler=_chat)
     scale = commands.add_parser("scale", help="set a model's replica count")
     scale.add_argument("model")
     scale.add_argument("replicas", type=int)
@@ -90,6 +85,21 @@ def _parser() -> argparse.ArgumentParser:
     from mpsd.cli import service_install  # install/uninstall live there, all of them
     service_install.add_subcommands(commands)
     return parser
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="", help="model name (default: the only model)")
+    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    parser.add_argument("--address", help="public API HOST:PORT (default: $MPSD_ADDRESS, else asked of the daemon)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (each reply, in a chat)")
+    parser.add_argument("--tls-ca", type=pathlib.Path, default=os.environ.get("MPSD_TLS_CA"),
+                        help="CA certificate (PEM) to reach a daemon serving TLS (default: $MPSD_TLS_CA)")
+    parser.add_argument("--token-file", type=pathlib.Path, default=os.environ.get("MPSD_TOKEN_FILE"),
+                        help="file holding the bearer token the daemon requires (default: $MPSD_TOKEN_FILE)")
 
 
 def _admin_stub(args) -> admin_pb2_grpc.AdminStub:
@@ -227,12 +237,26 @@ def _public_address(args) -> str:
         return DEFAULT_ADDRESS
 
 
-def _generate(args) -> int:
+def _client(args) -> Client:
     token = args.token_file.read_text().strip() if args.token_file else None
-    options = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
-               "stop": tuple(args.stop)}
-    with Client(_public_address(args), tls_ca=args.tls_ca, token=token) as client:
-        stream = client.generate(args.prompt, args.model, timeout=args.timeout, **options)
+    return Client(_public_address(args), tls_ca=args.tls_ca, token=token)
+
+
+def _options(args) -> dict:
+    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
+            "stop": tuple(args.stop)}
+
+
+def _chat(args) -> int:
+    from mpsd.cli.chat import run_chat
+
+    with _client(args) as client:
+        return run_chat(client, args.model, args.system, args.message, _options(args), args.timeout)
+
+
+def _generate(args) -> int:
+    with _client(args) as client:
+        stream = client.generate(args.prompt, args.model, timeout=args.timeout, **_options(args))
         for token_piece in stream:
             sys.stdout.write(token_piece.text)
             sys.stdout.flush()

@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--listen", help="public API address HOST:PORT (default from config: 127.0.0.1:7700)")
     serve.add_argument("--metrics-listen", metavar="HOST:PORT",
                        help='Prometheus /metrics address (default from config: 127.0.0.1:7701; "" serves none)')
+    serve.add_argument("--http-listen", metavar="HOST:PORT",
+                       help='OpenAI-compatible HTTP API address (default from config: 127.0.0.1:7702; "" serves none)')
     serve.add_argument("--log-format", choices=("text", "json"), help="one line per event as text or JSON (default from config: text)")
     serve.add_argument("--state-dir", type=pathlib.Path, help="where the admin socket lives (default: $MPSD_STATE_DIR or the platform's)")
     serve.add_argument("--data-dir", type=pathlib.Path, help="where the demo model is built (default: $MPSD_DATA_DIR or the platform's)")
@@ -47,8 +49,9 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_format or daemon_config.log_format, daemon_config.log_file, daemon_config.log_max_bytes, daemon_config.log_backups)
     state_dir = args.state_dir or config.daemon.state_dir or paths.default_state_dir()
     metrics_listen = config.daemon.metrics_listen if args.metrics_listen is None else args.metrics_listen
+    http_listen = config.daemon.http_listen if args.http_listen is None else args.http_listen
     daemon = Daemon(config, state_dir, args.listen or config.daemon.listen, args.data_dir or paths.default_data_dir(),
-                    metrics_listen)
+                    metrics_listen, http_listen)
     try:
         return asyncio.run(daemon.run())
     except (DaemonError, DemoBuildFailed, ValueError, OSError) as exc:

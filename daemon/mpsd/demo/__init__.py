@@ -6,6 +6,7 @@
     corpus.py       the torch demo's text and tokenizer
     torch_model.py  the torch demo builder: `python -m mpsd.demo.torch_model OUT_DIR`
     mlx_model.py    the MLX demo builder: `python -m mpsd.demo.mlx_model OUT_DIR`
+    chat_template.py  the chat template both demos serve, written into a built model (daemon-safe)
 
 The daemon imports only what this package exports; the builders import torch
 or mlx inside their functions and run in a child process.

@@ -1,7 +1,8 @@
 """Who may call the public API: loopback by default; anywhere else only with TLS and a bearer token.
 
 The policy (`exposure_problem`, `read_token`) is pure and tested without a
-server; `BearerTokenInterceptor` applies it to every call. The token is
+server; `BearerTokenInterceptor` applies it to every gRPC call, and the
+OpenAI-compatible HTTP API (openai_http.py) checks the same token the same way. The token is
 compared in constant time (hmac.compare_digest over SHA-256 digests, so not
 even its length leaks). Health checks stay open so a load balancer or
 launchd-side monitor can probe without holding the secret; they reveal only
@@ -14,6 +15,7 @@ import hashlib
 import hmac
 import ipaddress
 import pathlib
+import ssl
 import stat
 
 import grpc
@@ -39,15 +41,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def exposure_problem(listen: str, access: PublicAccess) -> str:
-    """Why this listen address may not be served with these settings; '' when it may."""
+def exposure_problem(listen: str, access: PublicAccess, key: str = "listen") -> str:
+    """Why this listen address (the setting `key`) may not be served with these settings; '' when it may."""
     host = listen.rpartition(":")[0]
     if is_loopback(host):
         return ""
     missing = [name for name, value in (("tls_cert and tls_key", access.tls), ("token_file", access.token_file)) if not value]
     if not missing:
         return ""
-    return (f"listen {listen!r} is not loopback: other machines could call the API, so [daemon] "
+    return (f"{key} {listen!r} is not loopback: other machines could call the API, so [daemon] "
             f"{' and '.join(missing)} must be set (TLS and a bearer token), or listen on 127.0.0.1")
 
 
@@ -72,6 +74,18 @@ def server_credentials(access: PublicAccess) -> grpc.ServerCredentials:
     except OSError as exc:
         raise AccessError(f"TLS: cannot read {exc.filename}: {exc.strerror}") from None
     return grpc.ssl_server_credentials([(key, cert)])
+
+
+def server_ssl_context(access: PublicAccess) -> ssl.SSLContext:
+    """The same certificate and key for the HTTP API as server_credentials gives the gRPC port."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(access.tls_cert, access.tls_key)
+    except ssl.SSLError as exc:  # before OSError, which it is
+        raise AccessError(f"TLS: cannot use {access.tls_cert} and {access.tls_key}: {exc}") from None
+    except OSError as exc:
+        raise AccessError(f"TLS: cannot read {exc.filename or access.tls_cert}: {exc.strerror or exc}") from None
+    return context
 
 
 def token_matches(presented: str, expected: bytes) -> bool:

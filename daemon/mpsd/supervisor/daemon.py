@@ -1,4 +1,4 @@
-"""`mpsd serve`: wires config, fleet, router, the two gRPC servers and /metrics, then waits for a signal.
+"""`mpsd serve`: wires config, fleet, router, the two gRPC servers, the HTTP API and /metrics, then waits for a signal.
 
 Runs in the foreground (launchd and supervisord need that). SIGTERM or
 SIGINT drains: stop taking requests, let in-flight streams finish within
@@ -25,14 +25,16 @@ import mpsd
 from mpsd import paths
 from mpsd.config import EMBEDDED_SOURCE, Config, ModelConfig, load_config, split_listen
 from mpsd.supervisor.access import (
-    BearerTokenInterceptor, describe, exposure_problem, is_loopback, read_token, server_credentials)
+    BearerTokenInterceptor, describe, exposure_problem, is_loopback, read_token, server_credentials, server_ssl_context)
 from mpsd.supervisor.admin_api import AdminService
 from mpsd.supervisor.demo_build import ensure_demos, resolve_demo_paths
 from mpsd.supervisor.fleet import Fleet
 from mpsd.supervisor.fleet_commands import ControlError
+from mpsd.supervisor.http_server import HttpServer
 from mpsd.supervisor.memory import ReportedWorkingSet, make_probe
 from mpsd.supervisor.metrics import RequestMetrics, watch_daemon
 from mpsd.supervisor.metrics_http import start_metrics_server, url_of
+from mpsd.supervisor.openai_http import MAX_BODY_BYTES, OpenAIApi, error_body
 from mpsd.supervisor.public_api import InferenceService, add_inference_service
 from mpsd.supervisor.router import ModelPool, NoWorkers
 from mpsd.supervisor.states import HOPEFUL_STATES, WorkerState
@@ -86,12 +88,13 @@ def prepare_config(config: Config, data_dir: pathlib.Path) -> tuple[Config, list
 
 class Daemon:
     def __init__(self, config: Config, state_dir: pathlib.Path, listen: str, data_dir: pathlib.Path,
-                 metrics_listen: str) -> None:
+                 metrics_listen: str, http_listen: str = "") -> None:
         self.config, self._demo_refs = prepare_config(config, data_dir)
         self._data_dir = data_dir
         self.state_dir = state_dir
         self.listen = listen
         self.metrics_listen = metrics_listen
+        self.http_listen = http_listen
         self.metrics = RequestMetrics()
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
@@ -126,9 +129,13 @@ class Daemon:
         self._sync_pools()
         watch_daemon(self.metrics.registry, self.fleet, self.pools)
         public = await self._start_public()
+        metrics = None
         try:
             metrics = await self._start_metrics()
-        except DaemonError:
+            http = await self._start_http()
+        except (DaemonError, ValueError):
+            if metrics:
+                metrics.close()
             await public.stop(0)  # a grpc server left running when the loop closes ends the process with a traceback
             raise
         admin = await self._start_admin(admin_path)
@@ -138,6 +145,8 @@ class Daemon:
         await self._drain(public, self.fleet)
         fleet_task.cancel()
         await admin.stop(0)
+        if http:
+            http.close()  # open through the drain, like the public port: new requests got 503 with a sentence
         if metrics:
             metrics.close()  # served through the drain, so a scrape can watch it
         log.info("mpsd stopped")
@@ -256,6 +265,29 @@ class Daemon:
             raise DaemonError(f"cannot serve metrics on {self.metrics_listen}: {exc.strerror or exc} "
                               f"(is another mpsd running? use --metrics-listen, or metrics_listen = \"\" to serve none)") from exc
         log.info("metrics on %s", url_of(server, host))
+        return server
+
+    async def _start_http(self) -> HttpServer | None:
+        """The OpenAI-compatible API (openai_http.py) on its own port, under the public port's rules: loopback
+        unless TLS and a token are set, and then the same certificate and the same token."""
+        if not self.http_listen:
+            return None
+        access = self.config.daemon.access
+        try:
+            host, port = split_listen(self.http_listen)
+        except ValueError as exc:
+            raise DaemonError(f"http listen: {exc}") from None
+        if problem := exposure_problem(self.http_listen, access, "http_listen"):
+            raise DaemonError(problem)
+        api = OpenAIApi(self._inference, self.metrics, read_token(access.token_file) if access.token_file else None)
+        server = HttpServer(api.handle, error_body, MAX_BODY_BYTES)
+        try:
+            port = await server.start(host, port, server_ssl_context(access) if access.tls else None)
+        except OSError as exc:
+            raise DaemonError(f"cannot serve the HTTP API on {self.http_listen}: {exc.strerror or exc} (is another "
+                              f"mpsd running? use --http-listen, or http_listen = \"\" to serve none)") from exc
+        scheme = "https" if access.tls else "http"
+        log.info("OpenAI-compatible HTTP API listening on %s://%s:%d/v1 (%s)", scheme, host, port, describe(access))
         return server
 
     async def _start_admin(self, admin_path: pathlib.Path) -> grpc.aio.Server:

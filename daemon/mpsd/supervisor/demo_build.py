@@ -15,6 +15,7 @@ import sys
 
 from mpsd.config import Config
 from mpsd.demo import DEMO_MODELS, MLX_DEMO, TORCH_DEMO, DemoModel
+from mpsd.demo.chat_template import install_chat_template
 
 log = logging.getLogger("mpsd.demo")
 
@@ -44,12 +45,13 @@ async def ensure_demos(refs: list[str], data_dir: pathlib.Path, env: dict[str, s
 
 
 async def _ensure(demo: DemoModel, model_dir: pathlib.Path, options: list[str], env: dict[str, str]) -> None:
-    if demo.is_complete(model_dir):
-        return
-    log.info("building the %s in %s (first use only)", demo.label, model_dir)
-    await _run_builder(demo, [str(model_dir), *options], env)
     if not demo.is_complete(model_dir):
-        raise DemoBuildFailed(f"building the {demo.label} left no complete model")
+        log.info("building the %s in %s (first use only)", demo.label, model_dir)
+        await _run_builder(demo, [str(model_dir), *options], env)
+        if not demo.is_complete(model_dir):
+            raise DemoBuildFailed(f"building the {demo.label} left no complete model")
+    if install_chat_template(model_dir):
+        log.info("installed the demo chat template in %s", model_dir)
 
 
 async def _run_builder(demo: DemoModel, builder_args: list[str], env: dict[str, str]) -> None:

@@ -252,7 +252,7 @@ class Fleet(WorkerHealth, OperatorCommands, DemandBalancer):
     def _spec_for(self, worker: WorkerRecord) -> WorkerSpec:
         model = worker.model
         return WorkerSpec(
-            worker_id=worker.id, socket=str(self._run_dir / f"{next(self._socket_numbers)}.sock"),
+            worker_id=worker.id, model=model.name, socket=str(self._run_dir / f"{next(self._socket_numbers)}.sock"),
             backend=model.backend, parent_pid=os.getpid(), path=model.path, factory=model.factory,
             device=model.device, threads=model.threads, concurrency=model.concurrency,
             stop_grace_s=self.config.daemon.drain_grace_s, mlx_memory_limit=model.memory_limit_bytes,

@@ -48,8 +48,10 @@ class RequestMetrics:
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.registry = CollectorRegistry()
         self._clock = clock
-        self.requests = Counter("mpsd_requests", "Requests answered, by model, method and final gRPC status code.",
-                                ["model", "method", "code"], registry=self.registry)
+        # protocol: "grpc", or "http" for the OpenAI-compatible API, whose calls count under the gRPC method they
+        # map to (Chat, Generate) and the gRPC status code their HTTP status was chosen from.
+        self.requests = Counter("mpsd_requests", "Requests answered, by model, method, protocol and final gRPC status "
+                                "code.", ["model", "method", "protocol", "code"], registry=self.registry)
         self.tokens = Counter("mpsd_generated_tokens", "Tokens streamed to clients.", ["model"], registry=self.registry)
         self.first_token = Histogram(
             "mpsd_time_to_first_token_seconds", "From a Generate call's arrival to its first token, queueing included.",
@@ -59,7 +61,7 @@ class RequestMetrics:
             ["model"], buckets=INTER_TOKEN_BUCKETS, registry=self.registry)
         self.duration = Histogram(
             "mpsd_request_duration_seconds", "From a call's arrival to its end, whatever the status.",
-            ["model", "method"], buckets=REQUEST_BUCKETS, registry=self.registry)
+            ["model", "method", "protocol"], buckets=REQUEST_BUCKETS, registry=self.registry)
         self.time_to_ready = Histogram(
             "mpsd_worker_time_to_ready_seconds", "From a worker's spawn to READY (its model loaded and warmed).",
             ["model"], buckets=READY_BUCKETS, registry=self.registry)
@@ -67,15 +69,16 @@ class RequestMetrics:
             "mpsd_requests_waited_for_load", "Requests that arrived when their model had no READY worker and were "
             "served once one loaded.", ["model"], registry=self.registry)
 
-    def start(self, model: str, method: str) -> RequestTimer:
-        return RequestTimer(self, model, method, self._clock)
+    def start(self, model: str, method: str, protocol: str = "grpc") -> RequestTimer:
+        return RequestTimer(self, model, method, protocol, self._clock)
 
 
 class RequestTimer:
     """One call: `token()` as each token message goes out, `finish(code)` once at the end."""
 
-    def __init__(self, metrics: RequestMetrics, model: str, method: str, clock: Callable[[], float]) -> None:
-        self._metrics, self._model, self._method, self._clock = metrics, model, method, clock
+    def __init__(self, metrics: RequestMetrics, model: str, method: str, protocol: str,
+                 clock: Callable[[], float]) -> None:
+        self._metrics, self._model, self._method, self._protocol, self._clock = metrics, model, method, protocol, clock
         self._started = clock()
         self._last_token: float | None = None
 
@@ -93,8 +96,8 @@ class RequestTimer:
         self._tokens.inc()
 
     def finish(self, code: grpc.StatusCode) -> None:
-        self._metrics.requests.labels(self._model, self._method, code.name).inc()
-        self._metrics.duration.labels(self._model, self._method).observe(self._clock() - self._started)
+        self._metrics.requests.labels(self._model, self._method, self._protocol, code.name).inc()
+        self._metrics.duration.labels(self._model, self._method, self._protocol).observe(self._clock() - self._started)
 
 
 def watch_daemon(registry: CollectorRegistry, fleet: Fleet, pools: dict[str, ModelPool]) -> None:

@@ -4,7 +4,12 @@ Errors are gRPC status codes with a sentence: INVALID_ARGUMENT for bad
 input, NOT_FOUND for an unknown model, RESOURCE_EXHAUSTED for a full queue,
 UNAVAILABLE when no worker can serve, DEADLINE_EXCEEDED while queued. Every
 call that reaches the service is counted in RequestMetrics with the status it
-ended with; Generate also times each token it forwards.
+ended with; Generate and Chat also time each token they forward.
+
+Generate and Chat share one path (Chat differs only in how the request is
+checked and which worker method renders it), and so does the OpenAI-compatible
+HTTP API (openai_http.py), which calls `stream` with a context of its own: the
+service uses only abort(), time_remaining() and code() of a call's context.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Awaitable, Callable, Iterator
 import grpc
 from google.protobuf.message import DecodeError
 
+from mpsd.chat_params import parse_chat_request
 from mpsd.generate_params import InvalidRequest, check_against_model, parse_generate_request
 from mpsd.supervisor.metrics import UNKNOWN_MODEL, RequestMetrics, RequestTimer
 from mpsd.supervisor.router import Lease, ModelPool, NoWorkers, QueueFull, Slot
@@ -35,6 +41,13 @@ PASS_THROUGH_CODES = frozenset({
 LOSS_EXPLAIN_WAIT_S = 2.0
 # (worker id, the worker process's stub, seconds to wait) -> how that process ended, or "".
 ExplainLoss = Callable[[str, object, float], Awaitable[str]]
+
+
+# How each streaming method reads its request into the sampling parameters the daemon checks before routing.
+PARSE_STREAMING = {
+    "Generate": parse_generate_request,
+    "Chat": lambda request: parse_chat_request(request).sampling,
+}
 
 
 class WorkerLost(Exception):
@@ -62,11 +75,12 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         await self._idle.wait()
 
     @contextlib.contextmanager
-    def _call(self, request, context: grpc.aio.ServicerContext, method: str) -> Iterator[RequestTimer]:
+    def _call(self, request, context: grpc.aio.ServicerContext, method: str,
+              protocol: str = "grpc") -> Iterator[RequestTimer]:
         """Counts the call as active (what a drain waits for) and records how it ended."""
         self._active += 1
         self._idle.clear()
-        timer = self._metrics.start(self._model_label(request), method)
+        timer = self._metrics.start(self._model_label(request), method, protocol)
         code = grpc.StatusCode.OK
         try:
             yield timer
@@ -79,18 +93,31 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             if self._active == 0:
                 self._idle.set()
 
-    async def Generate(self, request, context: grpc.aio.ServicerContext):
-        with self._call(request, context, "Generate") as timer:
-            async for message in self._generate(request, context):
+    def Generate(self, request, context: grpc.aio.ServicerContext):
+        return self.stream(request, context, "Generate")  # the stream itself: no generator layer per token
+
+    def Chat(self, request, context: grpc.aio.ServicerContext):
+        return self.stream(request, context, "Chat")
+
+    async def stream(self, request, context, method: str, protocol: str = "grpc"):
+        """Generate or Chat (`method`) for any front end: check, route, forward; counted under method and protocol."""
+        with self._call(request, context, method, protocol) as timer:
+            async for message in self._generate(request, context, method):
                 if not message.HasField("finish"):
                     timer.token()
                 yield message
 
-    async def _generate(self, request, context: grpc.aio.ServicerContext):
-        pool = await self._pool_for(request, context, generate=True)
+    @property
+    def models(self) -> list[str]:
+        return sorted(self._pools)
+
+    def generates(self, name: str) -> bool:
+        return self._generates(name)
+
+    async def _generate(self, request, context: grpc.aio.ServicerContext, method: str):
+        pool = await self._pool_for(request, context, verb=method)
         try:
-            params = parse_generate_request(request)
-            check_against_model(params, pool.context_length)
+            check_against_model(PARSE_STREAMING[method](request), pool.context_length)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         tried: frozenset[Slot] = frozenset()
@@ -98,7 +125,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             lease = await self._acquire(pool, context, tried)
             sent_any = False
             try:
-                async for message in self._forward_stream(lease, request, context):
+                async for message in self._forward_stream(lease, request, context, method):
                     sent_any = True
                     yield message
                 return
@@ -115,7 +142,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             return await self._predict(request, context)
 
     async def _predict(self, request, context: grpc.aio.ServicerContext):
-        pool = await self._pool_for(request, context, generate=False)
+        pool = await self._pool_for(request, context, verb="Predict")
         lease = await self._acquire(pool, context, frozenset())
         try:
             return await lease.stub.Predict(request, timeout=context.time_remaining())
@@ -129,8 +156,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         exit_description = await self._explain_loss(lease.worker_id, lease.stub, LOSS_EXPLAIN_WAIT_S)
         return f"{exc}; the worker exited: {exit_description}" if exit_description else str(exc)
 
-    async def _forward_stream(self, lease: Lease, request, context):
-        call = lease.stub.Generate(request, timeout=context.time_remaining())
+    async def _forward_stream(self, lease: Lease, request, context, method: str):
+        call = getattr(lease.stub, method)(request, timeout=context.time_remaining())
         try:
             async for message in call:
                 yield message
@@ -149,7 +176,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         name = self._model_name(request)
         return name if name in self._pools else UNKNOWN_MODEL
 
-    async def _pool_for(self, request, context, *, generate: bool) -> ModelPool:
+    async def _pool_for(self, request, context, *, verb: str) -> ModelPool:
         if isinstance(request, Undecodable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.sentence)
         if self.draining:
@@ -161,8 +188,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         pool = self._pools.get(name)
         if pool is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model: no model named {name!r} (configured: {known})")
-        if generate != self._generates(name):
-            verb = "Generate" if generate else "Predict"
+        if (verb != "Predict") != self._generates(name):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model: {name!r} does not serve {verb}")
         return pool
 
@@ -217,6 +243,11 @@ def add_inference_service(service: InferenceService, server: grpc.aio.Server) ->
         "Generate": grpc.unary_stream_rpc_method_handler(
             _closing(service.Generate),
             request_deserializer=_tolerant(inference_pb2.GenerateRequest),
+            response_serializer=inference_pb2.GenerateResponse.SerializeToString,
+        ),
+        "Chat": grpc.unary_stream_rpc_method_handler(
+            _closing(service.Chat),
+            request_deserializer=_tolerant(inference_pb2.ChatRequest),
             response_serializer=inference_pb2.GenerateResponse.SerializeToString,
         ),
         "Predict": grpc.unary_unary_rpc_method_handler(

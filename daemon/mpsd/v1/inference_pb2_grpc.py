@@ -39,6 +39,11 @@ class InferenceStub:
                 request_serializer=mpsd_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=mpsd_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Chat = channel.unary_stream(
+                '/mpsd.v1.Inference/Chat',
+                request_serializer=mpsd_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+                response_deserializer=mpsd_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+                _registered_method=True)
         self.Predict = channel.unary_unary(
                 '/mpsd.v1.Inference/Predict',
                 request_serializer=mpsd_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
@@ -57,6 +62,15 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Chat(self, request, context):
+        """Generate for a conversation: the worker renders `messages` with the model's
+        own chat template (the generation prompt added) and streams the reply as
+        Generate does. A model without a chat template answers FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Predict(self, request, context):
         """Runs a non-generative model (torch-module backend) on named tensors.
         """
@@ -70,6 +84,11 @@ def add_InferenceServicer_to_server(servicer, server):
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=mpsd_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=mpsd_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Chat': grpc.unary_stream_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=mpsd_dot_v1_dot_inference__pb2.ChatRequest.FromString,
                     response_serializer=mpsd_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
             ),
             'Predict': grpc.unary_unary_rpc_method_handler(
@@ -104,6 +123,33 @@ class Inference:
             target,
             '/mpsd.v1.Inference/Generate',
             mpsd_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            mpsd_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mpsd.v1.Inference/Chat',
+            mpsd_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
             mpsd_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,

@@ -40,6 +40,11 @@ class WorkerStub:
                 request_serializer=mpsd_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=mpsd_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Chat = channel.unary_stream(
+                '/mpsd.v1.Worker/Chat',
+                request_serializer=mpsd_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+                response_deserializer=mpsd_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+                _registered_method=True)
         self.Predict = channel.unary_unary(
                 '/mpsd.v1.Worker/Predict',
                 request_serializer=mpsd_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
@@ -56,6 +61,12 @@ class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Chat(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,6 +91,11 @@ def add_WorkerServicer_to_server(servicer, server):
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=mpsd_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=mpsd_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Chat': grpc.unary_stream_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=mpsd_dot_v1_dot_inference__pb2.ChatRequest.FromString,
                     response_serializer=mpsd_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
             ),
             'Predict': grpc.unary_unary_rpc_method_handler(
@@ -119,6 +135,33 @@ class Worker:
             target,
             '/mpsd.v1.Worker/Generate',
             mpsd_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            mpsd_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mpsd.v1.Worker/Chat',
+            mpsd_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
             mpsd_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,

@@ -103,7 +103,7 @@ def _serve(spec: WorkerSpec, model, scheduler) -> int:
 
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=spec.concurrency + 4)
     server = grpc.server(executor, options=[("grpc.so_reuseport", 0)])
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(spec.worker_id, spec.backend, model, scheduler), server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(spec.worker_id, spec.backend, model, scheduler, spec.model), server)
     socket_path = spec.socket
     if os.path.exists(socket_path):
         os.unlink(socket_path)

@@ -10,6 +10,7 @@ concurrency), so the pool is sized for that with a little room for probes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import threading
@@ -18,10 +19,12 @@ from typing import Iterator
 
 import grpc
 
-from mpsd.generate_params import InvalidRequest, parse_generate_request
+from mpsd.chat_params import parse_chat_request
+from mpsd.generate_params import GenerateParams, InvalidRequest, parse_generate_request
 from mpsd.oom import exception_oom
 from mpsd.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
 from mpsd.worker.backends.base import Finished
+from mpsd.worker.backends.chat import NoChatTemplate, render_prompt
 from mpsd.worker.scheduler import DeadlinePassed, DecodeScheduler, OutOfMemory, Submission
 from mpsd.worker.tensors import to_array, to_tensor
 
@@ -50,8 +53,10 @@ class Counters:
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, worker_id: str, backend_name: str, model, scheduler: DecodeScheduler | None) -> None:
+    def __init__(self, worker_id: str, backend_name: str, model, scheduler: DecodeScheduler | None,
+                 model_name: str = "") -> None:
         self._worker_id = worker_id
+        self._model_name = model_name
         self._backend_name = backend_name
         self._model = model
         self._scheduler = scheduler  # language models: the one thread that decodes; None for tensor models
@@ -60,12 +65,31 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def Generate(self, request, context):
         """Hands the request to the decode loop and relays its events; leaving or a deadline drops it there."""
-        if self._scheduler is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model of backend {self._backend_name} does not generate; use Predict")
+        self._refuse_unless_generating(context)
         try:
             params = parse_generate_request(request)
         except InvalidRequest as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        yield from self._decode(params, context)
+
+    def Chat(self, request, context):
+        """Renders the conversation with the model's chat template on this handler thread (backends/chat.py says
+        why that is safe there and better than on the decode thread), then decodes the prompt as Generate does."""
+        self._refuse_unless_generating(context)
+        try:
+            chat = parse_chat_request(request)
+            prompt = render_prompt(getattr(self._model, "chat_template", None), self._model_name, chat)
+        except NoChatTemplate as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except InvalidRequest as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        yield from self._decode(dataclasses.replace(chat.sampling, prompt=prompt, prompt_field="messages"), context)
+
+    def _refuse_unless_generating(self, context) -> None:
+        if self._scheduler is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model of backend {self._backend_name} does not generate; use Predict")
+
+    def _decode(self, params: GenerateParams, context):
         remaining = context.time_remaining()
         submission = self._scheduler.submit(params, None if remaining is None else time.monotonic() + remaining)
         context.add_callback(submission.cancel)

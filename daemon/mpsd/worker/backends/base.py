@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 from mpsd.generate_params import GenerateParams, InvalidRequest
+
+if TYPE_CHECKING:
+    from mpsd.worker.backends.chat import ChatTemplate
 
 __all__ = ["BatchEngine", "BootFailure", "Finished", "GenerateParams", "InvalidRequest", "MemoryReport", "StepOutput",
            "TokenEvent"]
@@ -66,6 +69,7 @@ class BatchEngine(Protocol):
     context_length: int
     eos_ids: frozenset[int]
     kv_bytes_per_token: int  # one token of one sequence, all layers: what a full batch is reserved by
+    chat_template: "ChatTemplate | None"  # the model's own (chat.py); None: Chat is refused
 
     def encode(self, text: str) -> list[int]: ...
 

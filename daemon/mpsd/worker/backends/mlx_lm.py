@@ -43,6 +43,7 @@ import secrets
 from typing import Callable
 
 from mpsd.backend_memory import MLX_ACTIVE, MLX_CACHE, MLX_MAX_RECOMMENDED_WORKING_SET, MLX_MEMORY_SIZE, MLX_PEAK
+from mpsd.worker.backends import chat
 from mpsd.worker.backends.base import BootFailure, GenerateParams, MemoryReport, StepOutput
 from mpsd.worker_spec import WorkerSpec
 
@@ -80,6 +81,7 @@ class MlxCausalLM:
             raise BootFailure(f"cannot load the model in {model_dir!r}: {exc}") from exc
         self.context_length = _context_length(config)
         self.eos_ids = _eos_ids(config, self._tokenizer)
+        self.chat_template = chat.template_of(self._tokenizer)
         self._max_sequences = max_sequences
         self._generator = None  # built on the scheduler thread: MLX streams belong to a thread
         self._uids: dict[int, int] = {}  # sequence id -> the generator's uid

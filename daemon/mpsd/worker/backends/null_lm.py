@@ -23,6 +23,7 @@ class NullLM:
     context_length = CONTEXT_LENGTH
     eos_ids = frozenset()
     kv_bytes_per_token = 0
+    chat_template = None  # Chat answers FAILED_PRECONDITION: no template to render with
 
     def __init__(self) -> None:
         self._generated: dict[int, int] = {}  # sequence id -> tokens given so far

@@ -17,10 +17,10 @@ from mpsd.worker.backends.text import IncrementalDetokenizer, StopMatcher
 
 def check_prompt(prompt_ids: Sequence[int], params: GenerateParams, context_length: int) -> None:
     if not prompt_ids:
-        raise InvalidRequest("prompt: encodes to no tokens")
+        raise InvalidRequest(f"{params.prompt_field}: encodes to no tokens")
     if len(prompt_ids) >= context_length:
         raise InvalidRequest(
-            f"prompt: {len(prompt_ids)} tokens does not fit the model's context of {context_length} tokens"
+            f"{params.prompt_field}: {len(prompt_ids)} tokens does not fit the model's context of {context_length} tokens"
             " (leave room for at least one generated token)"
         )
     check_against_model(params, context_length)

@@ -12,7 +12,7 @@ decoding rows share one left-padded KV cache (torch_batch.KVBatch).
 Batched rows are not bit-identical to a sequence alone on CPU (matmul results
 depend on the batch size; padded attention adds ~1e-6), so a seeded or greedy
 request can differ from its solo run only where two tokens tie within ~1e-5:
-not seen in 696 compared rows; see docs/performance.md.
+0 of 5,987 tokens differed (`python -m benchmarks equality`, docs/performance.md).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import dataclasses
 import pathlib
 from typing import Callable
 
-from mpsd.worker.backends import sampling
+from mpsd.worker.backends import chat, sampling
 from mpsd.worker.backends.base import BootFailure, GenerateParams, MemoryReport, StepOutput
 from mpsd.worker.backends.memory import torch_memory_report
 from mpsd.worker.backends.torch_batch import KVBatch, cache_nbytes
@@ -59,6 +59,7 @@ class TorchCausalLM:
         self._model.to(device).eval()
         self.context_length = _context_length(self._model.config)
         self.eos_ids = _eos_ids(self._model.config, self._tokenizer)
+        self.chat_template = chat.template_of(self._tokenizer)
         self._sequences: dict[int, _Sequence] = {}
         self._prefilling: collections.deque[int] = collections.deque()
         self._batch = KVBatch()
