@@ -1,5 +1,6 @@
 """`python -m benchmarks run [--model demo|25m] [--quick] [--out DIR]`: one run, every system, ratios side by side;
-`python -m benchmarks equality [--model demo|25m]`: tokens that differ between batched and solo decoding."""
+`python -m benchmarks equality [--model demo|25m]`: tokens that differ between batched and solo decoding;
+`python -m benchmarks switching [--model demo|25m]`: the first token of an evicted model against its plain load."""
 
 from __future__ import annotations
 
@@ -27,9 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     same.add_argument("--model", choices=models.MODEL_CHOICES, default="demo")
     same.add_argument("--requests", type=int, default=24)
     same.add_argument("--max-tokens", type=int, default=64)
+    switch = commands.add_parser("switching", help="TTFT of a model that was evicted, against its plain load")
+    switch.add_argument("--model", choices=models.MODEL_CHOICES, default="demo")
     args = parser.parse_args(argv)
     if args.command == "equality":
         return _equality(args)
+    if args.command == "switching":
+        return _switching(args)
     settings = Settings.tiny() if args.tiny else Settings.quick() if args.quick else Settings.full()
     started = time.perf_counter()
     progress = lambda line: print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)  # noqa: E731
@@ -51,6 +56,17 @@ def _equality(args) -> int:
             print(f"{args.model} {name} {mode}: {figures['differing_tokens']} of {figures['tokens']} tokens differ "
                   f"({figures['requests_differing']} of {args.requests} requests), widest batch "
                   f"{figures['widest_batch']}")
+    return 0
+
+
+def _switching(args) -> int:
+    from benchmarks import switching
+
+    model = models.resolve(args.model, lambda line: print(line, file=sys.stderr))
+    figures = switching.measure(model.torch_dir)
+    print(f"{args.model}: plain load TTFT {figures['plain_load_ttft_s']:.2f}s, warm TTFT {figures['warm_ttft_s'] * 1000:.0f}ms, "
+          f"after eviction {', '.join(f'{s:.2f}s' for s in figures['switch_ttft_s'])} "
+          f"({figures['switch_vs_plain']:.2f}x the plain load; {figures['evictions']} evictions)")
     return 0
 
 

@@ -11,30 +11,19 @@ Every model is built locally on first use and reused after.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
-import shutil
 import subprocess
 import sys
-import time
 
 from mpsd import paths
 from mpsd.demo.models import DemoModel, Progress
-from mpsd.demo.staging import build_once
 
 MODEL_CHOICES = ("demo", "25m")
 
 # hidden 512 x 8 layers like the 25M GPT-2; the MLP width brings it to about the same 26M parameters.
-MLX_25M_SHAPE = {
-    "hidden_size": 512,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 8,
-    "intermediate_size": 1408,
-    "max_position_embeddings": 1024,
-}
+MLX_25M_SHAPE = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                     intermediate_size=1408, max_position_embeddings=1024)
 MLX_25M_SEED = 0
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 MLX_25M = DemoModel(
     ref="@mlx-25m", label="25M MLX llama", kind="mpsd-bench-mlx-llama-25m", marker_file="mpsd-mlx-25m.json",
@@ -88,32 +77,6 @@ def _has_mlx() -> bool:
 
 
 def build_mlx_25m(tokenizer_dir: pathlib.Path, progress: Progress) -> pathlib.Path:
-    return build_once(MLX_25M, MLX_25M.model_dir(), lambda staging: _build_mlx_into(staging, tokenizer_dir, progress),
-                      progress)
+    from mpsd.demo.mlx_model import build_llama
 
-
-def _build_mlx_into(staging: pathlib.Path, tokenizer_dir: pathlib.Path, progress: Progress) -> None:
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.models import llama
-    from tokenizers import Tokenizer
-
-    started = time.monotonic()
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(tokenizer_dir / name, staging / name)
-    tokenizer = Tokenizer.from_file(str(staging / "tokenizer.json"))
-    eos = json.loads((staging / "tokenizer_config.json").read_text(encoding="utf-8")).get("eos_token")
-    eos_id = tokenizer.token_to_id(eos.get("content") if isinstance(eos, dict) else eos) if eos else None
-    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **MLX_25M_SHAPE, "rms_norm_eps": 1e-5,
-              "rope_theta": 10000.0, "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-              "tie_word_embeddings": True, "bos_token_id": eos_id, "eos_token_id": eos_id, "torch_dtype": "float32"}
-    mx.random.seed(MLX_25M_SEED)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
-    weights = dict(tree_flatten(model.parameters()))
-    mx.eval(weights)
-    mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    parameters = sum(int(w.size) for w in weights.values())
-    MLX_25M.write_marker(staging, {"spec": {**MLX_25M_SHAPE, "seed": MLX_25M_SEED}, "parameters": parameters,
-                                   "tokenizer_from": str(tokenizer_dir), "mlx": mx.__version__})
-    progress(f"{MLX_25M.label}: {parameters} parameters, {time.monotonic() - started:.1f}s")
+    return build_llama(MLX_25M, MLX_25M.model_dir(), MLX_25M_SHAPE, MLX_25M_SEED, tokenizer_dir, progress)

@@ -34,7 +34,6 @@ then used 3% of a core).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import itertools
@@ -44,6 +43,8 @@ import threading
 import litserve as ls
 from litserve.loops import ContinuousBatchingLoop, Output
 from litserve.utils import LitAPIStatus
+
+import peer_args  # a sibling module: the harness runs this file as a script
 
 IDLE_POLL_S = 0.001
 
@@ -146,13 +147,7 @@ class CausalLMAPI(ls.LitAPI):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--replicas", type=int, required=True)
-    parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--concurrency", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args(argv)
+    args = peer_args.parser().parse_args(argv)
     server = ls.LitServer(CausalLMAPI(args.model_dir, args.threads, args.concurrency), accelerator="cpu", devices=1,
                           workers_per_device=args.replicas, timeout=False)
     server.run(host="127.0.0.1", port=args.port, num_api_servers=1, generate_client_file=False, log_level="warning")

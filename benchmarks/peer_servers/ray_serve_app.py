@@ -28,7 +28,6 @@ executor would let 6 waiting streams stall the rest).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -36,15 +35,12 @@ import sys
 import threading
 import time
 
+import peer_args  # a sibling module: the harness runs this file as a script
+
 MAX_ONGOING = 256   # as mpsd's queue bound in the benchmark's config
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--replicas", type=int, required=True)
-    parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--concurrency", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
+    parser = peer_args.parser()
     parser.add_argument("--temp-dir", required=True)
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
     return parser.parse_args(argv)

@@ -105,6 +105,15 @@ def settled(daemon, worker_id: str) -> dict:
                     and w["kv_bytes"] == 0 and w, 30, f"{worker_id} to be idle with no KV cache")
 
 
+def others_finish_after(daemon, gone: str, others: list) -> dict:
+    """The sequence that left is gone from the batch while the others still stream; they finish; the worker idles."""
+    wait_for(lambda: running(daemon, "slow-0") == len(others), 10, f"the {gone} sequence to leave the batch")
+    assert all(s.alive for s in others), "the others were still streaming when it left"
+    for stream in others:
+        stream.join(120)
+    return settled(daemon, "slow-0")
+
+
 def answer(daemon, prompt: str, **fields) -> tuple[list[tuple[int, str]], inference_pb2.Finish]:
     """One Generate call: its tokens as (token_id, text) and its Finish."""
     messages = list(daemon.inference().Generate(
@@ -179,12 +188,7 @@ def test_a_cancelled_stream_leaves_the_batch_and_the_others_stream_to_the_end(da
     wait_for(lambda: len(doomed.messages) >= 5, 30, "a few tokens of the stream to cancel")
     doomed.cancel()
     doomed.join(10)
-    # Three left while the others still run: the cancelled sequence left the batch, not just the client.
-    wait_for(lambda: running(daemon, "slow-0") == 3, 10, "the cancelled sequence to leave the batch")
-    assert all(s.alive for s in others), "the others were still streaming when it left"
-    for stream in others:
-        stream.join(120)
-    idle = settled(daemon, "slow-0")
+    idle = others_finish_after(daemon, "cancelled", others)  # it left the batch, not just the client
     print(f"\ncancel mid-batch after {len(doomed.messages)} tokens: {doomed.summary()}; others: "
           + "; ".join(s.summary() for s in others))
     assert doomed.error.code() == grpc.StatusCode.CANCELLED and len(doomed.tokens) < 1000
@@ -196,11 +200,7 @@ def test_a_deadline_passing_mid_batch_ends_only_that_request(daemon):
     others = [Stream(daemon, 300).started() for _ in range(3)]
     late = Stream(daemon, 1000, prompt="A", timeout=3).started()
     late.join(30)
-    wait_for(lambda: running(daemon, "slow-0") == 3, 10, "the expired sequence to leave the batch")
-    assert all(s.alive for s in others), "the others were still streaming when it left"
-    for stream in others:
-        stream.join(120)
-    idle = settled(daemon, "slow-0")
+    idle = others_finish_after(daemon, "expired", others)
     print(f"\ndeadline mid-batch: {late.summary()}; others: " + "; ".join(s.summary() for s in others))
     assert late.error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and late.tokens, "it had streamed before its deadline"
     assert all(s.completed for s in others)

@@ -26,12 +26,13 @@ def run(models, workers=(), free=0, waiting=(), evicting=False, min_residency=30
 
 
 def test_a_request_for_a_model_with_no_worker_starts_one():
-    assert run([model("a", queued=1)]) == [Start("a", "started on demand: 1 queued")]
+    assert run([model("a", queued=1)]) == [Start("a", 1)]
+    assert Start("a", 3).reason == "started on demand: 3 queued"  # what status and the log say
 
 
 def test_starts_go_one_at_a_time_with_a_cooldown_up_to_max_replicas():
     busy = model("a", queued=5, workers=1)
-    assert run([busy]) == [Start("a", "started on demand: 5 queued")]
+    assert run([busy]) == [Start("a", 5)]
     assert run([dataclasses.replace(busy, starting=True)]) == [], "one at a time"
     assert run([dataclasses.replace(busy, last_start_at=NOW - SCALE_UP_COOLDOWN_S / 2)]) == [], "cooldown"
     assert run([dataclasses.replace(busy, workers=2)]) == [], "max_replicas"
@@ -41,7 +42,7 @@ def test_starts_go_one_at_a_time_with_a_cooldown_up_to_max_replicas():
 
 def test_a_model_with_no_worker_starts_at_once_whatever_the_cooldown():
     cold = model("a", queued=1, last_start_at=NOW - 1)
-    assert run([cold]) == [Start("a", "started on demand: 1 queued")]
+    assert run([cold]) == [Start("a", 1)]
 
 
 def test_a_refused_load_whose_requests_have_gone_evicts_nobody():

@@ -72,13 +72,8 @@ def _build_into(staging: pathlib.Path, tokenizer_dir: pathlib.Path, progress: Pr
     model.save_pretrained(staging, safe_serialization=True)
     parameters = sum(p.numel() for p in model.parameters())
     elapsed = time.monotonic() - started
-    GPT2_25M.write_marker(staging, {
-        "spec": {**GPT2_25M_SHAPE, "seed": SEED},
-        "parameters": parameters,
-        "tokenizer_from": str(tokenizer_dir),
-        "torch": torch.__version__,
-        "build_seconds": round(elapsed, 2),
-    })
+    GPT2_25M.write_seeded_marker(staging, GPT2_25M_SHAPE, SEED, parameters, tokenizer_dir, elapsed,
+                                 torch=torch.__version__)
     progress(f"{GPT2_25M.label}: {parameters} parameters, vocab {len(tokenizer)}, {elapsed:.1f}s")
 
 

@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from mpsd.demo import cli
-from mpsd.demo.models import MLX_DEMO, TORCH_DEMO, DemoModelError, Progress
+from mpsd.demo.models import MLX_DEMO, TORCH_DEMO, DemoModel, DemoModelError, Progress
 from mpsd.demo.staging import build_once
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -48,7 +48,15 @@ def build_mlx_demo_model(
 ) -> pathlib.Path:
     """Builds the model into out_dir unless a complete one is there; returns out_dir."""
     source = pathlib.Path(tokenizer_dir) if tokenizer_dir is not None else TORCH_DEMO.model_dir()
-    return build_once(MLX_DEMO, out_dir, lambda staging: _build_into(staging, source, progress), progress)
+    return build_llama(MLX_DEMO, out_dir, LLAMA_SHAPE, SEED, source, progress)
+
+
+def build_llama(demo: DemoModel, out_dir: pathlib.Path | str, shape: dict[str, int], seed: int,
+                tokenizer_dir: pathlib.Path, progress: Progress) -> pathlib.Path:
+    """A seeded llama-style MLX model of the given shape with the torch demo's tokenizer: the MLX demo, and the
+    benchmarks' bigger one."""
+    return build_once(demo, out_dir, lambda staging: _build_into(staging, demo, shape, seed, tokenizer_dir, progress),
+                      progress)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,15 +78,16 @@ def _build_and_check(out_dir: pathlib.Path, tokenizer_dir: pathlib.Path | None, 
     return out_dir
 
 
-def _build_into(staging: pathlib.Path, tokenizer_dir: pathlib.Path, progress: Progress) -> None:
+def _build_into(staging: pathlib.Path, demo: DemoModel, shape: dict[str, int], seed: int, tokenizer_dir: pathlib.Path,
+                progress: Progress) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
 
     started = time.monotonic()
     _copy_tokenizer(tokenizer_dir, staging)
-    config = _model_config(*_tokenizer_facts(staging))
-    mx.random.seed(SEED)
+    config = _model_config(shape, *_tokenizer_facts(staging))
+    mx.random.seed(seed)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     weights = dict(tree_flatten(model.parameters()))
     mx.eval(weights)
@@ -86,14 +95,8 @@ def _build_into(staging: pathlib.Path, tokenizer_dir: pathlib.Path, progress: Pr
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     parameters = sum(int(w.size) for w in weights.values())
     elapsed = time.monotonic() - started
-    MLX_DEMO.write_marker(staging, {
-        "spec": {**LLAMA_SHAPE, "seed": SEED},
-        "parameters": parameters,
-        "tokenizer_from": str(tokenizer_dir),
-        "mlx": mx.__version__,
-        "build_seconds": round(elapsed, 2),
-    })
-    progress(f"{MLX_DEMO.label}: {parameters} parameters, vocab {config['vocab_size']}, {elapsed:.2f}s")
+    demo.write_seeded_marker(staging, shape, seed, parameters, tokenizer_dir, elapsed, mlx=mx.__version__)
+    progress(f"{demo.label}: {parameters} parameters, vocab {config['vocab_size']}, {elapsed:.2f}s")
 
 
 def _copy_tokenizer(source: pathlib.Path, staging: pathlib.Path) -> None:
@@ -107,11 +110,11 @@ def _copy_tokenizer(source: pathlib.Path, staging: pathlib.Path) -> None:
         shutil.copyfile(source / name, staging / name)
 
 
-def _model_config(vocab_size: int, eos_id: int | None) -> dict[str, Any]:
+def _model_config(shape: dict[str, int], vocab_size: int, eos_id: int | None) -> dict[str, Any]:
     return {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
-        **LLAMA_SHAPE,
+        **shape,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "vocab_size": vocab_size,

@@ -62,6 +62,13 @@ class DemoModel:
         marker = {**facts, "version": self.marker_version, "kind": self.kind}
         (staging / self.marker_file).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
+    def write_seeded_marker(self, staging: pathlib.Path, shape: dict[str, int], seed: int, parameters: int,
+                            tokenizer_from: pathlib.Path, elapsed_s: float, **versions: str) -> None:
+        """The marker of a model made of seeded random weights: its shape and seed rebuild it exactly."""
+        self.write_marker(staging, {"spec": {**shape, "seed": seed}, "parameters": parameters,
+                                    "tokenizer_from": str(tokenizer_from), "build_seconds": round(elapsed_s, 2),
+                                    **versions})
+
 
 TORCH_DEMO = DemoModel(ref=paths.DEMO_MODEL_REF, label="demo model", dir_in=paths.demo_model_dir,
                        builder_module="mpsd.demo.torch_model",

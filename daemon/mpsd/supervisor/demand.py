@@ -52,12 +52,20 @@ class WorkerLoad:
 
 @dataclasses.dataclass(frozen=True)
 class Start:
+    """One more worker for a model: PENDING until admission finds it room."""
+
     model: str
-    reason: str
+    queued: int  # the requests waiting for it
+
+    @property
+    def reason(self) -> str:
+        return f"started on demand: {self.queued} queued"
 
 
 @dataclasses.dataclass(frozen=True)
 class Stop:
+    """A worker to drain and remove: idle past keep_alive, or evicted to make room."""
+
     worker_id: str
     reason: str
     evicted_for: str = ""        # the model it made room for; "" when it was idle past keep_alive
@@ -96,7 +104,7 @@ def _scale_up(model: ModelDemand, now: float) -> Start | None:
         return None
     if model.workers and model.last_start_at is not None and now - model.last_start_at < SCALE_UP_COOLDOWN_S:
         return None  # the cooldown paces scaling up; a model with no worker at all has nothing to wait for
-    return Start(model.name, f"started on demand: {model.queued} queued")
+    return Start(model.name, model.queued)
 
 
 def _idle_stops(models: dict[str, ModelDemand], workers: Sequence[WorkerLoad], now: float) -> list[Stop]:
