@@ -129,12 +129,19 @@ def test_bad_input_fails_alone_while_the_batch_goes_on(demo):
 
 
 class OomAtPrefill(TorchCausalLM):
-    """Runs out of memory prefilling any prompt that mentions 'memory hog', as MPS would."""
+    """Runs out of memory in any forward that prefills a prompt mentioning 'memory hog' (alone or beside others)."""
 
-    def _forward_prompt(self, sequence, chunk, start):
-        if "memory hog" in self.decode(sequence.prompt_ids):
-            raise RuntimeError(MPS_OOM)
-        return super()._forward_prompt(sequence, chunk, start)
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        model = self._model
+
+        def forward(**inputs):
+            rows = inputs["input_ids"].tolist()
+            if len(rows[0]) > 1 and any("memory hog" in self.decode(row) for row in rows):
+                raise RuntimeError(MPS_OOM)
+            return model(**inputs)
+
+        self._model = forward
 
 
 class OomAtThreeRows(TorchCausalLM):
