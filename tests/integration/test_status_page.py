@@ -1,0 +1,195 @@
+"""The status page in a real browser: the system's headless Chromium, driven by Selenium, against a real daemon.
+
+The fleet: two demo workers that fit a file-probe budget and one worker of a
+bigger model that does not, so the page must draw two live footprints and one
+that does not fit. No browser is downloaded: without /usr/bin/chromium and
+/usr/bin/chromedriver (apt: chromium chromium-driver; .ci/run installs them
+when it runs as root) the browser test skips and says so.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+
+from support import DEMO_ONE_WORKER, ROOT, running_daemon, wait_for, write_probe
+
+CHROMIUM = pathlib.Path("/usr/bin/chromium")
+CHROMEDRIVER = pathlib.Path("/usr/bin/chromedriver")
+# Where each run leaves its screenshot (ignored by git); docs/status-page.png is a copy of one, taken by hand.
+SCREENSHOT = ROOT / ".cache" / "status-page.png"
+GiB = 1024**3
+CONFIG = f"""
+[daemon]
+restart_delay = "2s"
+restart_max_delay = "2s"
+health_interval = "0.5s"
+
+[memory]
+probe = "file:{{probe}}"
+{DEMO_ONE_WORKER.replace("replicas = 1", "replicas = 2")}footprint = "1GiB"
+
+[[models]]
+name = "big"
+backend = "torch-module"
+factory = "fixtures.tiny_modules:seeded_linear"
+replicas = 1
+threads = 1
+footprint = "2GiB"
+"""
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("status-page")
+    probe = folder / "memory.json"
+    write_probe(probe, budget=int(2.5 * GiB))
+    with running_daemon(folder / "d", CONFIG.format(probe=probe), ready=2) as daemon:
+        wait_for(lambda: _states(daemon.status()) == ["READY", "READY", "REFUSED"], 60, "2 READY, 1 REFUSED")
+        daemon.page_url = daemon.metrics_url.removesuffix("metrics")
+        yield daemon
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        pytest.skip(f"no system Chromium ({', '.join(missing)} missing): apt-get install chromium chromium-driver "
+                    "(.ci/run does this when run as root)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1400",
+                 "--force-prefers-reduced-motion"):
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")  # fresh: no state between runs
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _states(status):
+    return sorted(w["state"] for w in status["workers"])
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+# The page redraws every second, so an element found now may be gone a moment later: each look at the DOM is
+# one script, run between two redraws, returning plain data.
+READ_PAGE = """
+const pick = (selector, f) => Array.from(document.querySelectorAll(selector), f);
+return {
+  rows: pick("#workers tbody tr", r => ({id: r.dataset.worker, state: r.dataset.state, text: r.innerText})),
+  segments: pick("#memory-bar .seg", s => ({cls: s.className, worker: s.dataset.worker || "", title: s.title})),
+  lines: pick("#charts polyline", l => ({chart: l.closest(".chart").id, series: l.dataset.series,
+                                         points: Number(l.dataset.points), max: Number(l.dataset.max)})),
+  transitions: document.getElementById("transitions").textContent,
+};
+"""
+
+
+def _page(browser) -> dict:
+    return browser.execute_script(READ_PAGE)
+
+
+def _page_rows(browser) -> dict[str, str]:
+    return {row["id"]: row["state"] for row in _page(browser)["rows"]}
+
+
+def _line(browser, chart: str = "chart-demo-tokens") -> dict:
+    return next((l for l in _page(browser)["lines"] if l["chart"] == chart), {"points": 0, "max": 0})
+
+
+def test_the_page_draws_the_fleet_follows_a_kill_and_charts_requests(daemon, browser):
+    browser.get(daemon.page_url)
+    wait_for(lambda: sorted(_page_rows(browser).values()) == ["READY", "READY", "REFUSED"], 15, "the table")
+    page = _page(browser)
+    refused = [row for row in page["rows"] if row["state"] == "REFUSED"]
+    assert refused[0]["id"] == "big-0"
+    assert "needs 2.0GiB, 512.0MiB free of 2.5GiB budget" in refused[0]["text"]
+    live = [s["worker"] for s in page["segments"] if "live" in s["cls"]]
+    nofit = [s for s in page["segments"] if "nofit" in s["cls"]]
+    assert sorted(live) == ["demo-0", "demo-1"]
+    assert [s["worker"] for s in nofit] == ["big-0"] and "needs 2.0GiB" in nofit[0]["title"]
+
+    for _ in range(4):
+        daemon.generate("The module", max_tokens=24)
+    wait_for(lambda: _line(browser)["max"] > 0, 10, "tokens/s on the chart")
+    assert _line(browser)["points"] >= 2
+    wait_for(lambda: _line(browser, "chart-demo-ttft")["max"] > 0, 10, "a time to first token on the chart")
+
+    os.kill(daemon.worker("demo-0")["pid"], signal.SIGKILL)
+    wait_for(lambda: _page_rows(browser).get("demo-0") == "BACKOFF", 10, "BACKOFF on the page")
+    wait_for(lambda: _page_rows(browser).get("demo-0") == "READY", 90, "READY again on the page")
+    page = _page(browser)
+    assert sorted(row["state"] for row in page["rows"]) == ["READY", "READY", "REFUSED"]
+    assert "worker demo-0" in page["transitions"] and "READY -> BACKOFF" in page["transitions"]
+    for _ in range(3):
+        daemon.generate("The module", max_tokens=24)
+    wait_for(lambda: _line(browser)["max"] > 0, 10, "tokens/s again")
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOT))
+
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    assert browser.execute_script("return getComputedStyle(document.body).backgroundColor") == "rgb(13, 17, 23)"
+
+
+def test_api_status_is_what_mpsctl_status_json_prints(daemon):
+    printed = subprocess.run([sys.executable, "-m", "mpsd.cli.mpsctl", "--state-dir", str(daemon.state_dir),
+                              "status", "--json"], capture_output=True, text=True, timeout=60, check=True)
+    cli, api = json.loads(printed.stdout), _get(daemon.page_url + "api/status")
+    assert api.keys() == cli.keys()
+    for part in ("daemon", "memory"):
+        assert api[part].keys() == cli[part].keys()
+    assert api["daemon"]["pid"] == cli["daemon"]["pid"] and api["daemon"]["listen"] == cli["daemon"]["listen"]
+    assert api["memory"]["budget_bytes"] == cli["memory"]["budget_bytes"]
+    assert [(m.keys(), m["name"], m["footprint_bytes"]) for m in api["models"]] == \
+        [(m.keys(), m["name"], m["footprint_bytes"]) for m in cli["models"]]
+    stable = ("id", "model", "pid", "state", "restarts")
+    assert [(w.keys(), [w[k] for k in stable]) for w in api["workers"]] == \
+        [(w.keys(), [w[k] for k in stable]) for w in cli["workers"]]
+
+
+def test_history_holds_samples_and_transitions(daemon):
+    history = _get(daemon.page_url + "api/history")
+    assert history["period_s"] == 1.0 and history["span_s"] == 900
+    assert len(history["samples"]) >= 2
+    last = history["samples"][-1]
+    assert set(last["models"]) == {"demo", "big"} and last["memory"]["budget_bytes"] == int(2.5 * GiB)
+    assert any("big-0" in line and "REFUSED" in line for line in history["transitions"])
+
+
+def _raw(daemon, data: bytes) -> bytes:
+    host, _, port = daemon.page_url.split("//")[1].rstrip("/").rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(data)
+        return connection.makefile("rb").readline()
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /nothing-here HTTP/1.1\r\n\r\n", b"404"),
+    (b"POST /api/status HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", b"405"),
+    (b"DELETE / HTTP/1.1\r\n\r\n", b"405"),
+    (b"GET /api/history?" + b"x" * 100_000 + b" HTTP/1.1\r\n\r\n", b"413"),
+    (b"GET / HTTP/1.1\r\nX-Padding: " + b"y" * 20_000 + b"\r\n\r\n", b"413"),
+])
+def test_bad_requests_are_answered_and_the_page_keeps_serving(daemon, request_bytes, status):
+    assert _raw(daemon, request_bytes).split()[1] == status
+    with urllib.request.urlopen(daemon.page_url, timeout=10) as response:
+        assert response.status == 200 and b"mpsd status" in response.read()
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(urllib.request.Request(daemon.page_url + "api/status", method="PUT"), timeout=10)
+    assert error.value.code == 405
