@@ -33,7 +33,24 @@ function bearer(token) {
 }
 
 /**
- * Returns an Inference client for HOST:PORT.
+ * The channel target and options for one address, several ('A,B,C': IPv4 or IPv6 literals with ports) or a
+ * dns:/// name: several get round_robin and the retry policy of clients/service-config.json. grpc-js 1.14 has no
+ * client-side health checking, so its healthCheckConfig is left out: a host that refuses with UNAVAILABLE (draining,
+ * no worker) still gets calls, and the retry policy resends them (docs/multi-host.md).
+ */
+function balanced(address) {
+  const hosts = address.split(',').map((a) => a.trim()).filter(Boolean);
+  if (hosts.length === 1 && !hosts[0].startsWith('dns:')) return { target: hosts[0], options: {} };
+  const config = JSON.parse(fs.readFileSync(path.join(__dirname, '..', 'service-config.json'), 'utf8'));
+  delete config.healthCheckConfig;
+  const options = { 'grpc.service_config': JSON.stringify(config), 'grpc.max_reconnect_backoff_ms': 5000 };
+  if (hosts.length === 1) return { target: hosts[0], options };
+  const family = hosts.every((h) => h.startsWith('[')) ? 'ipv6' : 'ipv4';
+  return { target: `${family}:${hosts.join(',')}`, options };
+}
+
+/**
+ * Returns an Inference client for HOST:PORT, or for several hosts (see balanced).
  * tlsCa: PEM (Buffer or string) of the CA that signed the daemon's certificate; without it the channel is plaintext.
  * token: the daemon's bearer token (the contents of its token_file), if it requires one.
  */
@@ -41,7 +58,8 @@ function connect(address = process.env.MPSD_ADDRESS || DEFAULT_ADDRESS, { tlsCa,
   const credentials = tlsCa
     ? grpc.credentials.createSsl(Buffer.from(tlsCa))
     : grpc.credentials.createInsecure();
-  return new Inference(address, credentials, { interceptors: token ? [bearer(token)] : [] });
+  const { target, options } = balanced(address);
+  return new Inference(target, credentials, { ...options, interceptors: token ? [bearer(token)] : [] });
 }
 
 /**

@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 import grpc
 
+from mpsd.balancing import channel_options, channel_target, split_addresses
 from mpsd.v1 import inference_pb2, inference_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:7700"
@@ -147,14 +148,16 @@ def _token_or_finish(message: inference_pb2.GenerateResponse) -> Token | Finish:
 class _Connection:
     """Address, TLS and token: what both clients share. `grpc_module` is grpc or grpc.aio."""
 
-    def __init__(self, grpc_module, address: str | None, tls_ca: pathlib.Path | str | None, token: str | None,
-                 timeout: float | None) -> None:
-        self.address = address or os.environ.get("MPSD_ADDRESS") or DEFAULT_ADDRESS
+    def __init__(self, grpc_module, address: str | Sequence[str] | None, tls_ca: pathlib.Path | str | None,
+                 token: str | None, timeout: float | None, health_service: str = "", retry: bool = False) -> None:
+        addresses = split_addresses(address or os.environ.get("MPSD_ADDRESS") or DEFAULT_ADDRESS)
+        self.address = ",".join(addresses)
+        target, options = channel_target(addresses), channel_options(addresses, health_service, retry)
         if tls_ca:
             credentials = grpc.ssl_channel_credentials(pathlib.Path(tls_ca).read_bytes())
-            self.channel = grpc_module.secure_channel(self.address, credentials)
+            self.channel = grpc_module.secure_channel(target, credentials, options=options)
         else:
-            self.channel = grpc_module.insecure_channel(self.address)
+            self.channel = grpc_module.insecure_channel(target, options=options)
         self.stub = inference_pb2_grpc.InferenceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
@@ -221,9 +224,13 @@ class AsyncGeneration:
 class Client:
     """Blocking client; one channel, reused by every call. Use as a context manager or call close()."""
 
-    def __init__(self, address: str | None = None, *, tls_ca: pathlib.Path | str | None = None, token: str | None = None,
-                 timeout: float | None = 300.0) -> None:
-        self._conn = _Connection(grpc, address, tls_ca, token, timeout)
+    def __init__(self, address: str | Sequence[str] | None = None, *, tls_ca: pathlib.Path | str | None = None,
+                 token: str | None = None, timeout: float | None = 300.0, health_service: str = "",
+                 retry: bool = False) -> None:
+        """address: HOST:PORT; several ("h1:7700,h2:7700" or a list) or a dns:/// name spread the calls over the hosts
+        serving `health_service` (a model name; "" = the daemon), retrying UNAVAILABLE elsewhere (mpsd.balancing).
+        retry: the retry policy on one address too (a proxy such as nginx in front of several hosts)."""
+        self._conn = _Connection(grpc, address, tls_ca, token, timeout, health_service, retry)
 
     @property
     def address(self) -> str:
@@ -262,9 +269,10 @@ class Client:
 class AsyncClient:
     """The same calls for asyncio code."""
 
-    def __init__(self, address: str | None = None, *, tls_ca: pathlib.Path | str | None = None, token: str | None = None,
-                 timeout: float | None = 300.0) -> None:
-        self._conn = _Connection(grpc.aio, address, tls_ca, token, timeout)
+    def __init__(self, address: str | Sequence[str] | None = None, *, tls_ca: pathlib.Path | str | None = None,
+                 token: str | None = None, timeout: float | None = 300.0, health_service: str = "",
+                 retry: bool = False) -> None:
+        self._conn = _Connection(grpc.aio, address, tls_ca, token, timeout, health_service, retry)
 
     def generate(self, prompt: str, model: str = "", *, timeout: float | None = None, **options: Any) -> AsyncGeneration:
         request = generate_request(prompt, model, **options)

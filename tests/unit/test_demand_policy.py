@@ -89,3 +89,7 @@ def test_alternating_requests_faster_than_min_residency_do_not_thrash():
     models = [model("a", workers=1), model("b", queued=1, starting=True)]
     fresh = [worker("a-0", "a", ready_since=NOW - 5, idle_since=NOW - 1)]
     assert run(models, fresh, free=0, waiting=["b"]) == [Blocked("b", "nothing evictable (a-0 resident 5s < 30s)")]
+
+
+def test_a_model_alone_on_the_machine_gets_no_eviction_sentence_in_its_refusal():
+    assert run([model("c", queued=1, starting=True)], [], free=0, waiting=["c"]) == []

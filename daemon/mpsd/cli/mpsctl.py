@@ -94,7 +94,8 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
-    parser.add_argument("--address", help="public API HOST:PORT (default: $MPSD_ADDRESS, else asked of the daemon)")
+    parser.add_argument("--address", help="public API HOST:PORT, or several as A,B,C (balanced: docs/multi-host.md) "
+                                           "(default: $MPSD_ADDRESS, else asked of the daemon)")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (each reply, in a chat)")
     parser.add_argument("--tls-ca", type=pathlib.Path, default=os.environ.get("MPSD_TLS_CA"),
                         help="CA certificate (PEM) to reach a daemon serving TLS (default: $MPSD_TLS_CA)")

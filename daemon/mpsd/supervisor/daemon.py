@@ -38,6 +38,8 @@ from mpsd.supervisor.openai_http import MAX_BODY_BYTES, OpenAIApi, error_body
 from mpsd.supervisor.public_api import InferenceService, add_inference_service
 from mpsd.supervisor.router import ModelPool, NoWorkers
 from mpsd.supervisor.states import HOPEFUL_STATES, WorkerState
+from mpsd.supervisor.status_history import TransitionLines
+from mpsd.supervisor.status_page import StatusPage
 from mpsd.supervisor.worker_record import WorkerRecord
 from mpsd.v1 import admin_pb2, admin_pb2_grpc, inference_pb2
 
@@ -86,6 +88,15 @@ def prepare_config(config: Config, data_dir: pathlib.Path) -> tuple[Config, list
     return dataclasses.replace(config, models=models), demo_refs
 
 
+def serving_status(ready_workers: int, prospects: str | None) -> int:
+    """SERVING while a request for the model would be served here: a READY worker, or one that may still come
+    (loading, restarting, or demand may start one: Fleet.prospects is None). NOT_SERVING once none will, so that a
+    client-side health check or a proxy sends the model's requests to another host."""
+    if ready_workers or prospects is None:
+        return health_pb2.HealthCheckResponse.SERVING
+    return health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 class Daemon:
     def __init__(self, config: Config, state_dir: pathlib.Path, listen: str, data_dir: pathlib.Path,
                  metrics_listen: str, http_listen: str = "") -> None:
@@ -102,6 +113,8 @@ class Daemon:
         self.pools: dict[str, ModelPool] = {}
         self.fleet: Fleet | None = None
         self._inference: InferenceService | None = None
+        self._admin: AdminService | None = None
+        self.transitions = TransitionLines()  # the status page's "last transitions"
 
     async def run(self) -> int:
         paths.ensure_private_dir(self.state_dir)
@@ -129,6 +142,7 @@ class Daemon:
         self._sync_pools()
         watch_daemon(self.metrics.registry, self.fleet, self.pools)
         public = await self._start_public()
+        self._publish_health(list(self.pools))
         metrics = None
         try:
             metrics = await self._start_metrics()
@@ -162,8 +176,10 @@ class Daemon:
                                              why_waiting=lambda name=name: self.fleet.why_waiting(name))
             else:
                 pool.reconfigure(model.concurrency, model.queue_limit)
-        for name in [n for n in self.pools if n not in self.fleet.models]:
+        removed = [n for n in self.pools if n not in self.fleet.models]
+        for name in removed:
             self.pools.pop(name).fail_waiters(NoWorkers(f"model {name!r} was removed from the config"))
+        self._publish_health([*self.pools, *removed])
 
     async def reload(self) -> str:
         """Re-reads the config file the daemon started with and applies what changed."""
@@ -199,7 +215,9 @@ class Daemon:
         would see CANCELLED or a refused connection instead of a reason.
         """
         self._inference.draining = True
-        await self._health.enter_graceful_shutdown()
+        await self._health.enter_graceful_shutdown()  # before the port closes: health watchers move traffic first
+        await asyncio.sleep(0)  # lets each Watch stream write its NOT_SERVING
+        log.info("health: NOT_SERVING for every service while draining")
         idle = asyncio.create_task(self._inference.wait_idle())
         force = asyncio.create_task(self._force.wait())
         await asyncio.wait({idle, force}, timeout=self.config.daemon.drain_grace_s, return_when=asyncio.FIRST_COMPLETED)
@@ -259,12 +277,22 @@ class Daemon:
         if not is_loopback(host):
             log.warning("metrics on %s are readable by anyone who can reach that address (plain HTTP, no token)",
                         self.metrics_listen)
+        page = None
+        if is_loopback(host):
+            page = StatusPage(self.fleet, self.pools, self.metrics, lambda: self._admin_service().Status(None, None),
+                              transitions=self.transitions)
+        else:
+            log.warning("status page not served on %s: beyond loopback it would need TLS and a token, which the "
+                        "metrics listener has not; serve metrics on loopback to see it", self.metrics_listen)
         try:
-            server = await start_metrics_server(host, port, self.metrics.registry)
+            server = await start_metrics_server(host, port, self.metrics.registry, page)
         except OSError as exc:
             raise DaemonError(f"cannot serve metrics on {self.metrics_listen}: {exc.strerror or exc} "
                               f"(is another mpsd running? use --metrics-listen, or metrics_listen = \"\" to serve none)") from exc
         log.info("metrics on %s", url_of(server, host))
+        if page:
+            self._page_task = asyncio.get_running_loop().create_task(page.run())  # samples its history until exit
+            log.info("status page on %s", url_of(server, host).removesuffix("metrics"))
         return server
 
     async def _start_http(self) -> HttpServer | None:
@@ -292,8 +320,7 @@ class Daemon:
 
     async def _start_admin(self, admin_path: pathlib.Path) -> grpc.aio.Server:
         server = grpc.aio.server()
-        info = {"listen": self.listen, "state_dir": self.state_dir, "config_path": self.config.source}
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.fleet, self.pools, info, self.reload), server)
+        admin_pb2_grpc.add_AdminServicer_to_server(self._admin_service(), server)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others may connect
         try:
             server.add_insecure_port(f"unix:{admin_path}")
@@ -304,7 +331,15 @@ class Daemon:
         log.info("admin API on %s (mode 0600)", admin_path)
         return server
 
+    def _admin_service(self) -> AdminService:
+        """One for the unix socket and the status page, so both report the same daemon uptime."""
+        if self._admin is None:
+            info = {"listen": self.listen, "state_dir": self.state_dir, "config_path": self.config.source}
+            self._admin = AdminService(self.fleet, self.pools, info, self.reload)
+        return self._admin
+
     def _on_transition(self, worker: WorkerRecord, old: WorkerState, new: WorkerState) -> None:
+        self.transitions.add(worker.id, worker.process.pid if worker.process else 0, old.value, new.value, worker.reason)
         pool = self.pools.get(worker.model.name)
         if pool is None:
             return  # its model was removed; nothing routes to it any more
@@ -316,8 +351,21 @@ class Daemon:
             pool.remove_worker(worker.id)
         elif new not in HOPEFUL_STATES:
             pool.check_prospects()
-        status = health_pb2.HealthCheckResponse.SERVING if pool.ready_count else health_pb2.HealthCheckResponse.NOT_SERVING
-        asyncio.get_running_loop().create_task(self._health.set(worker.model.name, status))
+        self._publish_health([worker.model.name])
+
+    def _publish_health(self, names) -> None:
+        """Each named model's grpc.health.v1 status, as a load balancer should read it (serving_status).
+
+        At start the pools are synced before the public server sets its first
+        statuses, so _run publishes every model again once it listens. After a
+        drain began, the health servicer ignores every set: NOT_SERVING stays.
+        """
+        loop = asyncio.get_running_loop()
+        for name in names:
+            pool = self.pools.get(name)
+            ready = pool.ready_count if pool else 0
+            prospects = self.fleet.prospects(name) if pool else "removed from the config"
+            loop.create_task(self._health.set(name, serving_status(ready, prospects)))
 
 
 def _claim_admin_socket(admin_path: pathlib.Path) -> None:

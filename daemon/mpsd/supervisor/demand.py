@@ -140,8 +140,8 @@ def _make_room(needy: ModelDemand, models: dict[str, ModelDemand], workers: Sequ
         chosen.append(worker)
         room += models[worker.model].footprint_bytes
     if room < needy.footprint_bytes:
-        held = ", ".join(blockers) or "no other model holds memory"
-        return [Blocked(needy.name, f"nothing evictable ({held})")]
+        # With no other model's worker in the way, admission's numbers say all there is to say.
+        return [Blocked(needy.name, f"nothing evictable ({', '.join(blockers)})")] if blockers else []
     why = (f"evicted for model {needy.name} (needs {format_bytes(needy.footprint_bytes)}, "
            f"{format_bytes(max(free_bytes, 0))} free)")
     return [Stop(w.id, why, evicted_for=needy.name) for w in chosen]
