@@ -30,6 +30,7 @@ from mpsd.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LISTEN_LINE = re.compile(r"public API listening on (\S+)")
 METRICS_LINE = re.compile(r"metrics on (http://\S+)")
+SERVING_LINE = re.compile(r"mpsd \S+ serving ")
 HTTP_LINE = re.compile(r"OpenAI-compatible HTTP API listening on (https?://\S+/v1)")
 
 
@@ -107,6 +108,8 @@ class Daemon:
         if self.http_listen:
             self.http_url = wait_for(lambda: self._exited_early() or HTTP_LINE.search(self.log()), timeout,
                                      "the HTTP API line").group(1)
+        # The admin socket opens after the lines above; the daemon says "serving" once it does.
+        wait_for(lambda: self._exited_early() or SERVING_LINE.search(self.log()), timeout, "the admin API")
         return self
 
     @staticmethod

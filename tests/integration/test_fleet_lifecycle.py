@@ -1,6 +1,5 @@
 """Keeping the fleet alive within memory: crashes, OOM, admission from a file probe, scaling, hung workers."""
 
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from mpsd.v1 import inference_pb2
-from support import wait_for
+from support import wait_for, write_probe
 
 FAST_RESTARTS = """
 [daemon]
@@ -94,10 +93,6 @@ def test_an_oom_inside_a_request_fails_that_request_and_raises_the_footprint(mak
     assert worker["state"] == "READY" and worker["oom_events"] == 1
     assert daemon.status()["models"][0]["footprint_bytes"] >= before * 1.25 * 0.99
     assert "out of memory inside a request" in daemon.log()
-
-
-def write_probe(path, budget, used=0):
-    path.write_text(json.dumps({"budget_bytes": budget, "used_bytes": used}))
 
 
 def test_file_probe_admits_what_fits_refuses_the_rest_and_admits_them_when_memory_frees(make_daemon, tmp_path):

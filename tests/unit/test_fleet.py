@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import pathlib
 import signal
 
@@ -24,6 +23,8 @@ from mpsd.supervisor.states import WorkerState
 from mpsd.supervisor.worker_record import KillCause
 from mpsd.v1 import worker_pb2
 from mpsd.worker_spec import WorkerSpec
+
+from support import write_probe
 
 GiB = 1024**3
 PIDS = itertools.count(1000)
@@ -110,7 +111,7 @@ class Harness:
         return process
 
     def set_memory(self, budget: int, used: int) -> None:
-        self.memory_file.write_text(json.dumps({"budget_bytes": budget, "used_bytes": used}))
+        write_probe(self.memory_file, budget, used)
 
     async def step(self, seconds: float = 0.0) -> None:
         """Time passes, the tick runs, and the background tasks it started (probes, reaps) get to run."""
