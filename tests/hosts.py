@@ -7,7 +7,7 @@ import socket
 import threading
 
 from mpsd.client import Client, MpsdError
-from support import Daemon, metric, wait_for
+from support import Daemon, metric
 
 LM = """
 [daemon]
