@@ -70,7 +70,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 current = self._fleet.log_source(request.worker_id)
             except ControlError:
                 return  # removed by scale-down or reload
-            if current is not process:
+            if current is not None and current is not process and current.pid:  # once started: the marker names its pid
                 process, seen = current, 0
                 yield admin_pb2.LogLine(text=f"--- {request.worker_id}: new process pid {process.pid} ---", pid=process.pid)
 
