@@ -14,9 +14,8 @@ import time
 
 import grpc
 import psutil
-
 from mpsd import paths
-from mpsd.cli.status_format import to_plain
+from mpsd.proto_plain import to_plain
 from mpsd.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 
 LISTEN_LINE = re.compile(r"public API listening on (\S+)")

@@ -51,7 +51,7 @@ def cores() -> int:
 def worker_threads(workers: int, n_cores: int) -> int:
     """The thread count mpsd gives each worker by default, used for every system alike."""
     from mpsd.config import ModelConfig
-    from mpsd.supervisor.daemon import default_threads
+    from mpsd.supervisor.fleet.worker_env import default_threads
 
     model = ModelConfig(name="bench", backend="torch-lm", path="-", replicas=workers)
     return default_threads(model, (model,), n_cores)

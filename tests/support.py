@@ -21,11 +21,10 @@ import urllib.request
 
 import grpc
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
-
 from mpsd import paths
-from mpsd.cli.status_format import to_plain
+from mpsd.proto_plain import to_plain
 from mpsd.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LISTEN_LINE = re.compile(r"public API listening on (\S+)")

@@ -16,9 +16,8 @@ import time
 
 import grpc
 import pytest
-
 from mpsd import paths
-from mpsd.cli.status_format import to_plain
+from mpsd.proto_plain import to_plain
 from mpsd.v1 import admin_pb2, admin_pb2_grpc, inference_pb2
 from support import Stream, running_daemon, wait_for
 

@@ -19,8 +19,7 @@ import time
 
 import grpc
 import pytest
-
-from mpsd.supervisor.demand import SCALE_UP_COOLDOWN_S
+from mpsd.supervisor.memory.demand import SCALE_UP_COOLDOWN_S
 from mpsd.v1 import admin_pb2, inference_pb2
 from support import Daemon, Stream, metric, wait_for, write_probe
 

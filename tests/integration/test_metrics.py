@@ -7,12 +7,11 @@ import urllib.error
 import urllib.request
 
 import grpc
-import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 import mpsd
-from mpsd.supervisor.states import WorkerState
+import pytest
+from mpsd.supervisor.fleet.states import WorkerState
 from mpsd.v1 import inference_pb2
+from prometheus_client.parser import text_string_to_metric_families
 from support import wait_for
 
 FAMILIES = {

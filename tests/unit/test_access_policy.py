@@ -3,9 +3,8 @@
 import pathlib
 
 import pytest
-
 from mpsd.config import ConfigError, PublicAccess, parse_config
-from mpsd.supervisor.access import AccessError, bearer_of, exposure_problem, is_loopback, read_token, token_matches
+from mpsd.supervisor.edge.access import AccessError, bearer_of, exposure_problem, is_loopback, read_token, token_matches
 
 SECURED = PublicAccess(pathlib.Path("c.pem"), pathlib.Path("k.pem"), pathlib.Path("token"))
 

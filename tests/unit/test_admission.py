@@ -1,5 +1,5 @@
-from mpsd.supervisor.admission import Candidate, MemoryView, decide, free_bytes, oom_retry_due
-from mpsd.supervisor.footprint import Footprint, worker_peak_bytes
+from mpsd.supervisor.memory.admission import Candidate, MemoryView, decide, free_bytes, oom_retry_due
+from mpsd.supervisor.memory.footprint import Footprint, worker_peak_bytes
 
 GiB = 1024**3
 

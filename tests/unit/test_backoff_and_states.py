@@ -1,9 +1,8 @@
 import random
 
 import pytest
-
-from mpsd.supervisor.backoff import RestartPolicy, restart_delay, should_give_up
-from mpsd.supervisor.states import IllegalTransition, WorkerState, check_transition
+from mpsd.supervisor.fleet.backoff import RestartPolicy, restart_delay, should_give_up
+from mpsd.supervisor.fleet.states import IllegalTransition, WorkerState, check_transition
 
 
 def test_delay_doubles_from_half_a_second_to_the_cap():

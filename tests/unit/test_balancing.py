@@ -5,9 +5,8 @@ import pathlib
 
 import pytest
 from grpc_health.v1 import health_pb2
-
 from mpsd.balancing import channel_options, channel_target, service_config, split_addresses
-from mpsd.supervisor.daemon import serving_status
+from mpsd.supervisor.listeners import serving_status
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING

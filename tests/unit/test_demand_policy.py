@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mpsd.supervisor.demand import SCALE_UP_COOLDOWN_S, Blocked, ModelDemand, Start, Stop, WorkerLoad, decide
+from mpsd.supervisor.memory.demand import SCALE_UP_COOLDOWN_S, Blocked, ModelDemand, Start, Stop, WorkerLoad, decide
 
 GiB = 1024**3
 NOW = 1000.0

@@ -1,10 +1,9 @@
 import signal
 
 import pytest
-
 from mpsd.exitcodes import EXIT_BOOT_FAILURE
 from mpsd.oom import OOM_SIGNATURES, exception_oom, find_oom_signature
-from mpsd.supervisor.exits import ExitKind, classify_exit
+from mpsd.supervisor.fleet.exits import ExitKind, classify_exit
 
 # One recorded line per signature (docs/macos.md, "How out-of-memory looks"), each must be recognised.
 RECORDED_OOM_LINES = {

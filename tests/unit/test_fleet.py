@@ -14,16 +14,14 @@ import pathlib
 import signal
 
 import pytest
-
 from mpsd.config import parse_config
-from mpsd.supervisor.fleet import Fleet
-from mpsd.supervisor.fleet_commands import Change, ControlError, plan_reload
-from mpsd.supervisor.memory import FileMemoryProbe
-from mpsd.supervisor.states import WorkerState
-from mpsd.supervisor.worker_record import KillCause
+from mpsd.supervisor.fleet.commands import Change, ControlError, plan_reload
+from mpsd.supervisor.fleet.fleet import Fleet
+from mpsd.supervisor.fleet.records import KillCause
+from mpsd.supervisor.fleet.states import WorkerState
+from mpsd.supervisor.memory.probes import FileMemoryProbe
 from mpsd.v1 import worker_pb2
 from mpsd.worker_spec import WorkerSpec
-
 from support import write_probe
 
 GiB = 1024**3

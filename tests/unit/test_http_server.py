@@ -5,8 +5,7 @@ import asyncio
 import json
 
 import pytest
-
-from mpsd.supervisor.http_server import Exchange, HttpRequest, HttpServer
+from mpsd.supervisor.edge.http.server import Exchange, HttpRequest, HttpServer
 
 CAP = 1000
 

@@ -12,9 +12,8 @@ import types
 from collections import namedtuple
 
 import pytest
-
 from mpsd.config import MemoryConfig
-from mpsd.supervisor.memory import (
+from mpsd.supervisor.memory.probes import (
     FileMemoryProbe,
     HostMemoryProbe,
     MacMemoryProbe,

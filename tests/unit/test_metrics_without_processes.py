@@ -5,17 +5,16 @@ import json
 import pathlib
 
 import grpc
+from mpsd.config import parse_config
+from mpsd.supervisor.edge.http.metrics_http import start_metrics_server, url_of
+from mpsd.supervisor.edge.metrics import FleetCollector, RequestMetrics
+from mpsd.supervisor.fleet.fleet import Fleet
+from mpsd.supervisor.fleet.states import WorkerState
+from mpsd.supervisor.memory.probes import FileMemoryProbe
+from mpsd.supervisor.routing.pool import ModelPool
+from mpsd.v1 import worker_pb2
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-
-from mpsd.config import parse_config
-from mpsd.supervisor.fleet import Fleet
-from mpsd.supervisor.memory import FileMemoryProbe
-from mpsd.supervisor.metrics import FleetCollector, RequestMetrics
-from mpsd.supervisor.metrics_http import start_metrics_server, url_of
-from mpsd.supervisor.router import ModelPool
-from mpsd.supervisor.states import WorkerState
-from mpsd.v1 import worker_pb2
 
 GiB = 1024**3
 # What Prometheus itself asks for: OpenMetrics first, the classic text format as a fallback.

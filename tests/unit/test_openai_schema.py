@@ -4,9 +4,17 @@ import json
 
 import grpc
 import pytest
-
-from mpsd.supervisor.openai_schema import (
-    SSE_DONE, Answer, BadField, decode_body, error_for, models_list, parse_chat, parse_completion, sse)
+from mpsd.supervisor.edge.http.openai_schema import (
+    SSE_DONE,
+    Answer,
+    BadField,
+    decode_body,
+    error_for,
+    models_list,
+    parse_chat,
+    parse_completion,
+    sse,
+)
 from mpsd.v1 import inference_pb2
 
 USER = [{"role": "user", "content": "Hello"}]

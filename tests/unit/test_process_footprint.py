@@ -10,8 +10,7 @@ import subprocess
 import sys
 
 import pytest
-
-from mpsd.supervisor.footprint import mac_phys_footprint, parse_phys_footprint, process_footprint_bytes
+from mpsd.supervisor.memory.footprint import mac_phys_footprint, parse_phys_footprint, process_footprint_bytes
 
 GiB = 1024**3
 

@@ -3,8 +3,7 @@ import functools
 from typing import Awaitable, Callable
 
 import pytest
-
-from mpsd.supervisor.router import MEMORY_ANSWER_MARGIN_S, ModelPool, NoWorkers, QueueFull, Slot, choose_worker
+from mpsd.supervisor.routing.pool import MEMORY_ANSWER_MARGIN_S, ModelPool, NoWorkers, QueueFull, Slot, choose_worker
 
 
 def test_least_outstanding_first_then_least_recently_assigned():

@@ -6,7 +6,8 @@ import json
 
 from mpsd.config import parse_config
 from mpsd.supervisor.daemon import Daemon
-from mpsd.supervisor.status_history import HistoryRing, ModelFigures, TransitionLines, median_since
+from mpsd.supervisor.edge.http.status_history import HistoryRing, ModelFigures, TransitionLines, median_since
+from mpsd.supervisor.listeners import start_metrics
 
 
 def figures(tokens_total: float, queued: int = 0) -> dict[str, ModelFigures]:
@@ -70,7 +71,7 @@ def test_beyond_loopback_the_metrics_listener_serves_metrics_but_not_the_page(tm
     daemon = Daemon(config, tmp_path / "state", "127.0.0.1:0", tmp_path, metrics_listen="0.0.0.0:0")
 
     async def fetch_both() -> list[bytes]:
-        server = await daemon._start_metrics()
+        server = await start_metrics(daemon.metrics_listen, daemon.metrics, daemon._status_page())
         port = server.sockets[0].getsockname()[1]
         answers = []
         for path in ("/", "/metrics"):

@@ -1,5 +1,5 @@
 from mpsd.config import ModelConfig
-from mpsd.supervisor.daemon import default_threads
+from mpsd.supervisor.fleet.worker_env import default_threads
 
 
 def model(replicas, threads=0):

@@ -3,9 +3,8 @@
 import asyncio
 
 import grpc
-
-from mpsd.supervisor.metrics import UNKNOWN_MODEL, RequestMetrics
-from mpsd.supervisor.public_api import InferenceService, add_inference_service
+from mpsd.supervisor.edge.inference import InferenceService, add_inference_service
+from mpsd.supervisor.edge.metrics import UNKNOWN_MODEL, RequestMetrics
 from mpsd.v1 import inference_pb2
 
 BAD_UTF8_PROMPT = b"\x0a\x04demo" + b"\x12\x02\xff\xfe"  # model="demo", prompt=<2 bytes that are not UTF-8>

@@ -13,10 +13,10 @@ import time
 import grpc
 
 from mpsd import paths
-from mpsd.cli.status_format import format_status, format_worker, render_status, to_plain
+from mpsd.cli.status_format import format_status, format_worker, render_status
 from mpsd.client import DEFAULT_ADDRESS, Client, MpsdError
+from mpsd.proto_plain import to_plain
 from mpsd.v1 import admin_pb2, admin_pb2_grpc
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from mpsd.supervisor.daemon import Daemon, DaemonError
     from mpsd.supervisor.demo_build import DemoBuildFailed
+    from mpsd.supervisor.listeners import ListenError
 
     try:
         config = load_config(args.config)
@@ -54,15 +55,15 @@ def _serve(args: argparse.Namespace) -> int:
                     metrics_listen, http_listen)
     try:
         return asyncio.run(daemon.run())
-    except (DaemonError, DemoBuildFailed, ValueError, OSError) as exc:
+    except (DaemonError, ListenError, DemoBuildFailed, ValueError, OSError) as exc:
         logging.getLogger("mpsd").error("cannot serve: %s", exc)
         return 1
 
 
 def _build_demo(args: argparse.Namespace) -> int:
     from mpsd.demo import MLX_DEMO, TORCH_DEMO
-    from mpsd.supervisor.daemon import worker_env
     from mpsd.supervisor.demo_build import DemoBuildFailed, ensure_demos
+    from mpsd.supervisor.fleet.worker_env import worker_env
 
     setup_logging("text")
     config = load_config(None)

@@ -6,24 +6,6 @@ from typing import Any
 
 from mpsd.units import format_bytes, format_duration
 
-
-def to_plain(message) -> dict[str, Any]:
-    """Every field, defaults included, with 64-bit integers as JSON numbers (not strings)."""
-    plain: dict[str, Any] = {}
-    for field in message.DESCRIPTOR.fields:
-        value = getattr(message, field.name)
-        if field.message_type and field.message_type.GetOptions().map_entry:
-            plain[field.name] = {k: _scalar_or_plain(v) for k, v in value.items()}
-        elif field.is_repeated:
-            plain[field.name] = [_scalar_or_plain(v) for v in value]
-        else:
-            plain[field.name] = _scalar_or_plain(value)
-    return plain
-
-
-def _scalar_or_plain(value):
-    return to_plain(value) if hasattr(value, "DESCRIPTOR") else value
-
 STATE_STYLES = {
     "READY": "bold green", "STARTING": "yellow", "PENDING": "yellow", "BACKOFF": "yellow", "DRAINING": "cyan",
     "STOPPED": "dim", "REFUSED": "magenta", "OOM": "bold red", "FATAL": "bold red",

@@ -1,8 +1,9 @@
-"""`mpsd serve`: wires config, fleet, router, the two gRPC servers, the HTTP API and /metrics, then waits for a signal.
+"""`mpsd serve`: wires config, fleet, router and the edge, then waits for a signal.
 
 Runs in the foreground (launchd and supervisord need that). SIGTERM or
 SIGINT drains: stop taking requests, let in-flight streams finish within
 drain_grace, stop the workers, exit 0. A second signal skips the grace.
+What each listener binds and refuses lives in edge/listeners.py.
 """
 
 from __future__ import annotations
@@ -18,66 +19,31 @@ import signal
 import socket
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 
 import mpsd
 from mpsd import paths
-from mpsd.config import EMBEDDED_SOURCE, Config, ModelConfig, load_config, split_listen
-from mpsd.supervisor.access import (
-    BearerTokenInterceptor, describe, exposure_problem, is_loopback, read_token, server_credentials, server_ssl_context)
-from mpsd.supervisor.admin_api import AdminService
+from mpsd.config import EMBEDDED_SOURCE, Config, load_config
 from mpsd.supervisor.demo_build import ensure_demos, resolve_demo_paths
-from mpsd.supervisor.fleet import Fleet
-from mpsd.supervisor.fleet_commands import ControlError
-from mpsd.supervisor.http_server import HttpServer
-from mpsd.supervisor.memory import ReportedWorkingSet, make_probe
-from mpsd.supervisor.metrics import RequestMetrics, watch_daemon
-from mpsd.supervisor.metrics_http import start_metrics_server, url_of
-from mpsd.supervisor.openai_http import MAX_BODY_BYTES, OpenAIApi, error_body
-from mpsd.supervisor.public_api import InferenceService, add_inference_service
-from mpsd.supervisor.router import ModelPool, NoWorkers
-from mpsd.supervisor.states import HOPEFUL_STATES, WorkerState
-from mpsd.supervisor.status_history import TransitionLines
-from mpsd.supervisor.status_page import StatusPage
-from mpsd.supervisor.worker_record import WorkerRecord
-from mpsd.v1 import admin_pb2, admin_pb2_grpc, inference_pb2
+from mpsd.supervisor.edge.admin import AdminService
+from mpsd.supervisor.edge.http.status_history import TransitionLines
+from mpsd.supervisor.edge.http.status_page import StatusPage
+from mpsd.supervisor.edge.inference import InferenceService
+from mpsd.supervisor.edge.metrics import RequestMetrics, watch_daemon
+from mpsd.supervisor.fleet.commands import ControlError
+from mpsd.supervisor.fleet.fleet import Fleet
+from mpsd.supervisor.fleet.records import WorkerRecord
+from mpsd.supervisor.fleet.states import HOPEFUL_STATES, WorkerState
+from mpsd.supervisor.fleet.worker_env import default_threads, worker_env
+from mpsd.supervisor.listeners import ListenError, serving_status, start_admin, start_http, start_metrics, start_public
+from mpsd.supervisor.memory.probes import ReportedWorkingSet, make_probe
+from mpsd.supervisor.routing.pool import ModelPool, NoWorkers
 
 log = logging.getLogger("mpsd")
-PACKAGE_PARENT = str(pathlib.Path(mpsd.__file__).resolve().parent.parent)
 
 
 class DaemonError(RuntimeError):
-    """A reason the daemon cannot start, worded for the operator."""
-
-
-def default_threads(model: ModelConfig, models: tuple[ModelConfig, ...], cpu_count: int) -> int:
-    """Splits the cores among all workers, keeping one for the daemon and clients when there are spare.
-
-    Measured here (benchmarks/): one demo worker with 2 torch threads on 2 cores
-    streamed 285 tokens/s, with 1 thread 806 — intra-op threads spin against the
-    daemon's and the client's per-token work, so oversubscription costs more than
-    the second core gives.
-    """
-    if model.threads:
-        return model.threads
-    total = sum(m.replicas for m in models) or 1
-    spare = cpu_count - 1 if cpu_count > total else cpu_count
-    return max(1, spare // total)
-
-
-def worker_env(model: ModelConfig) -> dict[str, str]:
-    """The daemon's environment (PYTHONPATH included), the model's env, and thread caps."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH", "")) if p)
-    if model.threads > 0:
-        env.setdefault("OMP_NUM_THREADS", str(model.threads))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # progress bars make unreadable log lines
-    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    env["HF_HUB_OFFLINE"] = env.get("HF_HUB_OFFLINE", "1")
-    env.update(model.env)
-    return env
+    """A reason the daemon cannot start (another one holds its state directory), worded for the operator."""
 
 
 def prepare_config(config: Config, data_dir: pathlib.Path) -> tuple[Config, list[str]]:
@@ -86,15 +52,6 @@ def prepare_config(config: Config, data_dir: pathlib.Path) -> tuple[Config, list
     cpus = os.cpu_count() or 1
     models = tuple(dataclasses.replace(m, threads=default_threads(m, config.models, cpus)) for m in config.models)
     return dataclasses.replace(config, models=models), demo_refs
-
-
-def serving_status(ready_workers: int, prospects: str | None) -> int:
-    """SERVING while a request for the model would be served here: a READY worker, or one that may still come
-    (loading, restarting, or demand may start one: Fleet.prospects is None). NOT_SERVING once none will, so that a
-    client-side health check or a proxy sends the model's requests to another host."""
-    if ready_workers or prospects is None:
-        return health_pb2.HealthCheckResponse.SERVING
-    return health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Daemon:
@@ -141,18 +98,21 @@ class Daemon:
                            report_working_set=self._working_set.set, load_of=self.pools.get)
         self._sync_pools()
         watch_daemon(self.metrics.registry, self.fleet, self.pools)
-        public = await self._start_public()
+        self._inference = InferenceService(
+            self.pools, lambda name: self.fleet.models[name].generates, self.fleet.explain_loss, self.metrics)
+        public, self.listen = await start_public(self.listen, self.config.daemon.access, self._inference,
+                                                 self._health, self.config.models)
         self._publish_health(list(self.pools))
         metrics = None
         try:
-            metrics = await self._start_metrics()
-            http = await self._start_http()
-        except (DaemonError, ValueError):
+            metrics = await start_metrics(self.metrics_listen, self.metrics, self._status_page())
+            http = await start_http(self.http_listen, self.config.daemon.access, self._inference, self.metrics)
+        except (ListenError, ValueError):
             if metrics:
                 metrics.close()
             await public.stop(0)  # a grpc server left running when the loop closes ends the process with a traceback
             raise
-        admin = await self._start_admin(admin_path)
+        admin = await start_admin(admin_path, self._admin_service())
         fleet_task = asyncio.create_task(self.fleet.run())
         log.info("mpsd %s serving %s from %s", mpsd.__version__, ", ".join(self.pools), self.config.source)
         await self._stop.wait()
@@ -165,6 +125,10 @@ class Daemon:
             metrics.close()  # served through the drain, so a scrape can watch it
         log.info("mpsd stopped")
         return 0
+
+    def _status_page(self) -> StatusPage:
+        return StatusPage(self.fleet, self.pools, self.metrics, lambda: self._admin_service().Status(None, None),
+                          transitions=self.transitions)
 
     def _sync_pools(self) -> None:
         """One pool per configured model; a removed model's queued requests are told so."""
@@ -228,108 +192,6 @@ class Daemon:
         await public.stop(0)
         timeout = 0.0 if self._force.is_set() else self.config.daemon.stop_timeout_s
         await fleet.stop_all(timeout)
-
-    async def _start_public(self) -> grpc.aio.Server:
-        access = self.config.daemon.access
-        problem = exposure_problem(self.listen, access)
-        if problem:
-            raise DaemonError(problem)
-        interceptors = [BearerTokenInterceptor(read_token(access.token_file))] if access.token_file else []
-        # Without so_reuseport 0, Linux lets a second daemon bind the same port and the two split the traffic.
-        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
-        service = self._inference = InferenceService(
-            self.pools, lambda name: self.fleet.models[name].generates, self.fleet.explain_loss, self.metrics)
-        add_inference_service(service, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        names = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, server)
-        try:
-            if access.tls:
-                port = server.add_secure_port(self.listen, server_credentials(access))
-            else:
-                port = server.add_insecure_port(self.listen)
-        except RuntimeError as exc:
-            raise DaemonError(f"cannot listen on {self.listen}: {exc} (is another mpsd running? use --listen)") from exc
-        host = self.listen.rpartition(":")[0]
-        self.listen = f"{host}:{port}"
-        await server.start()
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        for name in names[:1]:
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        for model in self.config.models:
-            await self._health.set(model.name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        log.info("public API listening on %s (%s)", self.listen, describe(access))
-        return server
-
-    async def _start_metrics(self) -> asyncio.Server | None:
-        """Prometheus /metrics on plain HTTP; loopback by default, anywhere the operator says, with a warning.
-
-        The figures carry no secrets and change nothing, but they name models
-        and workers and show traffic; a scraper on another machine is the
-        usual set-up, so another address is allowed, not refused.
-        """
-        if not self.metrics_listen:
-            return None
-        try:
-            host, port = split_listen(self.metrics_listen)
-        except ValueError as exc:
-            raise DaemonError(f"metrics listen: {exc}") from None
-        if not is_loopback(host):
-            log.warning("metrics on %s are readable by anyone who can reach that address (plain HTTP, no token)",
-                        self.metrics_listen)
-        page = None
-        if is_loopback(host):
-            page = StatusPage(self.fleet, self.pools, self.metrics, lambda: self._admin_service().Status(None, None),
-                              transitions=self.transitions)
-        else:
-            log.warning("status page not served on %s: beyond loopback it would need TLS and a token, which the "
-                        "metrics listener has not; serve metrics on loopback to see it", self.metrics_listen)
-        try:
-            server = await start_metrics_server(host, port, self.metrics.registry, page)
-        except OSError as exc:
-            raise DaemonError(f"cannot serve metrics on {self.metrics_listen}: {exc.strerror or exc} "
-                              f"(is another mpsd running? use --metrics-listen, or metrics_listen = \"\" to serve none)") from exc
-        log.info("metrics on %s", url_of(server, host))
-        if page:
-            self._page_task = asyncio.get_running_loop().create_task(page.run())  # samples its history until exit
-            log.info("status page on %s", url_of(server, host).removesuffix("metrics"))
-        return server
-
-    async def _start_http(self) -> HttpServer | None:
-        """The OpenAI-compatible API (openai_http.py) on its own port, under the public port's rules: loopback
-        unless TLS and a token are set, and then the same certificate and the same token."""
-        if not self.http_listen:
-            return None
-        access = self.config.daemon.access
-        try:
-            host, port = split_listen(self.http_listen)
-        except ValueError as exc:
-            raise DaemonError(f"http listen: {exc}") from None
-        if problem := exposure_problem(self.http_listen, access, "http_listen"):
-            raise DaemonError(problem)
-        api = OpenAIApi(self._inference, self.metrics, read_token(access.token_file) if access.token_file else None)
-        server = HttpServer(api.handle, error_body, MAX_BODY_BYTES)
-        try:
-            port = await server.start(host, port, server_ssl_context(access) if access.tls else None)
-        except OSError as exc:
-            raise DaemonError(f"cannot serve the HTTP API on {self.http_listen}: {exc.strerror or exc} (is another "
-                              f"mpsd running? use --http-listen, or http_listen = \"\" to serve none)") from exc
-        scheme = "https" if access.tls else "http"
-        log.info("OpenAI-compatible HTTP API listening on %s://%s:%d/v1 (%s)", scheme, host, port, describe(access))
-        return server
-
-    async def _start_admin(self, admin_path: pathlib.Path) -> grpc.aio.Server:
-        server = grpc.aio.server()
-        admin_pb2_grpc.add_AdminServicer_to_server(self._admin_service(), server)
-        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others may connect
-        try:
-            server.add_insecure_port(f"unix:{admin_path}")
-            await server.start()
-        finally:
-            os.umask(old_umask)
-        os.chmod(admin_path, 0o600)
-        log.info("admin API on %s (mode 0600)", admin_path)
-        return server
 
     def _admin_service(self) -> AdminService:
         """One for the unix socket and the status page, so both report the same daemon uptime."""

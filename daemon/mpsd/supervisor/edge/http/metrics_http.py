@@ -28,7 +28,7 @@ MAX_LINE_BYTES = 8192
 TEXT = "text/plain; charset=utf-8"
 
 if TYPE_CHECKING:
-    from mpsd.supervisor.status_page import StatusPage
+    from mpsd.supervisor.edge.http.status_page import StatusPage
 
 
 async def start_metrics_server(host: str, port: int, registry: CollectorRegistry,

@@ -2,7 +2,7 @@
 
 The policy (`exposure_problem`, `read_token`) is pure and tested without a
 server; `BearerTokenInterceptor` applies it to every gRPC call, and the
-OpenAI-compatible HTTP API (openai_http.py) checks the same token the same way. The token is
+OpenAI-compatible HTTP API (http/openai.py) checks the same token the same way. The token is
 compared in constant time (hmac.compare_digest over SHA-256 digests, so not
 even its length leaks). Health checks stay open so a load balancer or
 launchd-side monitor can probe without holding the secret; they reveal only

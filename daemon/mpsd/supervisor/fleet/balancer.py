@@ -14,9 +14,9 @@ import logging
 from typing import Protocol
 
 from mpsd.config import ModelConfig
-from mpsd.supervisor import admission, demand
-from mpsd.supervisor.states import WorkerState
-from mpsd.supervisor.worker_record import AfterStop, WorkerRecord
+from mpsd.supervisor.fleet.records import AfterStop, WorkerRecord
+from mpsd.supervisor.fleet.states import WorkerState
+from mpsd.supervisor.memory import admission, demand
 
 log = logging.getLogger("mpsd.fleet")
 # A worker in one of these may still come to serve: demand starts no other worker of its model meanwhile.

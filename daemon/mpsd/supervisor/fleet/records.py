@@ -10,8 +10,8 @@ import dataclasses
 import enum
 
 from mpsd.config import ModelConfig
-from mpsd.supervisor.states import PROCESS_STATES, WorkerState
-from mpsd.supervisor.worker_process import WorkerProcess
+from mpsd.supervisor.fleet.process import WorkerProcess
+from mpsd.supervisor.fleet.states import PROCESS_STATES, WorkerState
 from mpsd.v1 import worker_pb2
 
 

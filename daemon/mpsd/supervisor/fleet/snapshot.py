@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 
 from mpsd.config import ModelConfig
-from mpsd.supervisor.memory import MemorySnapshot
-from mpsd.supervisor.states import WorkerState
-from mpsd.supervisor.footprint import Footprint
-from mpsd.supervisor.worker_record import AfterStop, ModelCounts, WorkerRecord
+from mpsd.supervisor.fleet.records import AfterStop, ModelCounts, WorkerRecord
+from mpsd.supervisor.fleet.states import WorkerState
+from mpsd.supervisor.memory.footprint import Footprint
+from mpsd.supervisor.memory.probes import MemorySnapshot
 from mpsd.v1 import worker_pb2
 
 

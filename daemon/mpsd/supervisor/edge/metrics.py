@@ -23,12 +23,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from mpsd import __version__
-from mpsd.supervisor.fleet_snapshot import FleetSnapshot, MemoryReading
-from mpsd.supervisor.states import WorkerState
+from mpsd.supervisor.fleet.snapshot import FleetSnapshot, MemoryReading
+from mpsd.supervisor.fleet.states import WorkerState
 
 if TYPE_CHECKING:  # the public service imports this module and needs neither
-    from mpsd.supervisor.fleet import Fleet
-    from mpsd.supervisor.router import ModelPool
+    from mpsd.supervisor.fleet.fleet import Fleet
+    from mpsd.supervisor.routing.pool import ModelPool
 
 # The model label of a request that names no configured model: label values must not come from clients, or
 # any caller could grow the registry without bound. No model can have this name (see config.NAME_PATTERN).

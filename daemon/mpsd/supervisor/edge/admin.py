@@ -17,11 +17,11 @@ import grpc
 
 from mpsd import __version__
 from mpsd.config import ConfigError
-from mpsd.supervisor.fleet import Fleet
-from mpsd.supervisor.fleet_commands import ControlError
-from mpsd.supervisor.fleet_snapshot import MemoryReading, ModelView, WorkerView
-from mpsd.supervisor.router import ModelPool
-from mpsd.supervisor.states import WorkerState
+from mpsd.supervisor.fleet.commands import ControlError
+from mpsd.supervisor.fleet.fleet import Fleet
+from mpsd.supervisor.fleet.snapshot import MemoryReading, ModelView, WorkerView
+from mpsd.supervisor.fleet.states import WorkerState
+from mpsd.supervisor.routing.pool import ModelPool
 from mpsd.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger("mpsd.admin")

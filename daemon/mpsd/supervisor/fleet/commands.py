@@ -13,8 +13,8 @@ import enum
 from typing import Iterable
 
 from mpsd.config import Config, ModelConfig
-from mpsd.supervisor.states import PROCESS_STATES, WorkerState
-from mpsd.supervisor.worker_record import AfterStop, WorkerRecord
+from mpsd.supervisor.fleet.records import AfterStop, WorkerRecord
+from mpsd.supervisor.fleet.states import PROCESS_STATES, WorkerState
 
 
 class ControlError(Exception):

@@ -15,13 +15,13 @@ import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from mpsd.cli.status_format import to_plain
-from mpsd.supervisor.status_history import HistoryRing, ModelFigures, TransitionLines
+from mpsd.proto_plain import to_plain
+from mpsd.supervisor.edge.http.status_history import HistoryRing, ModelFigures, TransitionLines
 
 if TYPE_CHECKING:
-    from mpsd.supervisor.fleet import Fleet
-    from mpsd.supervisor.metrics import RequestMetrics
-    from mpsd.supervisor.router import ModelPool
+    from mpsd.supervisor.edge.metrics import RequestMetrics
+    from mpsd.supervisor.fleet.fleet import Fleet
+    from mpsd.supervisor.routing.pool import ModelPool
 
 JSON = "application/json"
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -41,9 +41,10 @@ class StatusPage:
         self._status = status
         self.history = history or HistoryRing()
         self.transitions = transitions or TransitionLines()
-        folder = resources.files("mpsd.supervisor") / "static"
+        folder = resources.files("mpsd.supervisor.edge.http") / "static"
         self._files = {f"/{name}": folder.joinpath(name).read_bytes() for name in STATIC_FILES}
         self._files["/"] = self._files["/index.html"]
+        self._sampling: asyncio.Task | None = None
 
     def paths(self) -> set[str]:
         return set(self._files) | {"/api/status", "/api/history"}
@@ -57,6 +58,10 @@ class StatusPage:
             return "200 OK", JSON, json.dumps(body).encode()
         suffix = "." + path.rpartition(".")[2] if "." in path else ".html"
         return "200 OK", STATIC_TYPES[suffix], self._files[path]
+
+    def start(self) -> None:
+        """Samples the history in the background until the event loop ends."""
+        self._sampling = asyncio.get_running_loop().create_task(self.run())
 
     async def run(self) -> None:
         """Samples once a period until cancelled."""

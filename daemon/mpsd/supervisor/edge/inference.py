@@ -8,7 +8,7 @@ ended with; Generate and Chat also time each token they forward.
 
 Generate and Chat share one path (Chat differs only in how the request is
 checked and which worker method renders it), and so does the OpenAI-compatible
-HTTP API (openai_http.py), which calls `stream` with a context of its own: the
+HTTP API (http/openai.py), which calls `stream` with a context of its own: the
 service uses only abort(), time_remaining() and code() of a call's context.
 """
 
@@ -24,8 +24,8 @@ from google.protobuf.message import DecodeError
 
 from mpsd.chat_params import parse_chat_request
 from mpsd.generate_params import InvalidRequest, check_against_model, parse_generate_request
-from mpsd.supervisor.metrics import UNKNOWN_MODEL, RequestMetrics, RequestTimer
-from mpsd.supervisor.router import Lease, ModelPool, NoWorkers, QueueFull, Slot
+from mpsd.supervisor.edge.metrics import UNKNOWN_MODEL, RequestMetrics, RequestTimer
+from mpsd.supervisor.routing.pool import Lease, ModelPool, NoWorkers, QueueFull, Slot
 from mpsd.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger("mpsd.api")

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API: routes, the bearer token, and answers whole or as Server-Sent Events.
 
-Served on the daemon's event loop (http_server.py) and answered by the same
+Served on the daemon's event loop (server.py) and answered by the same
 InferenceService as gRPC, through its `stream` with protocol "http": the same
 model lookup, checks, router, queue, batching, retry and metrics, and no second
 hop. The service speaks to a call through a context; here that context turns
@@ -20,13 +20,25 @@ from typing import Any, AsyncIterator, Callable
 
 import grpc
 
-from mpsd.supervisor.access import bearer_of, token_matches
-from mpsd.supervisor.http_server import Exchange, HttpRequest
-from mpsd.supervisor.metrics import UNKNOWN_MODEL, RequestMetrics
-from mpsd.supervisor.openai_schema import (
-    SSE_DONE, Answer, BadField, Completion, decode_body, error, error_for, model_entry, models_list, parse_chat,
-    parse_completion, sse, to_json)
-from mpsd.supervisor.public_api import InferenceService
+from mpsd.supervisor.edge.access import bearer_of, token_matches
+from mpsd.supervisor.edge.http.openai_schema import (
+    SSE_DONE,
+    Answer,
+    BadField,
+    Completion,
+    decode_body,
+    error,
+    error_for,
+    model_entry,
+    models_list,
+    parse_chat,
+    parse_completion,
+    sse,
+    to_json,
+)
+from mpsd.supervisor.edge.http.server import Exchange, HttpRequest
+from mpsd.supervisor.edge.inference import InferenceService
+from mpsd.supervisor.edge.metrics import UNKNOWN_MODEL, RequestMetrics
 
 # The longest prompt mpsd takes (generate_params.MAX_PROMPT_CHARS, a million characters) fits as JSON, escapes and all.
 MAX_BODY_BYTES = 8 << 20

@@ -14,7 +14,6 @@ lifecycle is unit-tested with a fake one and a fake clock.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import os
@@ -24,18 +23,18 @@ import time
 from typing import Callable
 
 from mpsd.config import Config, ModelConfig
-from mpsd.supervisor import admission
-from mpsd.supervisor.backoff import RestartPolicy, restart_delay, should_give_up
-from mpsd.supervisor.exits import ExitKind, classify_exit
-from mpsd.supervisor.fleet_commands import OperatorCommands
-from mpsd.supervisor.fleet_demand import DemandBalancer, ModelLoad
-from mpsd.supervisor.fleet_health import WorkerHealth
-from mpsd.supervisor.fleet_snapshot import FleetSnapshot, MemoryReading, view_models, view_worker
-from mpsd.supervisor.footprint import Footprint, estimate_bytes, process_footprint_bytes
-from mpsd.supervisor.memory import MemorySnapshot, apply_overrides
-from mpsd.supervisor.states import PROCESS_STATES, WorkerState, check_transition
-from mpsd.supervisor.worker_process import WorkerProcess
-from mpsd.supervisor.worker_record import AfterStop, KillCause, ModelCounts, WorkerRecord
+from mpsd.supervisor.fleet.backoff import RestartPolicy, restart_delay, should_give_up
+from mpsd.supervisor.fleet.balancer import DemandBalancer, ModelLoad
+from mpsd.supervisor.fleet.commands import OperatorCommands
+from mpsd.supervisor.fleet.exits import ExitKind, classify_exit
+from mpsd.supervisor.fleet.health import WorkerHealth
+from mpsd.supervisor.fleet.process import WorkerProcess
+from mpsd.supervisor.fleet.records import AfterStop, KillCause, ModelCounts, WorkerRecord
+from mpsd.supervisor.fleet.snapshot import FleetSnapshot, MemoryReading, view_models, view_worker
+from mpsd.supervisor.fleet.states import PROCESS_STATES, WorkerState, check_transition
+from mpsd.supervisor.memory import admission
+from mpsd.supervisor.memory.footprint import Footprint, estimate_bytes, process_footprint_bytes
+from mpsd.supervisor.memory.probes import MemorySnapshot, apply_overrides
 from mpsd.units import format_bytes
 from mpsd.worker_spec import WorkerSpec
 

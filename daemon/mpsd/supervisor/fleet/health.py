@@ -13,10 +13,10 @@ import asyncio
 import logging
 
 from mpsd.backend_memory import WORKING_SET_KEYS
-from mpsd.supervisor.footprint import worker_peak_bytes
-from mpsd.supervisor.states import PROCESS_STATES, WorkerState
-from mpsd.supervisor.worker_process import WorkerProcess
-from mpsd.supervisor.worker_record import WorkerRecord
+from mpsd.supervisor.fleet.process import WorkerProcess
+from mpsd.supervisor.fleet.records import WorkerRecord
+from mpsd.supervisor.fleet.states import PROCESS_STATES, WorkerState
+from mpsd.supervisor.memory.footprint import worker_peak_bytes
 from mpsd.units import format_bytes
 from mpsd.v1 import worker_pb2
 

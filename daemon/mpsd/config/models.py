@@ -1,0 +1,110 @@
+"""A [[models]] table: name, backend and where the model comes from, demand bounds, MLX limits."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+from mpsd import paths
+from mpsd.backends import BACKENDS
+from mpsd.config.reader import Reader
+from mpsd.config.schema import DEVICE_PATTERN, FACTORY_PATTERN, NAME_PATTERN, ModelConfig
+
+_MODEL_KEYS = (
+    "name", "backend", "path", "factory", "replicas", "device", "concurrency", "threads",
+    "footprint", "env", "queue", "load_timeout", "memory_limit", "wired_limit", "cache_limit",
+    "min_replicas", "max_replicas", "keep_alive", "priority", "scale_up_queue",
+)
+
+
+def read_model(reader: Reader, table: dict[str, Any], index: int, base_dir: pathlib.Path) -> ModelConfig:
+    at = f"models[{index}]."
+    reader.only_keys(table, at, _MODEL_KEYS)
+    name = reader.string(table, "name", at + "name")
+    if not name or not NAME_PATTERN.match(name):
+        raise reader.fail(at + "name", f"must be 1-63 letters, digits, '.', '_' or '-', got {name!r}")
+    at = f"models[{index}] ({name})."
+    backend = reader.string(table, "backend", at + "backend")
+    if backend not in BACKENDS:
+        raise reader.fail(at + "backend", f"must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    device = reader.string(table, "device", at + "device", "auto")
+    if not DEVICE_PATTERN.match(device):
+        raise reader.fail(at + "device", f"must be auto, cpu, mps, cuda or cuda:N, got {device!r}")
+    return ModelConfig(
+        name=name,
+        backend=backend,
+        path=_model_path(reader, table, at, backend, base_dir),
+        factory=_model_factory(reader, table, at, backend),
+        **_demand(reader, table, at),
+        device=device,
+        concurrency=reader.integer(table, "concurrency", at + "concurrency", BACKENDS[backend].default_concurrency, 1),
+        threads=reader.integer(table, "threads", at + "threads", 0, 0),
+        footprint_bytes=reader.size(table, "footprint", at + "footprint"),
+        env=_model_env(reader, table, at),
+        queue_limit=reader.integer(table, "queue", at + "queue", 64, 0),
+        load_timeout_s=reader.duration(table, "load_timeout", at + "load_timeout", 300.0),
+        **_mlx_limits(reader, table, at, backend),
+    )
+
+
+def _demand(reader: Reader, table: dict[str, Any], at: str) -> dict[str, Any]:
+    """replicas is the count at start; min/max bound what demand may do. Each refusal names the key."""
+    given_min = "min_replicas" in table
+    minimum = reader.integer(table, "min_replicas", at + "min_replicas", 1, 0) if given_min else None
+    replicas = reader.integer(table, "replicas", at + "replicas", 1 if minimum is None else minimum, 0)
+    minimum = replicas if minimum is None else minimum
+    # A demand-driven model (min_replicas given) may load on request: at least one worker unless max says 0.
+    maximum = reader.integer(table, "max_replicas", at + "max_replicas", max(replicas, minimum, int(given_min)), 0)
+    if given_min and minimum > maximum:
+        raise reader.fail(at + "min_replicas", f"{minimum} is above max_replicas {maximum}")
+    if replicas > maximum:
+        raise reader.fail(at + "replicas", f"{replicas} is above max_replicas {maximum}")
+    if replicas < minimum:
+        raise reader.fail(at + "replicas", f"{replicas} is below min_replicas {minimum}")
+    return dict(replicas=replicas, min_replicas=minimum, max_replicas=maximum,
+                keep_alive_s=_keep_alive(reader, table, at), priority=reader.integer(
+                    table, "priority", at + "priority", 0, -(1 << 31)),
+                scale_up_queue=reader.integer(table, "scale_up_queue", at + "scale_up_queue", 1, 1))
+
+
+def _keep_alive(reader: Reader, table: dict[str, Any], at: str) -> float | None:
+    value = table.get("keep_alive", "5m")
+    if value in (-1, "-1"):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        raise reader.fail(at + "keep_alive", f"must be a duration like '5m', or -1 for never, got {value!r}")
+    return reader.duration(table, "keep_alive", at + "keep_alive", 300.0)
+
+
+def _mlx_limits(reader: Reader, table: dict[str, Any], at: str, backend: str) -> dict[str, int | None]:
+    """Per-worker MLX limits, so several workers can share one Metal budget."""
+    limits = {f"{key}_bytes": reader.size(table, key, at + key) for key in ("memory_limit", "wired_limit", "cache_limit")}
+    if not BACKENDS[backend].takes_mlx_limits and any(v is not None for v in limits.values()):
+        takers = ", ".join(b.name for b in BACKENDS.values() if b.takes_mlx_limits)
+        raise reader.fail(at + "memory_limit", f"memory_limit, wired_limit and cache_limit apply to backend {takers} only")
+    return limits
+
+
+def _model_path(reader: Reader, table: dict[str, Any], at: str, backend: str, base_dir: pathlib.Path) -> str | None:
+    path = reader.string(table, "path", at + "path")
+    if BACKENDS[backend].needs_path and not path:
+        raise reader.fail(at + "path", f"backend {backend} needs the model directory ('@demo' or '@mlx-demo' for the demo models)")
+    if path is None or path in (paths.DEMO_MODEL_REF, paths.MLX_DEMO_MODEL_REF):
+        return path
+    return str(base_dir / pathlib.Path(path).expanduser())
+
+
+def _model_factory(reader: Reader, table: dict[str, Any], at: str, backend: str) -> str | None:
+    factory = reader.string(table, "factory", at + "factory")
+    if BACKENDS[backend].needs_factory and not factory:
+        raise reader.fail(at + "factory", f"backend {backend} needs factory = 'package.module:function'")
+    if factory and not FACTORY_PATTERN.match(factory):
+        raise reader.fail(at + "factory", f"must look like 'package.module:function', got {factory!r}")
+    return factory
+
+
+def _model_env(reader: Reader, table: dict[str, Any], at: str) -> dict[str, str]:
+    env = table.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise reader.fail(at + "env", "must be a table of string values, e.g. env = { OMP_PROC_BIND = 'true' }")
+    return dict(env)

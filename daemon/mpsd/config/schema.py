@@ -1,0 +1,119 @@
+"""The daemon's configuration as typed objects: what each section holds and its defaults.
+
+Parsing and validating TOML into these lives beside it (parse.py for the file
+and its [daemon] and [memory] tables, models.py for [[models]], reader.py for
+the typed getters whose errors name the file and the key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+
+from mpsd.backends import BACKENDS
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+FACTORY_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+EMBEDDED_SOURCE = "<embedded default>"  # Config.source when no file was given
+EMBEDDED_DEFAULT = """
+# The embedded default: the demo model, built locally on first use, two workers.
+[daemon]
+listen = "127.0.0.1:7700"
+
+[[models]]
+name = "demo"
+backend = "torch-lm"
+path = "@demo"
+replicas = 2
+"""
+
+
+class ConfigError(ValueError):
+    """A config problem, worded for the person who wrote the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PublicAccess:
+    """What the public port requires of callers: TLS (cert and key) and a bearer token, each optional on loopback."""
+
+    tls_cert: pathlib.Path | None = None
+    tls_key: pathlib.Path | None = None
+    token_file: pathlib.Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonConfig:
+    listen: str = "127.0.0.1:7700"
+    metrics_listen: str = "127.0.0.1:7701"  # Prometheus /metrics over plain HTTP; "" serves none
+    http_listen: str = "127.0.0.1:7702"     # the OpenAI-compatible HTTP API, same access rules as listen; "" off
+    access: PublicAccess = PublicAccess()
+    state_dir: pathlib.Path | None = None
+    drain_grace_s: float = 30.0
+    stop_timeout_s: float = 10.0
+    health_interval_s: float = 1.0
+    health_timeout_s: float = 5.0
+    log_format: str = "text"
+    restart_delay_s: float = 0.5
+    restart_max_delay_s: float = 30.0
+    restart_reset_after_s: float = 30.0
+    fatal_failures: int = 5
+    fatal_window_s: float = 120.0
+    log_file: pathlib.Path | None = None
+    log_max_bytes: int = 10 << 20
+    log_backups: int = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    probe: str = "auto"
+    budget_bytes: int | None = None
+    headroom_bytes: int = 0
+    min_residency_s: float = 30.0  # a worker READY for less is never evicted: the anti-thrash rule
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    backend: str
+    path: str | None = None
+    factory: str | None = None
+    replicas: int = 1
+    device: str = "auto"
+    concurrency: int = 1  # parsed configs take the backend's default (backends.py)
+    threads: int = 0
+    footprint_bytes: int | None = None
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    queue_limit: int = 64
+    load_timeout_s: float = 300.0
+    memory_limit_bytes: int | None = None   # mlx-lm: mx.set_memory_limit
+    wired_limit_bytes: int | None = None    # mlx-lm: mx.set_wired_limit
+    cache_limit_bytes: int | None = None    # mlx-lm: mx.set_cache_limit
+    # Demand (supervisor/memory/demand.py). With only `replicas` given, min = max = replicas: a static fleet, as before.
+    min_replicas: int = 1
+    max_replicas: int = 1
+    keep_alive_s: float | None = 300.0  # idle time before a worker above min_replicas stops; None: never
+    priority: int = 0                   # higher is evicted last
+    scale_up_queue: int = 1             # queued requests per live worker that start one more
+
+    @property
+    def generates(self) -> bool:
+        return BACKENDS[self.backend].generates
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    daemon: DaemonConfig
+    memory: MemoryConfig
+    models: tuple[ModelConfig, ...]
+    source: str  # file path, or EMBEDDED_SOURCE
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+

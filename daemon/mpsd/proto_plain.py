@@ -1,0 +1,33 @@
+"""A protobuf message as plain JSON-ready data: what `mpsctl status --json` prints and the status page's /api/status
+serves, field for field (shared, so the CLI and the daemon's edge render one way)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def to_plain(message) -> dict[str, Any]:
+    """Every field, defaults included, with 64-bit integers as JSON numbers (not strings)."""
+    plain: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.message_type and field.message_type.GetOptions().map_entry:
+            plain[field.name] = {k: _scalar_or_plain(v) for k, v in value.items()}
+        elif field.is_repeated:
+            plain[field.name] = [_scalar_or_plain(v) for v in value]
+        else:
+            plain[field.name] = _scalar_or_plain(value)
+    return plain
+
+
+def _scalar_or_plain(value):
+    return to_plain(value) if hasattr(value, "DESCRIPTOR") else value
+
+STATE_STYLES = {
+    "READY": "bold green", "STARTING": "yellow", "PENDING": "yellow", "BACKOFF": "yellow", "DRAINING": "cyan",
+    "STOPPED": "dim", "REFUSED": "magenta", "OOM": "bold red", "FATAL": "bold red",
+}
+NOTEWORTHY_STATES = ("PENDING", "STARTING", "REFUSED", "OOM", "FATAL", "BACKOFF", "DRAINING")
+MODEL_HEADERS = ["MODEL", "BACKEND", "DEVICE", "READY", "MIN/MAX/LIVE/DESIRED", "QUEUED", "CONTEXT", "FOOTPRINT"]
+WORKER_HEADERS = ["WORKER", "PID", "STATE", "UPTIME", "RESTARTS", "INFLIGHT", "BATCH", "KV", "TOKENS", "MEMORY",
+                  "BACKEND MEMORY", "LAST EXIT"]
