@@ -24,12 +24,14 @@ REQUIRED = {"Label": str, "ProgramArguments": list, "RunAtLoad": bool, "KeepAliv
             "ExitTimeOut": int, "ProcessType": str, "StandardOutPath": str, "StandardErrorPath": str,
             "EnvironmentVariables": dict, "WorkingDirectory": str, "SoftResourceLimits": dict}
 KINDS = ("agent", "daemon")
+PLISTS = pathlib.Path(__file__).resolve().parents[2] / "plists"  # the one copy; the package links to it
 
 
 def test_every_committed_template_is_a_plist_and_has_one_kind() -> None:
-    committed = sorted(p.name for p in launchd.TEMPLATE_DIR.glob("*.plist"))
+    committed = sorted(p.name for p in PLISTS.glob("*.plist"))
     assert committed == ["io.mpsd.agent.plist", "io.mpsd.daemon.plist"]
     for kind in KINDS:
+        assert launchd.template_path(kind) == PLISTS / f"{launchd.LABELS[kind]}.plist"
         assert isinstance(plistlib.loads(launchd.template_path(kind).read_bytes()), dict)
 
 

@@ -40,7 +40,7 @@ Behaviour:
   it would run, and touches nothing; exit 0.
 * Not on macOS (``sys.platform != "darwin"``): launchd does not exist, so
   both commands print where the Linux service files are (systemd unit,
-  supervisord program, shipped in the installed package under
+  supervisord program: ``deploy/`` in a checkout, shipped in a wheel under
   ``mpsd/service/``) with a one-line how-to each, and exit 1 - or 0 with
   ``--dry-run``, whose whole job is to say what would be done.
   ``MPSD_INSTALL_PLATFORM=darwin`` makes them act as on macOS (with
