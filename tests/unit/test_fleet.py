@@ -221,18 +221,18 @@ def test_a_sigkill_from_outside_is_not_called_hung(tmp_path):
 def test_drain_stops_a_worker_for_good_and_escalates_to_kill_after_the_grace(tmp_path):
     async def scenario():
         h = await Harness(tmp_path, ONE_MODEL.replace("replicas = 1", "replicas = 2")).all_ready()
-        assert h.fleet.drain_worker("lm-0").startswith("lm-0: draining")
+        assert h.fleet.commands.drain_worker("lm-0").startswith("lm-0: draining")
         assert h.processes[0].signals == [signal.SIGTERM]
         await h.step()
         assert h.state("lm-0") == WorkerState.STOPPED and h.fleet.workers["lm-0"].reason.startswith("stopped (")
         await h.step(60)
         assert h.state("lm-0") == WorkerState.STOPPED and len(h.processes) == 2, "a drained worker stays stopped"
         with pytest.raises(ControlError, match="already STOPPED"):
-            h.fleet.drain_worker("lm-0")
+            h.fleet.commands.drain_worker("lm-0")
 
         stubborn = h.processes[1]
         stubborn.exit_on_term = False
-        h.fleet.drain_worker("lm-1")
+        h.fleet.commands.drain_worker("lm-1")
         await h.step(2.5)
         assert stubborn.signals == [signal.SIGTERM] and h.state("lm-1") == WorkerState.DRAINING
         await h.step(1)  # drain_grace 2 s + stop_timeout 1 s are over

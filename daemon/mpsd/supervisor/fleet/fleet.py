@@ -4,8 +4,15 @@ Only this module assigns a worker's state and reason, through
 `_transition`, which checks the move is legal, records why and when, logs one
 line and tells the listener (the router). Causes arrive by three doors: a
 process exited (`_on_exit`), the periodic `tick` for deadlines and admission,
-and an operator's command (scale, restart, drain, reload), all on the event
-loop. Readers (status, metrics) get a read-only `snapshot()`.
+and an operator's command, all on the event loop. Readers (status, metrics)
+get a read-only `snapshot()`.
+
+What is not the lifecycle itself is a part the fleet composes and hands only
+what it needs, `_transition` among it, so each is read and tested alone:
+`health` (probes, the hung kill, learned footprints), `commands` (the
+operator's scale, restart, drain, reload) and `demand` (starts and stops for
+the router's traffic). Admission, spawning, exits and stopping stay here,
+where the records are.
 
 Processes come from an injected launcher (`WorkerProcess` by default), so the
 lifecycle is unit-tested with a fake one and a fake clock.
@@ -14,13 +21,14 @@ lifecycle is unit-tested with a fake one and a fake clock.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
 import pathlib
 import signal
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from mpsd.config import Config, ModelConfig
 from mpsd.supervisor.fleet.backoff import RestartPolicy, restart_delay, should_give_up
@@ -29,7 +37,7 @@ from mpsd.supervisor.fleet.commands import OperatorCommands
 from mpsd.supervisor.fleet.exits import ExitKind, classify_exit
 from mpsd.supervisor.fleet.health import WorkerHealth
 from mpsd.supervisor.fleet.process import WorkerProcess
-from mpsd.supervisor.fleet.records import AfterStop, KillCause, ModelCounts, WorkerRecord
+from mpsd.supervisor.fleet.records import CONFIGURED, AfterStop, ModelCounts, WorkerRecord
 from mpsd.supervisor.fleet.snapshot import FleetSnapshot, MemoryReading, view_models, view_worker
 from mpsd.supervisor.fleet.states import PROCESS_STATES, WorkerState, check_transition
 from mpsd.supervisor.memory import admission
@@ -40,16 +48,14 @@ from mpsd.worker_spec import WorkerSpec
 
 log = logging.getLogger("mpsd.fleet")
 TICK_S = 0.1
-# A READY worker is killed as hung once it has been silent for health_timeout
-# and at least this many probes (each given half of health_timeout) failed:
-# one slow answer under load is not a hang, two in a row that long is.
-HEALTH_FAILURES_BEFORE_KILL = 2
 
 Listener = Callable[[WorkerRecord, WorkerState, WorkerState], None]
 Launcher = Callable[[WorkerSpec, dict[str, str]], WorkerProcess]
 
 
-class Fleet(WorkerHealth, OperatorCommands, DemandBalancer):
+class Fleet:
+    """Owns the records; `health`, `commands` and `demand` are its parts, each given only the doors it uses."""
+
     def __init__(
         self,
         config: Config,
@@ -71,12 +77,7 @@ class Fleet(WorkerHealth, OperatorCommands, DemandBalancer):
         self._policy = RestartPolicy.from_config(config.daemon)
         self._clock = clock
         self._footprint_of_pid = footprint_of_pid
-        self._report_working_set = report_working_set
         self._launch = launch
-        self._load_of = load_of
-        self._last_start: dict[str, float] = {}   # model -> when demand last started a worker for it
-        self._last_change: dict[str, str] = {}    # model -> the last start or stop demand made, for status
-        self._blocked: dict[str, str] = {}        # model -> why no room can be made for it now
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
         self._socket_numbers = itertools.count()
@@ -86,11 +87,21 @@ class Fleet(WorkerHealth, OperatorCommands, DemandBalancer):
         self._footprints: dict[str, Footprint] = {}
         self._counts: dict[str, ModelCounts] = {}
         self._memory_error = ""
+        self.health = WorkerHealth(
+            self.workers, transition=self._transition, background=self._background, footprints=self._footprints,
+            count=self._count, interval_s=config.daemon.health_interval_s, timeout_s=config.daemon.health_timeout_s,
+            clock=clock, footprint_of_pid=footprint_of_pid, report_working_set=report_working_set)
+        self.commands = OperatorCommands(self.models, self.workers, transition=self._transition,
+                                         add_worker=self._add_worker, add_model=self._add_model,
+                                         stop_worker=self._stop_worker)
+        self.demand = DemandBalancer(
+            self.models, self.workers, load_of=load_of, footprints=self._footprints, count=self._count,
+            add_worker=self._add_worker, stop_worker=self._stop_worker, free_bytes=self._free_bytes,
+            stopping=lambda: self._stopping)
+        self._on_tick = {WorkerState.STARTING: self.health.watch_starting, WorkerState.READY: self.health.watch_ready,
+                         WorkerState.BACKOFF: self._tick_backoff, WorkerState.DRAINING: self._tick_draining}
         for model in config.models:
             self._add_model(model)
-
-    def workers_of(self, model_name: str) -> list[WorkerRecord]:
-        return [w for w in self.workers.values() if w.model.name == model_name]
 
     def footprint_of(self, worker: WorkerRecord) -> int:
         return self._footprints[worker.model.name].bytes
@@ -102,6 +113,11 @@ class Fleet(WorkerHealth, OperatorCommands, DemandBalancer):
         """What admission counts as held: the footprint of every worker that has a process."""
         return [self.footprint_of(w) for w in self.workers.values() if w.state in PROCESS_STATES and w is not excluding]
 
+    def _free_bytes(self, excluding: WorkerRecord | None = None) -> int:
+        """Room for one more worker now, as admission counts it; 0 when the probe fails."""
+        view = self._read_memory()[0]
+        return admission.free_bytes(view, self.live_footprints(excluding)) if view else 0
+
     def snapshot(self) -> FleetSnapshot:
         """What status and metrics show, memory read now (admission reads it only while a worker waits)."""
         view, memory = self._read_memory()
@@ -110,12 +126,19 @@ class Fleet(WorkerHealth, OperatorCommands, DemandBalancer):
         now = self._clock()
         workers = tuple(view_worker(w, now, self._footprint_of_pid(w.pid) if w.pid else 0)
                         for w in self.workers.values())
-        models = view_models(self.models, self._footprints, self._counts, list(self.workers.values()), self._last_change)
+        models = view_models(self.models, self._footprints, self._counts, list(self.workers.values()),
+                             self.demand.last_changes)
         return FleetSnapshot(reading, models, workers)
 
-    def log_source(self, worker_id: str) -> WorkerProcess | None:
-        """The process whose stderr `mpsctl logs` shows: the worker's current one (None before its first start)."""
-        return self._worker(worker_id).process
+    def apply_config(self, new: Config) -> str:
+        """Reload: the operator's command changes the models (`commands.reload`); the fleet keeps the config.
+
+        [daemon] keeps its values until the next start (timings, restart policy
+        and ports are read once), as the reload's answer tells the operator.
+        """
+        message = self.commands.reload(new.models)
+        self.config = dataclasses.replace(new, daemon=self.config.daemon, models=tuple(self.models.values()))
+        return message
 
     # -- the one door for state changes ---------------------------------
 
@@ -144,32 +167,12 @@ class Fleet(WorkerHealth, OperatorCommands, DemandBalancer):
     def tick(self) -> None:
         now = self._clock()
         for worker in list(self.workers.values()):
-            handler = _TICK_HANDLERS.get(worker.state)
+            handler = self._on_tick.get(worker.state)
             if handler:
-                handler(self, worker, now)
+                handler(worker, now)
         if not self._stopping:
-            self._balance(now)
+            self.demand.balance(now, self.config.memory.min_residency_s)
             self._admit()
-
-    def _tick_starting(self, worker: WorkerRecord, now: float) -> None:
-        if now - worker.started_at > worker.model.load_timeout_s:
-            self._kill_hung(worker, KillCause.LOAD_TIMEOUT, f"not ready within load_timeout {worker.model.load_timeout_s:g}s")
-        elif not worker.probing:
-            self._probe(worker, now)
-
-    def _tick_ready(self, worker: WorkerRecord, now: float) -> None:
-        if not worker.probing and now - worker.last_probe_at >= self.config.daemon.health_interval_s:
-            self._probe(worker, now)
-        silent_for = now - worker.last_probe_ok_at
-        if worker.probe_failures >= HEALTH_FAILURES_BEFORE_KILL and silent_for >= self.config.daemon.health_timeout_s:
-            self._kill_hung(worker, KillCause.HEALTH_TIMEOUT, f"no answer to health probes for {silent_for:.1f}s")
-            worker.probe_failures = 0
-
-    def _kill_hung(self, worker: WorkerRecord, cause: KillCause, detail: str) -> None:
-        """Recorded as data, so the exit that follows is told apart from a SIGKILL from outside."""
-        worker.kill_cause, worker.kill_detail = cause, detail
-        log.warning("worker %s %s: killed as hung", worker.id, detail)
-        worker.process.send_signal(signal.SIGKILL)
 
     def _tick_backoff(self, worker: WorkerRecord, now: float) -> None:
         if now >= worker.next_attempt_at and not self._stopping:
@@ -229,7 +232,7 @@ class Fleet(WorkerHealth, OperatorCommands, DemandBalancer):
                 self._transition(worker, WorkerState.PENDING, "memory freed; " + decision.reason)
             self._spawn(worker, decision.reason)
         else:
-            blocked = self._blocked.get(worker.model.name)
+            blocked = self.demand.blocked(worker.model.name)
             self._transition(worker, WorkerState.REFUSED, f"{decision.reason}; {blocked}" if blocked else decision.reason)
 
     # -- processes --------------------------------------------------------
@@ -297,8 +300,7 @@ class Fleet(WorkerHealth, OperatorCommands, DemandBalancer):
         footprint = self._footprints[worker.model.name]
         footprint.raise_after_oom(worker.peak_bytes)
         self._count(worker.model.name).oom_exits += 1
-        view = self._read_memory()[0]
-        worker.free_at_oom = admission.free_bytes(view, self.live_footprints(excluding=worker)) if view else 0
+        worker.free_at_oom = self._free_bytes(excluding=worker)
         self._transition(worker, WorkerState.OOM, (
             f"{description}; {worker.model.name} footprint raised to {format_bytes(footprint.bytes)} "
             f"({footprint.source}); not restarted until memory frees"))
@@ -334,7 +336,7 @@ class Fleet(WorkerHealth, OperatorCommands, DemandBalancer):
         for _ in range(model.replicas):
             self._add_worker(model)
 
-    def _add_worker(self, model: ModelConfig, reason: str = "configured; waiting for admission") -> WorkerRecord:
+    def _add_worker(self, model: ModelConfig, reason: str = CONFIGURED) -> WorkerRecord:
         index = self._next_index[model.name]
         self._next_index[model.name] = index + 1
         worker = WorkerRecord(id=f"{model.name}-{index}", model=model, reason=reason, state_since=self._clock())
@@ -380,11 +382,3 @@ class Fleet(WorkerHealth, OperatorCommands, DemandBalancer):
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-_TICK_HANDLERS = {
-    WorkerState.STARTING: Fleet._tick_starting,
-    WorkerState.READY: Fleet._tick_ready,
-    WorkerState.BACKOFF: Fleet._tick_backoff,
-    WorkerState.DRAINING: Fleet._tick_draining,
-}

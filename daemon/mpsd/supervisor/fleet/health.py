@@ -1,22 +1,26 @@
-"""The probe door into the fleet: readiness, health and what workers report of their memory.
+"""Is each worker alive, and what does it really hold? Readiness, the hung-worker kill and learned footprints.
 
-A part of `Fleet` (a mixin it inherits) kept in its own file. Probes run as
-background tasks on the event loop; their answers move a STARTING worker to
-READY through the fleet's `_transition`, count silence for the hung-worker
-kill in `Fleet._tick_ready`, and teach the model's footprint what a worker
-really holds.
+A part the fleet composes, not a base it inherits: it is handed the fleet's
+workers to read, the fleet's one door (`transition`) and a way to run a probe
+in the background, and nothing else of the fleet, so it is tested alone with a
+fake process and a fake clock. Probes run on the event loop; an answer moves a
+STARTING worker to READY, silence counts towards killing it as hung, and the
+figures teach the model's footprint what a worker holds. A hung worker is only
+signalled here: its exit, reaped by the fleet, is what changes its state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+from collections.abc import Callable, Coroutine, Mapping
 
 from mpsd.backend_memory import WORKING_SET_KEYS
 from mpsd.supervisor.fleet.process import WorkerProcess
-from mpsd.supervisor.fleet.records import WorkerRecord
+from mpsd.supervisor.fleet.records import KillCause, ModelCounts, Transition, WorkerRecord
 from mpsd.supervisor.fleet.states import PROCESS_STATES, WorkerState
-from mpsd.supervisor.memory.footprint import worker_peak_bytes
+from mpsd.supervisor.memory.footprint import Footprint, worker_peak_bytes
 from mpsd.units import format_bytes
 from mpsd.v1 import worker_pb2
 
@@ -24,17 +28,58 @@ log = logging.getLogger("mpsd.fleet")
 READY_PROBE_TIMEOUT_S = 1.0
 FRESH_STATS_TIMEOUT_S = 1.0
 LOSS_EXPLAIN_POLL_S = 0.02
+# A READY worker is killed as hung once it has been silent for health_timeout
+# and at least this many probes (each given half of health_timeout) failed:
+# one slow answer under load is not a hang, two in a row that long is.
+HEALTH_FAILURES_BEFORE_KILL = 2
 
 
 class WorkerHealth:
-    """Fleet methods that ask workers how they are, and learn from the answers."""
+    """Asks workers how they are, on the tick's deadlines and on status's demand, and learns from the answers."""
+
+    def __init__(self, workers: Mapping[str, WorkerRecord], *, transition: Transition,
+                 background: Callable[[Coroutine], None], footprints: Mapping[str, Footprint],
+                 count: Callable[[str], ModelCounts], interval_s: float, timeout_s: float, clock: Callable[[], float],
+                 footprint_of_pid: Callable[[int], int], report_working_set: Callable[[int], None]) -> None:
+        self._workers = workers
+        self._transition = transition
+        self._background = background
+        self._footprints = footprints
+        self._count = count
+        self._interval_s = interval_s
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._footprint_of_pid = footprint_of_pid
+        self._report_working_set = report_working_set
+
+    def watch_starting(self, worker: WorkerRecord, now: float) -> None:
+        """The tick's look at a loading worker: probed until it answers, killed past its model's load_timeout."""
+        if now - worker.started_at > worker.model.load_timeout_s:
+            self._kill_hung(worker, KillCause.LOAD_TIMEOUT, f"not ready within load_timeout {worker.model.load_timeout_s:g}s")
+        elif not worker.probing:
+            self._probe(worker, now)
+
+    def watch_ready(self, worker: WorkerRecord, now: float) -> None:
+        """The tick's look at a serving worker: probed every interval, killed once silent past the timeout."""
+        if not worker.probing and now - worker.last_probe_at >= self._interval_s:
+            self._probe(worker, now)
+        silent_for = now - worker.last_probe_ok_at
+        if worker.probe_failures >= HEALTH_FAILURES_BEFORE_KILL and silent_for >= self._timeout_s:
+            self._kill_hung(worker, KillCause.HEALTH_TIMEOUT, f"no answer to health probes for {silent_for:.1f}s")
+            worker.probe_failures = 0
+
+    def _kill_hung(self, worker: WorkerRecord, cause: KillCause, detail: str) -> None:
+        """Recorded as data, so the exit that follows is told apart from a SIGKILL from outside."""
+        worker.kill_cause, worker.kill_detail = cause, detail
+        log.warning("worker %s %s: killed as hung", worker.id, detail)
+        worker.process.send_signal(signal.SIGKILL)
 
     def _probe(self, worker: WorkerRecord, now: float) -> None:
         worker.probing, worker.last_probe_at = True, now
         self._background(self._probe_once(worker, worker.process))
 
     async def _probe_once(self, worker: WorkerRecord, process: WorkerProcess) -> None:
-        timeout = READY_PROBE_TIMEOUT_S if worker.state == WorkerState.STARTING else self.config.daemon.health_timeout_s / 2
+        timeout = READY_PROBE_TIMEOUT_S if worker.state == WorkerState.STARTING else self._timeout_s / 2
         try:
             stats = await process.stats(timeout)
         except ConnectionError:
@@ -62,7 +107,7 @@ class WorkerHealth:
             if worker.process is process and worker.state == WorkerState.READY:
                 self.record_stats(worker, stats)
 
-        await asyncio.gather(*(ask(w, w.process) for w in self.workers.values() if w.state == WorkerState.READY))
+        await asyncio.gather(*(ask(w, w.process) for w in self._workers.values() if w.state == WorkerState.READY))
 
     def record_stats(self, worker: WorkerRecord, stats: worker_pb2.WorkerStats) -> None:
         """Learns the model's footprint from what the worker holds, and OOMs it survived."""
@@ -91,7 +136,7 @@ class WorkerHealth:
         """
         deadline = self._clock() + wait_s
         while True:
-            worker = self.workers.get(worker_id)
+            worker = self._workers.get(worker_id)
             if worker is None or worker.process is None:
                 return ""
             if worker.process.stub is not stub or worker.state not in PROCESS_STATES:
@@ -99,4 +144,3 @@ class WorkerHealth:
             if self._clock() >= deadline:
                 return ""
             await asyncio.sleep(LOSS_EXPLAIN_POLL_S)
-

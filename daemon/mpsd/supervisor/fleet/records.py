@@ -1,18 +1,22 @@
 """What the fleet knows of each worker, and what it counts per model.
 
-Plain data. Only the fleet writes these records (state and reason through
-its one door, `Fleet._transition`); everyone else reads a FleetSnapshot.
+Plain data, and the shape of the one door (`Transition`) the fleet hands its
+parts: only the fleet and the parts it composes write these records, state and
+reason only through `Fleet._transition`; everyone else reads a FleetSnapshot.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Callable, Iterable
 
 from mpsd.config import ModelConfig
 from mpsd.supervisor.fleet.process import WorkerProcess
 from mpsd.supervisor.fleet.states import PROCESS_STATES, WorkerState
 from mpsd.v1 import worker_pb2
+
+CONFIGURED = "configured; waiting for admission"
 
 
 class KillCause(str, enum.Enum):
@@ -35,7 +39,7 @@ class WorkerRecord:
     id: str
     model: ModelConfig
     state: WorkerState = WorkerState.PENDING
-    reason: str = "configured; waiting for admission"
+    reason: str = CONFIGURED
     state_since: float = 0.0
     process: WorkerProcess | None = None
     starts: int = 0
@@ -80,3 +84,16 @@ class ModelCounts:
     demand_starts: int = 0   # workers started because requests waited
     idle_stops: int = 0      # workers stopped after keep_alive
     evictions: int = 0       # workers stopped to make room for another model
+
+
+# Fleet._transition: the only way a worker's state and reason change.
+Transition = Callable[[WorkerRecord, WorkerState, str], None]
+
+
+def workers_of(workers: Iterable[WorkerRecord], model_name: str) -> list[WorkerRecord]:
+    return [w for w in workers if w.model.name == model_name]
+
+
+def staying(workers: Iterable[WorkerRecord], model_name: str) -> list[WorkerRecord]:
+    """A model's workers that are not on their way out (scale-down, reload): what scale and demand count as held."""
+    return [w for w in workers_of(workers, model_name) if w.after_stop != AfterStop.REMOVE]
