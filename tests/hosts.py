@@ -32,8 +32,8 @@ def served(daemon: Daemon, model: str, code: str = "OK") -> float:
     return metric(daemon, "mpsd_requests_total", model=model, method="Generate", protocol="grpc", code=code)
 
 
-def start_host(folder, config: str, port: int, http_listen: str = "") -> Daemon:
-    """A daemon on 127.0.0.1:port (a restart takes the same one) with one READY worker."""
+def start_host(folder, config: str, port: int, http_listen: str = "127.0.0.1:0") -> Daemon:
+    """A daemon on 127.0.0.1:port (a restart takes the same one) with one READY worker and its HTTP edge (/metrics)."""
     daemon = Daemon(folder, config, listen=f"127.0.0.1:{port}", http_listen=http_listen)
     try:
         daemon.start()

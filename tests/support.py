@@ -28,9 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LISTEN_LINE = re.compile(r"public API listening on (\S+)")
-METRICS_LINE = re.compile(r"metrics on (http://\S+)")
 SERVING_LINE = re.compile(r"mpsd \S+ serving ")
-HTTP_LINE = re.compile(r"OpenAI-compatible HTTP API listening on (https?://\S+/v1)")
+EDGE_LINE = re.compile(r"HTTP edge listening on (https?://\S+) ")  # /v1, /metrics and the status page, one listener
 
 
 def data_dir() -> pathlib.Path:
@@ -86,15 +85,15 @@ class Daemon:
         self.log_path = tmp_path / "mpsd.log"
         self.process: subprocess.Popen | None = None
         self.address = ""
-        self.metrics_url = ""
-        self.http_url = ""  # the OpenAI-compatible API's base URL, .../v1
+        self.metrics_url = ""  # .../metrics on the HTTP edge
+        self.http_url = ""  # the OpenAI-compatible API's base URL, .../v1 on the HTTP edge
         self._channels: list[grpc.Channel] = []
         self.seen_worker_pids: set[int] = set()
 
     def start(self, timeout: float = 30) -> "Daemon":
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mpsd.cli.mpsd_cmd", "serve", "--config", str(self.config_path),
-             "--listen", self.listen, "--metrics-listen", "127.0.0.1:0", "--http-listen", self.http_listen,
+             "--listen", self.listen, "--http-listen", self.http_listen,
              "--state-dir", str(self.state_dir),
              "--data-dir", str(data_dir())],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.log_path, "wb"),
@@ -102,11 +101,10 @@ class Daemon:
         )
         match = wait_for(lambda: self._exited_early() or LISTEN_LINE.search(self.log()), timeout, "the listening line")
         self.address = match.group(1)
-        self.metrics_url = wait_for(lambda: self._exited_early() or METRICS_LINE.search(self.log()), timeout,
-                                    "the metrics line").group(1)
         if self.http_listen:
-            self.http_url = wait_for(lambda: self._exited_early() or HTTP_LINE.search(self.log()), timeout,
-                                     "the HTTP API line").group(1)
+            edge = wait_for(lambda: self._exited_early() or EDGE_LINE.search(self.log()), timeout,
+                            "the HTTP edge line").group(1)
+            self.http_url, self.metrics_url = f"{edge}/v1", f"{edge}/metrics"
         # The admin socket opens after the lines above; the daemon says "serving" once it does.
         wait_for(lambda: self._exited_early() or SERVING_LINE.search(self.log()), timeout, "the admin API")
         return self

@@ -1,5 +1,5 @@
-"""The public ports beyond loopback (gRPC and the OpenAI-compatible HTTP API): refused without TLS and a token;
-with them, only token holders get in."""
+"""The public ports beyond loopback (gRPC and the HTTP edge: the OpenAI-compatible API, /metrics, the status page):
+refused without TLS and a token; with them, only token holders get in, to all of it."""
 
 import json
 import ssl
@@ -59,7 +59,16 @@ def test_the_http_api_beyond_loopback_is_refused_without_tls_and_a_token(tmp_pat
     assert "http_listen '0.0.0.0:0' is not loopback" in bare.stderr and "tls_cert and tls_key and token_file" in bare.stderr
     token_only = serve(tmp_path, "127.0.0.1:0", f'http_listen = "0.0.0.0:0"\ntoken_file = "{tls_files / "token"}"')
     assert token_only.returncode == 1 and "http_listen '0.0.0.0:0' is not loopback" in token_only.stderr
-    assert "HTTP API listening" not in bare.stderr + token_only.stderr
+    assert "HTTP edge listening" not in bare.stderr + token_only.stderr
+
+
+def test_metrics_listen_beyond_loopback_is_refused_without_tls_and_a_token_and_says_why(tmp_path):
+    """It was plain HTTP for anyone before /metrics moved onto the HTTP edge: the refusal names the key and the way."""
+    refused = serve(tmp_path, "127.0.0.1:0", 'metrics_listen = "0.0.0.0:0"')
+    assert refused.returncode == 1 and "metrics_listen '0.0.0.0:0' is not loopback" in refused.stderr
+    assert "tls_cert and tls_key and token_file must be set" in refused.stderr
+    assert "/metrics is now served by the HTTP edge under the API's rule" in refused.stderr
+    assert "HTTP edge listening" not in refused.stderr
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +167,28 @@ def test_the_http_api_over_tls_takes_the_same_token(exposed_daemon, tls_files):
     with pytest.raises(urllib.error.HTTPError) as no_token:  # no Authorization header at all
         urllib.request.urlopen(https_url(exposed_daemon) + "/models", context=context, timeout=30)
     assert no_token.value.code == 401 and json.loads(no_token.value.read())["error"]["code"] == "invalid_api_key"
+
+
+def https_status(url: str, tls_files, token: str | None) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    context = ssl.create_default_context(cafile=tls_files / "cert.pem")
+    try:
+        request = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(request, context=context, timeout=30) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_beyond_loopback_the_metrics_and_the_status_page_are_served_to_token_holders(exposed_daemon, tls_files):
+    base = https_url(exposed_daemon).removesuffix("/v1")
+    assert f"HTTP edge listening on https://0.0.0.0:{base.rpartition(':')[2]} (/v1, /metrics, status page /) " \
+           "(TLS, bearer token required)" in exposed_daemon.log()
+    for path in ("/metrics", "/api/status", "/api/history"):
+        assert https_status(base + path, tls_files, None)[0] == 401
+        assert https_status(base + path, tls_files, "wrong-token-of-some-length")[0] == 401
+        assert https_status(base + path, tls_files, TOKEN)[0] == 200
+    assert b"mpsd_requests_total" in https_status(base + "/metrics", tls_files, TOKEN)[1]
+    assert json.loads(https_status(base + "/api/status", tls_files, TOKEN)[1])["workers"][0]["state"] == "READY"
+    status, page = https_status(base + "/", tls_files, None)  # the shell, with no data in it: the browser asks
+    assert status == 200 and b"mpsd status" in page

@@ -179,12 +179,19 @@ def _raw(daemon, data: bytes) -> bytes:
         return connection.makefile("rb").readline()
 
 
+def test_one_listener_serves_the_page_the_metrics_and_the_api(daemon):
+    assert daemon.page_url.removesuffix("/") == daemon.http_url.removesuffix("/v1")
+    assert "HTTP edge listening on " + daemon.page_url.removesuffix("/") + " (/v1, /metrics, status page /)" in daemon.log()
+    assert [m["id"] for m in _get(daemon.http_url + "/models")["data"]] == ["demo"]
+
+
 @pytest.mark.parametrize("request_bytes, status", [
-    (b"GET /nothing-here HTTP/1.1\r\n\r\n", b"404"),
-    (b"POST /api/status HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", b"405"),
-    (b"DELETE / HTTP/1.1\r\n\r\n", b"405"),
-    (b"GET /api/history?" + b"x" * 100_000 + b" HTTP/1.1\r\n\r\n", b"413"),
-    (b"GET / HTTP/1.1\r\nX-Padding: " + b"y" * 20_000 + b"\r\n\r\n", b"413"),
+    (b"GET /nothing-here HTTP/1.1\r\nHost: x\r\n\r\n", b"404"),
+    (b"POST /api/status HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", b"405"),
+    (b"DELETE / HTTP/1.1\r\nHost: x\r\n\r\n", b"405"),
+    (b"GET / HTTP/1.1\r\n\r\n", b"400"),  # HTTP/1.1 without Host
+    (b"GET /api/history?" + b"x" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", b"431"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"y" * 70_000 + b"\r\n\r\n", b"431"),  # the head's cap: 64 KiB
 ])
 def test_bad_requests_are_answered_and_the_page_keeps_serving(daemon, request_bytes, status):
     assert _raw(daemon, request_bytes).split()[1] == status
@@ -193,3 +200,69 @@ def test_bad_requests_are_answered_and_the_page_keeps_serving(daemon, request_by
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(urllib.request.Request(daemon.page_url + "api/status", method="PUT"), timeout=10)
     assert error.value.code == 405
+
+
+TOKEN = "status-page-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def token_daemon(tmp_path_factory):
+    """A daemon on loopback with a token: every route but the page's shell asks for it."""
+    folder = tmp_path_factory.mktemp("status-token")
+    token = folder / "token"
+    token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
+    config = f'[daemon]\ntoken_file = "{token}"\n[[models]]\nname = "n"\nbackend = "null-lm"\n'
+    with running_daemon(folder / "d", config, ready=1) as daemon:
+        daemon.page_url = daemon.metrics_url.removesuffix("metrics")
+        yield daemon
+
+
+def _status_code(url: str, token: str | None = None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_with_a_token_the_data_needs_it_and_the_shell_does_not(token_daemon):
+    for url in (token_daemon.metrics_url, token_daemon.page_url + "api/status", token_daemon.page_url + "api/history",
+                token_daemon.http_url + "/models"):
+        answers = (_status_code(url), _status_code(url, "not-the-token-at-all"), _status_code(url, TOKEN))
+        assert answers == (401, 401, 200), url
+    for path in ("", "index.html", "status.js", "status.css"):
+        assert _status_code(token_daemon.page_url + path) == 200
+
+
+READ_LOGIN = """
+const form = document.getElementById("login");
+return {shown: !form.hidden, why: document.getElementById("login-why").textContent,
+        rows: Array.from(document.querySelectorAll("#workers tbody tr"), r => r.dataset.worker),
+        session: sessionStorage.getItem("mpsd-token"), local: localStorage.length, url: location.href};
+"""
+
+
+def test_the_page_asks_for_the_token_keeps_it_for_the_tab_and_asks_again_when_it_is_wrong(token_daemon, browser):
+    from selenium.webdriver.common.by import By
+
+    def login() -> dict:
+        return browser.execute_script(READ_LOGIN)
+
+    def enter(token: str) -> None:
+        browser.find_element(By.ID, "token").send_keys(token)
+        browser.find_element(By.CSS_SELECTOR, "#login button").click()
+
+    browser.get(token_daemon.page_url)
+    asked = wait_for(lambda: (page := login())["shown"] and page, 15, "the token prompt")
+    assert "requires its bearer token" in asked["why"] and asked["rows"] == []
+    assert browser.find_element(By.ID, "token").get_attribute("type") == "password"
+    enter("not-the-token-at-all")
+    again = wait_for(lambda: (page := login())["shown"] and "not accepted" in page["why"] and page, 15,
+                     "the prompt again, saying the token was refused")
+    assert again["session"] is None, "a refused token is not kept"
+    enter(TOKEN)
+    shown = wait_for(lambda: (page := login())["rows"] == ["n-0"] and page, 15, "the workers table")
+    assert not shown["shown"] and shown["session"] == TOKEN and shown["local"] == 0
+    assert TOKEN not in shown["url"] and shown["url"] == token_daemon.page_url

@@ -4,7 +4,15 @@ import pathlib
 
 import pytest
 from mpsd.config import ConfigError, PublicAccess, parse_config
-from mpsd.supervisor.edge.access import AccessError, bearer_of, exposure_problem, is_loopback, read_token, token_matches
+from mpsd.supervisor.edge.access import (
+    AccessError,
+    AccessRule,
+    bearer_of,
+    exposure_problem,
+    is_loopback,
+    read_token,
+    token_matches,
+)
 
 SECURED = PublicAccess(pathlib.Path("c.pem"), pathlib.Path("k.pem"), pathlib.Path("token"))
 
@@ -22,6 +30,22 @@ def test_exposure_needs_tls_and_a_token_only_beyond_loopback():
     assert exposure_problem("0.0.0.0:7700", SECURED) == ""
     assert "tls_cert and tls_key and token_file must be set" in exposure_problem("0.0.0.0:7700", PublicAccess())
     assert "token_file must be set" in exposure_problem("[::]:7700", PublicAccess(SECURED.tls_cert, SECURED.tls_key))
+
+
+def test_metrics_listen_beyond_loopback_is_held_to_the_same_rule_and_says_why():
+    """It served plain HTTP to anyone before the one HTTP edge: the refusal says what changed and what to set."""
+    assert exposure_problem("0.0.0.0:9100", SECURED, "metrics_listen") == ""
+    problem = exposure_problem("0.0.0.0:9100", PublicAccess(), "metrics_listen")
+    assert problem.startswith("metrics_listen '0.0.0.0:9100' is not loopback")
+    assert "tls_cert and tls_key and token_file must be set" in problem
+    assert "/metrics is now served by the HTTP edge under the API's rule" in problem and "credentials_file" in problem
+
+
+def test_the_rule_admits_anyone_without_a_token_and_only_its_holders_with_one():
+    assert AccessRule(None).admits(()) and AccessRule(None).admits([("authorization", "Bearer anything")])
+    rule = AccessRule(b"abc")
+    assert rule.admits([("authorization", "Bearer abc")]) and rule.admits({"authorization": "bearer abc"}.items())
+    assert not rule.admits(()) and not rule.admits([("authorization", "Bearer abd")])
 
 
 def test_the_token_file_must_be_private_and_the_token_long(tmp_path):

@@ -2,7 +2,7 @@ import pathlib
 
 import pytest
 
-from mpsd.config import ConfigError, load_config, parse_config
+from mpsd.config import ConfigError, HttpLimits, load_config, parse_config
 
 
 def parse(text: str, tmp_path: pathlib.Path = pathlib.Path("/cfg")):
@@ -11,7 +11,8 @@ def parse(text: str, tmp_path: pathlib.Path = pathlib.Path("/cfg")):
 
 def test_embedded_default_serves_the_demo_model_with_two_workers():
     config = load_config(None)
-    assert config.daemon.listen == "127.0.0.1:7700" and config.daemon.metrics_listen == "127.0.0.1:7701"
+    assert config.daemon.listen == "127.0.0.1:7700" and config.daemon.http_listen == "127.0.0.1:7702"
+    assert config.daemon.metrics_listen == "", "the HTTP edge serves /metrics; metrics_listen only adds an address"
     assert [(m.name, m.backend, m.path, m.replicas) for m in config.models] == [("demo", "torch-lm", "@demo", 2)]
 
 
@@ -87,6 +88,33 @@ def test_metrics_listen_takes_an_address_or_nothing(tmp_path):
     models = "[[models]]\nname='a'\nbackend='null-lm'\n"
     assert parse("[daemon]\nmetrics_listen = '0.0.0.0:9100'\n" + models).daemon.metrics_listen == "0.0.0.0:9100"
     assert parse("[daemon]\nmetrics_listen = ''\n" + models).daemon.metrics_listen == ""
+
+
+def test_http_limits_default_and_take_durations_and_sizes():
+    models = "[[models]]\nname='a'\nbackend='null-lm'\n"
+    assert parse(models).daemon.http_limits == HttpLimits(
+        idle_timeout_s=30, head_timeout_s=10, body_timeout_s=60, send_timeout_s=30, max_connections=1024,
+        max_body_bytes=8 << 20, max_head_bytes=64 << 10)
+    keys = ("[daemon]\nhttp_idle_timeout = '2m'\nhttp_head_timeout = '500ms'\nhttp_body_timeout = 5\n"
+            "http_send_timeout = '1s'\nhttp_max_connections = 8\nhttp_max_body = '1MiB'\n")
+    limits = parse(keys + models).daemon.http_limits
+    assert limits == HttpLimits(idle_timeout_s=120, head_timeout_s=0.5, body_timeout_s=5, send_timeout_s=1,
+                                max_connections=8, max_body_bytes=1 << 20)
+
+
+@pytest.mark.parametrize("keys, message", [
+    ("http_head_timeout = 'soon'", r"test.toml: daemon.http_head_timeout: expected a duration like '30s'"),
+    ("http_idle_timeout = 0", r"daemon.http_idle_timeout: must be above 0, got 0"),
+    ("http_send_timeout = '0s'", r"daemon.http_send_timeout: must be above 0, got '0s'"),
+    ("http_body_timeout = -1", r"daemon.http_body_timeout: a duration cannot be negative"),
+    ("http_max_connections = 0", r"daemon.http_max_connections: must be an integer >= 1, got 0"),
+    ("http_max_body = 'huge'", r"daemon.http_max_body: expected a size like '8GiB'"),
+    ("http_max_body = 0", r"daemon.http_max_body: must be above 0, got 0"),
+    ("http_max_head = '1MiB'", r"daemon.http_max_head: unknown key"),
+])
+def test_a_bad_http_limit_is_refused_naming_its_key(keys, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(f"[daemon]\n{keys}\n[[models]]\nname='a'\nbackend='null-lm'\n")
 
 
 def test_http_listen_defaults_to_loopback_and_takes_an_address_or_nothing(tmp_path):

@@ -1,4 +1,5 @@
-"""The daemon's Prometheus figures without processes: request timing, the fleet collector, the HTTP answer."""
+"""The daemon's Prometheus figures without processes: request timing and the fleet collector (their HTTP answer is
+tested in test_http_routes.py)."""
 
 import asyncio
 import json
@@ -6,7 +7,6 @@ import pathlib
 
 import grpc
 from mpsd.config import parse_config
-from mpsd.supervisor.edge.http.metrics_http import start_metrics_server, url_of
 from mpsd.supervisor.edge.metrics import FleetCollector, RequestMetrics
 from mpsd.supervisor.fleet.fleet import Fleet
 from mpsd.supervisor.fleet.states import WorkerState
@@ -17,9 +17,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 GiB = 1024**3
-# What Prometheus itself asks for: OpenMetrics first, the classic text format as a fallback.
-OPENMETRICS = ("GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text;version=1.0.0,"
-               "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
 METAL_OOM = "[METAL] Command buffer execution failed: Insufficient Memory (kIOGPUCommandBufferCallbackErrorOutOfMemory)"
 
 
@@ -95,7 +92,7 @@ def test_the_collector_reads_workers_memory_and_counts_as_the_fleet_holds_them(t
     fleet = make_fleet(tmp_path)
     worker = fleet.workers["a-0"]
     worker.state, worker.process = WorkerState.READY, FakeProcess()  # as if it had been started and had loaded
-    fleet.record_stats(worker, worker_pb2.WorkerStats(oom_events=2))
+    fleet.health.record_stats(worker, worker_pb2.WorkerStats(oom_events=2))
     registry = CollectorRegistry()
     registry.register(FleetCollector(fleet, {}))
     scraped = samples(registry)
@@ -147,32 +144,3 @@ def test_in_flight_counts_requests_on_a_worker_that_left_ready_and_queue_depth_c
 
     assert asyncio.run(scenario()) == [(1, 1), (1, 1), (0, 1)]
 
-
-def test_http_answers_get_metrics_and_nothing_else():
-    async def scenario() -> dict[str, bytes]:
-        metrics = RequestMetrics()
-        server = await start_metrics_server("127.0.0.1", 0, metrics.registry)
-        url = url_of(server, "127.0.0.1")
-        port = int(url.split(":")[2].split("/")[0])
-        answers = {}
-        for request in ("GET /metrics HTTP/1.1", OPENMETRICS, "GET /metrics?x=1 HTTP/1.0", "GET / HTTP/1.1",
-                        "POST /metrics HTTP/1.1", "nonsense"):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(f"{request}\r\nHost: x\r\n\r\n".encode())
-            answers[request] = await reader.read()
-            writer.close()
-        server.close()
-        return url, answers
-
-    url, answers = asyncio.run(scenario())
-    assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
-    ok = answers["GET /metrics HTTP/1.1"]
-    head, _, body = ok.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Type: text/plain; version=0.0.4" in head
-    assert f"Content-Length: {len(body)}".encode() in head and b"mpsd_requests_total" in body
-    negotiated = answers[OPENMETRICS]
-    assert b"Content-Type: application/openmetrics-text; version=1.0.0" in negotiated and negotiated.endswith(b"# EOF\n")
-    assert answers["GET /metrics?x=1 HTTP/1.0"].startswith(b"HTTP/1.1 200 OK")
-    assert answers["GET / HTTP/1.1"].startswith(b"HTTP/1.1 404 Not Found")
-    assert answers["POST /metrics HTTP/1.1"].startswith(b"HTTP/1.1 405 Method Not Allowed")
-    assert answers["nonsense"].startswith(b"HTTP/1.1 400 Bad Request")

@@ -1,13 +1,9 @@
-"""The status page without a browser: its rings stay one size however long the daemon runs, rates come from counters,
-and beyond loopback the page is refused while metrics are served."""
+"""The status page without a browser: its rings stay one size however long the daemon runs, and rates come from
+counters. (Its routes and their token: test_http_routes.py.)"""
 
-import asyncio
 import json
 
-from mpsd.config import parse_config
-from mpsd.supervisor.daemon import Daemon
 from mpsd.supervisor.edge.http.status_history import HistoryRing, ModelFigures, TransitionLines, median_since
-from mpsd.supervisor.listeners import start_metrics
 
 
 def figures(tokens_total: float, queued: int = 0) -> dict[str, ModelFigures]:
@@ -64,23 +60,3 @@ def test_transition_lines_keep_the_newest_ones_as_the_log_writes_them():
     lines.add("demo-0", 0, "PENDING", "REFUSED", "needs 1.0GiB")
     assert "pid=- PENDING -> REFUSED" in lines.as_list()[-1]
 
-
-def test_beyond_loopback_the_metrics_listener_serves_metrics_but_not_the_page(tmp_path, caplog):
-    """The page has no TLS and no token, so it is refused where those rules would apply; scrapes go on."""
-    config = parse_config('[[models]]\nname = "n"\nbackend = "null-lm"\n', source="test", base_dir=tmp_path)
-    daemon = Daemon(config, tmp_path / "state", "127.0.0.1:0", tmp_path, metrics_listen="0.0.0.0:0")
-
-    async def fetch_both() -> list[bytes]:
-        server = await start_metrics(daemon.metrics_listen, daemon.metrics, daemon._status_page())
-        port = server.sockets[0].getsockname()[1]
-        answers = []
-        for path in ("/", "/metrics"):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(f"GET {path} HTTP/1.1\r\n\r\n".encode())
-            answers.append(await reader.readline())
-            writer.close()
-        server.close()
-        return answers
-
-    assert [answer.split()[1] for answer in asyncio.run(fetch_both())] == [b"404", b"200"]
-    assert "status page not served on 0.0.0.0:0" in caplog.text

@@ -20,10 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the daemon in the foreground")
     serve.add_argument("--config", type=pathlib.Path, help="TOML config file (default: the embedded demo config)")
     serve.add_argument("--listen", help="public API address HOST:PORT (default from config: 127.0.0.1:7700)")
-    serve.add_argument("--metrics-listen", metavar="HOST:PORT",
-                       help='Prometheus /metrics address (default from config: 127.0.0.1:7701; "" serves none)')
     serve.add_argument("--http-listen", metavar="HOST:PORT",
-                       help='OpenAI-compatible HTTP API address (default from config: 127.0.0.1:7702; "" serves none)')
+                       help='the HTTP edge: /v1 (OpenAI-compatible API), /metrics and the status page (default from '
+                            'config: 127.0.0.1:7702; "" serves none)')
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT",
+                       help='the same HTTP edge on one more address, for scrape configs that name it (default from '
+                            'config: none)')
     serve.add_argument("--log-format", choices=("text", "json"), help="one line per event as text or JSON (default from config: text)")
     serve.add_argument("--state-dir", type=pathlib.Path, help="where the admin socket lives (default: $MPSD_STATE_DIR or the platform's)")
     serve.add_argument("--data-dir", type=pathlib.Path, help="where the demo model is built (default: $MPSD_DATA_DIR or the platform's)")

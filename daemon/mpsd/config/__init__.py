@@ -13,10 +13,11 @@ from mpsd.config.schema import (
     Config,
     ConfigError,
     DaemonConfig,
+    HttpLimits,
     MemoryConfig,
     ModelConfig,
     PublicAccess,
 )
 
-__all__ = ["EMBEDDED_DEFAULT", "EMBEDDED_SOURCE", "Config", "ConfigError", "DaemonConfig", "MemoryConfig",
-           "ModelConfig", "PublicAccess", "load_config", "parse_config", "split_listen"]
+__all__ = ["EMBEDDED_DEFAULT", "EMBEDDED_SOURCE", "Config", "ConfigError", "DaemonConfig", "HttpLimits",
+           "MemoryConfig", "ModelConfig", "PublicAccess", "load_config", "parse_config", "split_listen"]

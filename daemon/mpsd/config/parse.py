@@ -18,9 +18,14 @@ from mpsd.config.schema import (
     Config,
     ConfigError,
     DaemonConfig,
+    HttpLimits,
     MemoryConfig,
     PublicAccess,
 )
+
+# [daemon] key -> HttpLimits field, for the timeouts (durations); http_max_connections and http_max_body follow them.
+HTTP_TIMEOUT_KEYS = {"http_idle_timeout": "idle_timeout_s", "http_head_timeout": "head_timeout_s",
+                     "http_body_timeout": "body_timeout_s", "http_send_timeout": "send_timeout_s"}
 
 
 def load_config(path: pathlib.Path | None) -> Config:
@@ -62,7 +67,7 @@ def _daemon(reader: Reader, table: dict[str, Any], base_dir: pathlib.Path) -> Da
         "listen", "state_dir", "drain_grace", "stop_timeout", "health_interval", "health_timeout", "log_format",
         "restart_delay", "restart_max_delay", "restart_reset_after", "fatal_failures", "fatal_window",
         "log_file", "log_max_size", "log_backups", "tls_cert", "tls_key", "token_file", "metrics_listen",
-        "http_listen",
+        "http_listen", *HTTP_TIMEOUT_KEYS, "http_max_connections", "http_max_body",
     )
     reader.only_keys(table, "daemon.", fields)
     defaults = DaemonConfig()
@@ -82,6 +87,7 @@ def _daemon(reader: Reader, table: dict[str, Any], base_dir: pathlib.Path) -> Da
         listen=listen,
         metrics_listen=metrics_listen,
         http_listen=http_listen,
+        http_limits=_http_limits(reader, table),
         access=_access(reader, table, base_dir),
         state_dir=(base_dir / pathlib.Path(state_dir).expanduser()) if state_dir else None,
         drain_grace_s=reader.duration(table, "drain_grace", "daemon.drain_grace", defaults.drain_grace_s),
@@ -100,6 +106,20 @@ def _daemon(reader: Reader, table: dict[str, Any], base_dir: pathlib.Path) -> Da
         log_backups=reader.integer(table, "log_backups", "daemon.log_backups", defaults.log_backups, 0),
     )
 
+
+
+def _http_limits(reader: Reader, table: dict[str, Any]) -> HttpLimits:
+    """A zero would close every connection at once or refuse every body, so each limit must be above 0."""
+    defaults = HttpLimits()
+    timeouts = {field: reader.duration(table, key, f"daemon.{key}", getattr(defaults, field))
+                for key, field in HTTP_TIMEOUT_KEYS.items()}
+    max_body = reader.size(table, "http_max_body", "daemon.http_max_body")
+    for key, value in (*zip(HTTP_TIMEOUT_KEYS, timeouts.values()), ("http_max_body", max_body)):
+        if value is not None and value <= 0:
+            raise reader.fail(f"daemon.{key}", f"must be above 0, got {table[key]!r}")
+    return HttpLimits(**timeouts, max_body_bytes=max_body or defaults.max_body_bytes,
+                      max_connections=reader.integer(table, "http_max_connections", "daemon.http_max_connections",
+                                                     defaults.max_connections, 1))
 
 
 def _access(reader: Reader, table: dict[str, Any], base_dir: pathlib.Path) -> PublicAccess:

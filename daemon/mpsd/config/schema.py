@@ -49,10 +49,29 @@ class PublicAccess:
 
 
 @dataclasses.dataclass(frozen=True)
+class HttpLimits:
+    """Every limit of the HTTP edge, whichever address a connection came in on: what one client may hold.
+
+    Each timeout is a deadline of its own, so bytes dribbled in one at a time
+    (slowloris) never restart it; past max_connections a connection is
+    answered 503 at once rather than queued behind the others.
+    """
+
+    idle_timeout_s: float = 30.0      # waiting for the first byte of a request, new connection or keep-alive
+    head_timeout_s: float = 10.0      # from that first byte to the end of the request line and headers
+    body_timeout_s: float = 60.0      # from the end of the head to the end of the body
+    send_timeout_s: float = 30.0      # one write the client does not read: its connection is cut, no one else's
+    max_connections: int = 1024
+    max_body_bytes: int = 8 << 20     # fits the longest prompt mpsd takes (a million characters) as JSON, escapes and all
+    max_head_bytes: int = 64 << 10    # not a key: a head past it is an attack or a bug, never a client's need
+
+
+@dataclasses.dataclass(frozen=True)
 class DaemonConfig:
     listen: str = "127.0.0.1:7700"
-    metrics_listen: str = "127.0.0.1:7701"  # Prometheus /metrics over plain HTTP; "" serves none
-    http_listen: str = "127.0.0.1:7702"     # the OpenAI-compatible HTTP API, same access rules as listen; "" off
+    http_listen: str = "127.0.0.1:7702"  # the HTTP edge: /v1 (OpenAI), /metrics, the status page; "" serves none
+    metrics_listen: str = ""             # the same edge on one more address (old scrape configs); "" serves none
+    http_limits: HttpLimits = HttpLimits()
     access: PublicAccess = PublicAccess()
     state_dir: pathlib.Path | None = None
     drain_grace_s: float = 30.0

@@ -35,7 +35,7 @@ from mpsd.supervisor.fleet.fleet import Fleet
 from mpsd.supervisor.fleet.records import WorkerRecord
 from mpsd.supervisor.fleet.states import HOPEFUL_STATES, WorkerState
 from mpsd.supervisor.fleet.worker_env import default_threads, worker_env
-from mpsd.supervisor.listeners import ListenError, serving_status, start_admin, start_http, start_metrics, start_public
+from mpsd.supervisor.listeners import ListenError, serving_status, start_admin, start_http, start_public
 from mpsd.supervisor.memory.probes import ReportedWorkingSet, make_probe
 from mpsd.supervisor.routing.pool import ModelPool, NoWorkers
 
@@ -99,17 +99,14 @@ class Daemon:
         self._sync_pools()
         watch_daemon(self.metrics.registry, self.fleet, self.pools)
         self._inference = InferenceService(
-            self.pools, lambda name: self.fleet.models[name].generates, self.fleet.explain_loss, self.metrics)
+            self.pools, lambda name: self.fleet.models[name].generates, self.fleet.health.explain_loss, self.metrics)
         public, self.listen = await start_public(self.listen, self.config.daemon.access, self._inference,
                                                  self._health, self.config.models)
         self._publish_health(list(self.pools))
-        metrics = None
         try:
-            metrics = await start_metrics(self.metrics_listen, self.metrics, self._status_page())
-            http = await start_http(self.http_listen, self.config.daemon.access, self._inference, self.metrics)
+            http = await start_http({"http_listen": self.http_listen, "metrics_listen": self.metrics_listen},
+                                    self.config.daemon, self._inference, self.metrics, self._status_page())
         except (ListenError, ValueError):
-            if metrics:
-                metrics.close()
             await public.stop(0)  # a grpc server left running when the loop closes ends the process with a traceback
             raise
         admin = await start_admin(admin_path, self._admin_service())
@@ -120,9 +117,7 @@ class Daemon:
         fleet_task.cancel()
         await admin.stop(0)
         if http:
-            http.close()  # open through the drain, like the public port: new requests got 503 with a sentence
-        if metrics:
-            metrics.close()  # served through the drain, so a scrape can watch it
+            http.close()  # open through the drain, like the public port (new requests got 503), so a scrape can watch it
         log.info("mpsd stopped")
         return 0
 
@@ -136,8 +131,8 @@ class Daemon:
             pool = self.pools.get(name)
             if pool is None:
                 self.pools[name] = ModelPool(name, model.concurrency, model.queue_limit,
-                                             prospects=lambda name=name: self.fleet.prospects(name),
-                                             why_waiting=lambda name=name: self.fleet.why_waiting(name))
+                                             prospects=lambda name=name: self.fleet.demand.prospects(name),
+                                             why_waiting=lambda name=name: self.fleet.demand.why_waiting(name))
             else:
                 pool.reconfigure(model.concurrency, model.queue_limit)
         removed = [n for n in self.pools if n not in self.fleet.models]
@@ -226,7 +221,7 @@ class Daemon:
         for name in names:
             pool = self.pools.get(name)
             ready = pool.ready_count if pool else 0
-            prospects = self.fleet.prospects(name) if pool else "removed from the config"
+            prospects = self.fleet.demand.prospects(name) if pool else "removed from the config"
             loop.create_task(self._health.set(name, serving_status(ready, prospects)))
 
 

@@ -1,4 +1,4 @@
-"""Binding the edge: the public gRPC server (with health and reflection), the admin socket, the HTTP listeners.
+"""Binding the edge: the public gRPC server (with health and reflection), the admin socket, the HTTP edge.
 
 Each function takes the parts it serves and the access settings, binds, and
 returns the running server; a port that cannot be bound becomes a
@@ -8,7 +8,6 @@ stop.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import pathlib
@@ -17,19 +16,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mpsd.config import ModelConfig, PublicAccess, split_listen
+from mpsd.config import DaemonConfig, ModelConfig, PublicAccess, split_listen
 from mpsd.supervisor.edge.access import (
+    AccessRule,
     BearerTokenInterceptor,
     describe,
     exposure_problem,
-    is_loopback,
-    read_token,
     server_credentials,
     server_ssl_context,
 )
 from mpsd.supervisor.edge.admin import AdminService
-from mpsd.supervisor.edge.http.metrics_http import start_metrics_server, url_of
-from mpsd.supervisor.edge.http.openai import MAX_BODY_BYTES, OpenAIApi, error_body
+from mpsd.supervisor.edge.http.openai import OpenAIApi, error_body
+from mpsd.supervisor.edge.http.routes import Routes
 from mpsd.supervisor.edge.http.server import HttpServer
 from mpsd.supervisor.edge.http.status_page import StatusPage
 from mpsd.supervisor.edge.inference import InferenceService, add_inference_service
@@ -59,7 +57,7 @@ async def start_public(listen: str, access: PublicAccess, service: InferenceServ
     problem = exposure_problem(listen, access)
     if problem:
         raise ListenError(problem)
-    interceptors = [BearerTokenInterceptor(read_token(access.token_file))] if access.token_file else []
+    interceptors = [BearerTokenInterceptor(AccessRule.of(access))] if access.token_file else []
     # Without so_reuseport 0, Linux lets a second daemon bind the same port and the two split the traffic.
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     add_inference_service(service, server)
@@ -97,56 +95,36 @@ async def start_admin(admin_path: pathlib.Path, service: AdminService) -> grpc.a
     return server
 
 
-async def start_metrics(metrics_listen: str, metrics: RequestMetrics, page: StatusPage) -> asyncio.Server | None:
-    """Prometheus /metrics on plain HTTP; loopback by default, anywhere the operator says, with a warning.
-
-    The figures carry no secrets and change nothing, but they name models
-    and workers and show traffic; a scraper on another machine is the
-    usual set-up, so another address is allowed, not refused.
-    """
-    if not metrics_listen:
+async def start_http(listens: dict[str, str], daemon: DaemonConfig, service: InferenceService,
+                     metrics: RequestMetrics, page: StatusPage) -> HttpServer | None:
+    """The HTTP edge (routes.py: /v1, /metrics, the status page) on each address of `listens` ({key: HOST:PORT},
+    "" for none), under the public port's rules: loopback unless TLS and a token are set, and then the same
+    certificate and the same token. Every address is checked before any is bound."""
+    bound = []
+    for key, listen in listens.items():
+        if not listen or any(listen == other and not listen.endswith(":0") for _, other, _, _ in bound):
+            continue  # none, or an address set twice: bound once (port 0 twice asks for two free ports)
+        try:
+            bound.append((key, listen, *split_listen(listen)))
+        except ValueError as exc:
+            raise ListenError(f"{key}: {exc}") from None
+        if problem := exposure_problem(listen, daemon.access, key):
+            raise ListenError(problem)
+    if not bound:
         return None
-    try:
-        host, port = split_listen(metrics_listen)
-    except ValueError as exc:
-        raise ListenError(f"metrics listen: {exc}") from None
-    if not is_loopback(host):
-        log.warning("metrics on %s are readable by anyone who can reach that address (plain HTTP, no token)",
-                    metrics_listen)
-        log.warning("status page not served on %s: beyond loopback it would need TLS and a token, which the "
-                    "metrics listener has not; serve metrics on loopback to see it", metrics_listen)
-        page = None
-    try:
-        server = await start_metrics_server(host, port, metrics.registry, page)
-    except OSError as exc:
-        raise ListenError(f"cannot serve metrics on {metrics_listen}: {exc.strerror or exc} "
-                          f"(is another mpsd running? use --metrics-listen, or metrics_listen = \"\" to serve none)") from exc
-    log.info("metrics on %s", url_of(server, host))
-    if page:
-        page.start()  # samples its history until the loop ends
-        log.info("status page on %s", url_of(server, host).removesuffix("metrics"))
-    return server
-
-
-async def start_http(http_listen: str, access: PublicAccess, service: InferenceService,
-                     metrics: RequestMetrics) -> HttpServer | None:
-    """The OpenAI-compatible API (openai.py) on its own port, under the public port's rules: loopback
-    unless TLS and a token are set, and then the same certificate and the same token."""
-    if not http_listen:
-        return None
-    try:
-        host, port = split_listen(http_listen)
-    except ValueError as exc:
-        raise ListenError(f"http listen: {exc}") from None
-    if problem := exposure_problem(http_listen, access, "http_listen"):
-        raise ListenError(problem)
-    api = OpenAIApi(service, metrics, read_token(access.token_file) if access.token_file else None)
-    server = HttpServer(api.handle, error_body, MAX_BODY_BYTES)
-    try:
-        port = await server.start(host, port, server_ssl_context(access) if access.tls else None)
-    except OSError as exc:
-        raise ListenError(f"cannot serve the HTTP API on {http_listen}: {exc.strerror or exc} (is another "
-                          f"mpsd running? use --http-listen, or http_listen = \"\" to serve none)") from exc
-    scheme = "https" if access.tls else "http"
-    log.info("OpenAI-compatible HTTP API listening on %s://%s:%d/v1 (%s)", scheme, host, port, describe(access))
+    routes = Routes(AccessRule.of(daemon.access), OpenAIApi(service, metrics), metrics.registry, page)
+    server = HttpServer(routes.handle, error_body, daemon.http_limits)
+    context = server_ssl_context(daemon.access) if daemon.access.tls else None
+    scheme = "https" if context else "http"
+    for key, listen, host, port in bound:
+        try:
+            port = await server.start(host, port, context)
+        except OSError as exc:
+            server.close()
+            raise ListenError(f"cannot serve the HTTP edge on {listen}: {exc.strerror or exc} (is another mpsd "
+                              f"running? use --{key.replace('_', '-')}, or {key} = \"\" to serve none)") from exc
+        log.info("HTTP edge listening on %s://%s:%d (/v1, /metrics, status page /) (%s)", scheme, host, port,
+                 describe(daemon.access))
+        log.info("metrics on %s://%s:%d/metrics", scheme, host, port)
+    page.start()  # samples its history until the loop ends
     return server

@@ -1,16 +1,20 @@
-"""Who may call the public API: loopback by default; anywhere else only with TLS and a bearer token.
+"""Who may call mpsd, on gRPC and HTTP alike: loopback by default; anywhere else only with TLS and a bearer token.
 
-The policy (`exposure_problem`, `read_token`) is pure and tested without a
-server; `BearerTokenInterceptor` applies it to every gRPC call, and the
-OpenAI-compatible HTTP API (http/openai.py) checks the same token the same way. The token is
-compared in constant time (hmac.compare_digest over SHA-256 digests, so not
-even its length leaks). Health checks stay open so a load balancer or
-launchd-side monitor can probe without holding the secret; they reveal only
-SERVING or NOT_SERVING.
+One rule for both protocols, so that an operator who secured one port has
+secured them all. The policy (`exposure_problem`, `read_token`) is pure and
+tested without a server; `AccessRule` is the one check of a presented token:
+`BearerTokenInterceptor` applies it to every gRPC call, the HTTP edge's route
+table (http/routes.py) to every HTTP route. The token is compared in constant
+time (hmac.compare_digest over SHA-256 digests, so not even its length leaks).
+Open without it, because they hold no data: gRPC health checks (a load
+balancer probes without the secret and learns only SERVING or NOT_SERVING)
+and the status page's static shell (the browser must load it to ask for the
+token).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -49,8 +53,13 @@ def exposure_problem(listen: str, access: PublicAccess, key: str = "listen") -> 
     missing = [name for name, value in (("tls_cert and tls_key", access.tls), ("token_file", access.token_file)) if not value]
     if not missing:
         return ""
-    return (f"{key} {listen!r} is not loopback: other machines could call the API, so [daemon] "
-            f"{' and '.join(missing)} must be set (TLS and a bearer token), or listen on 127.0.0.1")
+    problem = (f"{key} {listen!r} is not loopback: other machines could call the API, so [daemon] "
+               f"{' and '.join(missing)} must be set (TLS and a bearer token), or listen on 127.0.0.1")
+    if key == "metrics_listen":  # it used to serve plain HTTP to anyone: say why a set-up that worked now stops
+        problem += ("; /metrics is now served by the HTTP edge under the API's rule, so a scraper beyond loopback "
+                    "needs TLS and the token as well (Prometheus: scheme: https and authorization: {credentials_file: "
+                    "TOKEN_FILE}), or set metrics_listen = \"\" and scrape http_listen on loopback")
+    return problem
 
 
 def read_token(path: pathlib.Path) -> bytes:
@@ -93,7 +102,8 @@ def token_matches(presented: str, expected: bytes) -> bool:
 
 
 def bearer_of(metadata) -> str:
-    """The token in 'authorization: Bearer TOKEN'; '' when absent or another scheme."""
+    """The token in 'authorization: Bearer TOKEN' (gRPC metadata, or HTTP headers as pairs); '' when absent or
+    another scheme."""
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str):
             scheme, _, token = value.partition(" ")
@@ -101,17 +111,33 @@ def bearer_of(metadata) -> str:
     return ""
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every call but health checks unless it carries the token: UNAUTHENTICATED."""
+@dataclasses.dataclass(frozen=True)
+class AccessRule:
+    """Whether a caller may be served: always when no token is configured (loopback, as exposure_problem
+    insists), else only with 'authorization: Bearer TOKEN'."""
 
-    def __init__(self, token: bytes) -> None:
-        self._token = token
+    token: bytes | None = None
+
+    @classmethod
+    def of(cls, access: PublicAccess) -> AccessRule:
+        return cls(read_token(access.token_file) if access.token_file else None)
+
+    def admits(self, metadata) -> bool:
+        """`metadata`: (name, value) pairs, names lower-cased, as gRPC metadata and HTTP headers both come."""
+        return self.token is None or token_matches(bearer_of(metadata), self.token)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every call but health checks unless the rule admits it: UNAUTHENTICATED."""
+
+    def __init__(self, rule: AccessRule) -> None:
+        self._rule = rule
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_METHOD_PREFIXES):
             return handler
-        if token_matches(bearer_of(details.invocation_metadata), self._token):
+        if self._rule.admits(details.invocation_metadata):
             return handler
         return _refusal_like(handler)
 

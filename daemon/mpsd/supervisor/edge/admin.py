@@ -38,7 +38,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self._started = time.monotonic()
 
     async def Status(self, request, context):
-        await self._fleet.refresh_stats()
+        await self._fleet.health.refresh_stats()
         snapshot = self._fleet.snapshot()
         return admin_pb2.StatusResponse(
             daemon=admin_pb2.DaemonStatus(
@@ -54,7 +54,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def WorkerLogs(self, request, context):
         """Polls the worker's stderr ring; a restart switches to the new process with a marker line."""
         try:
-            process = self._fleet.log_source(request.worker_id)
+            process = self._fleet.commands.log_source(request.worker_id)
         except ControlError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         seen = 0 if process is None else max(0, process.stderr_count - (request.lines or process.stderr_count))
@@ -67,7 +67,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 return
             await asyncio.sleep(LOG_FOLLOW_POLL_S)
             try:
-                current = self._fleet.log_source(request.worker_id)
+                current = self._fleet.commands.log_source(request.worker_id)
             except ControlError:
                 return  # removed by scale-down or reload
             if current is not None and current is not process and current.pid:  # once started: the marker names its pid
@@ -76,13 +76,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     async def Scale(self, request, context):
         bounds = {key: getattr(request, key) for key in ("min_replicas", "max_replicas") if request.HasField(key)}
-        return self._control(lambda: self._fleet.scale(request.model, request.replicas, **bounds))
+        return self._control(lambda: self._fleet.commands.scale(request.model, request.replicas, **bounds))
 
     async def RestartWorker(self, request, context):
-        return self._control(lambda: self._fleet.restart_worker(request.worker_id))
+        return self._control(lambda: self._fleet.commands.restart_worker(request.worker_id))
 
     async def DrainWorker(self, request, context):
-        return self._control(lambda: self._fleet.drain_worker(request.worker_id))
+        return self._control(lambda: self._fleet.commands.drain_worker(request.worker_id))
 
     async def Reload(self, request, context):
         try:

@@ -5,7 +5,7 @@ service (RequestMetrics: requests by final status, tokens, time to first
 token, time between tokens). What the daemon holds now (queues, workers by
 state, memory, restarts) is read at scrape time by FleetCollector from the
 fleet's snapshot (the one status renders) and the pools, which stay the only
-owners of that state; the scrape runs on the event loop (metrics_http), so it
+owners of that state; the scrape runs on the event loop (the HTTP edge), so it
 never reads them mid-change.
 The registry is private, not prometheus_client's global default, so two
 services in one interpreter (tests) never share or collide on figures.

@@ -1,6 +1,7 @@
-"""The OpenAI-compatible HTTP API: routes, the bearer token, and answers whole or as Server-Sent Events.
+"""The OpenAI-compatible HTTP API: answers whole or as Server-Sent Events.
 
-Served on the daemon's event loop (server.py) and answered by the same
+Reached through the edge's route table (routes.py, which also checks the
+token), on the daemon's event loop (server.py), and answered by the same
 InferenceService as gRPC, through its `stream` with protocol "http": the same
 model lookup, checks, router, queue, batching, retry and metrics, and no second
 hop. The service speaks to a call through a context; here that context turns
@@ -20,7 +21,6 @@ from typing import Any, AsyncIterator, Callable
 
 import grpc
 
-from mpsd.supervisor.edge.access import bearer_of, token_matches
 from mpsd.supervisor.edge.http.openai_schema import (
     SSE_DONE,
     Answer,
@@ -40,8 +40,6 @@ from mpsd.supervisor.edge.http.server import Exchange, HttpRequest
 from mpsd.supervisor.edge.inference import InferenceService
 from mpsd.supervisor.edge.metrics import UNKNOWN_MODEL, RequestMetrics
 
-# The longest prompt mpsd takes (generate_params.MAX_PROMPT_CHARS, a million characters) fits as JSON, escapes and all.
-MAX_BODY_BYTES = 8 << 20
 TIMEOUT_HEADER = "x-request-timeout"
 COMPLETIONS: dict[str, Callable[[dict[str, Any]], Completion]] = {
     "/v1/chat/completions": parse_chat,
@@ -76,42 +74,24 @@ class HttpCallContext:
 
 
 class OpenAIApi:
-    def __init__(self, service: InferenceService, metrics: RequestMetrics, token: bytes | None = None) -> None:
-        self._service, self._metrics, self._token = service, metrics, token
+    """The answers of /v1: `models`, `model` (/v1/models/NAME) and `complete` (both completion paths)."""
+
+    def __init__(self, service: InferenceService, metrics: RequestMetrics) -> None:
+        self._service, self._metrics = service, metrics
         self._created = int(time.time())  # a model's "created": when this daemon started serving it
 
-    async def handle(self, request: HttpRequest, exchange: Exchange) -> None:
-        if request.path.startswith("/v1/models/") and "/" not in request.path[len("/v1/models/"):]:
-            route, allowed = self._model, "GET"
-        elif request.path == "/v1/models":
-            route, allowed = self._models, "GET"
-        elif request.path in COMPLETIONS:
-            route, allowed = self._complete, "POST"
-        else:
-            return await _json(exchange, 404, error(404, f"no route {request.path}: mpsd serves GET /v1/models, POST "
-                                                         f"/v1/chat/completions and POST /v1/completions",
-                                                    code="unknown_url"))
-        if request.method != allowed:
-            return await _json(exchange, 405, error(405, f"{request.path} takes {allowed}, not {request.method}"),
-                               (("allow", allowed),))
-        if self._token is not None and not token_matches(bearer_of([("authorization", request.headers.get(
-                "authorization", ""))]), self._token):
-            return await _json(exchange, 401, error(401, "a bearer token is required: send the header "
-                                                         "'Authorization: Bearer TOKEN'", code="invalid_api_key"))
-        await route(request, exchange)
+    async def models(self, request: HttpRequest, exchange: Exchange) -> None:
+        await send_json(exchange, 200, models_list(self._generating(), self._created))
 
-    async def _models(self, request: HttpRequest, exchange: Exchange) -> None:
-        await _json(exchange, 200, models_list(self._generating(), self._created))
-
-    async def _model(self, request: HttpRequest, exchange: Exchange) -> None:
-        name = request.path[len("/v1/models/"):]
+    async def model(self, request: HttpRequest, exchange: Exchange) -> None:
+        name = request.path.rpartition("/")[2]
         if name not in self._generating():
-            return await _json(exchange, 404, error(404, f"model: no model named {name!r} (configured: "
-                                                         f"{', '.join(self._generating()) or 'none'})",
-                                                    "model", code="model_not_found"))
-        await _json(exchange, 200, model_entry(name, self._created))
+            return await send_json(exchange, 404, error(404, f"model: no model named {name!r} (configured: "
+                                                             f"{', '.join(self._generating()) or 'none'})",
+                                                        "model", code="model_not_found"))
+        await send_json(exchange, 200, model_entry(name, self._created))
 
-    async def _complete(self, request: HttpRequest, exchange: Exchange) -> None:
+    async def complete(self, request: HttpRequest, exchange: Exchange) -> None:
         parse, body = COMPLETIONS[request.path], None
         try:
             body = decode_body(request.body)
@@ -120,7 +100,7 @@ class OpenAIApi:
         except BadField as exc:  # counted like a gRPC request that does not parse
             method = "Chat" if parse is parse_chat else "Generate"
             self._metrics.start(self._label(body), method, "http").finish(grpc.StatusCode.INVALID_ARGUMENT)
-            return await _json(exchange, 400, error(400, str(exc), exc.param))
+            return await send_json(exchange, 400, error(400, str(exc), exc.param))
         answer = Answer(chat=completion.method == "Chat", model=self._model_name(completion.request.model),
                         created=int(time.time()))
         messages = self._service.stream(completion.request, HttpCallContext(timeout_s), completion.method, "http")
@@ -154,17 +134,17 @@ async def _whole(exchange: Exchange, messages: AsyncIterator, answer: Answer) ->
             else:
                 texts.append(message.text)
     except Refusal as exc:
-        return await _json(exchange, *error_for(exc.code, exc.details))
+        return await send_json(exchange, *error_for(exc.code, exc.details))
     if finish is None:
-        return await _json(exchange, 500, error(500, "the worker's stream ended without its last message"))
-    await _json(exchange, 200, answer.whole("".join(texts), finish))
+        return await send_json(exchange, 500, error(500, "the worker's stream ended without its last message"))
+    await send_json(exchange, 200, answer.whole("".join(texts), finish))
 
 
 async def _stream(exchange: Exchange, messages: AsyncIterator, answer: Answer, include_usage: bool) -> None:
     try:
         message = await anext(messages, None)
     except Refusal as exc:
-        return await _json(exchange, *error_for(exc.code, exc.details))
+        return await send_json(exchange, *error_for(exc.code, exc.details))
     await exchange.start(200, "text/event-stream", (("cache-control", "no-cache"),))
     if answer.chat:
         await exchange.write(sse(answer.chunk(first=True)))
@@ -183,7 +163,8 @@ async def _stream(exchange: Exchange, messages: AsyncIterator, answer: Answer, i
     await exchange.end()
 
 
-async def _json(exchange: Exchange, status: int, body: dict[str, Any], headers: tuple[tuple[str, str], ...] = ()) -> None:
+async def send_json(exchange: Exchange, status: int, body: dict[str, Any],
+                    headers: tuple[tuple[str, str], ...] = ()) -> None:
     await exchange.send(status, "application/json", to_json(body), headers)
 
 
@@ -200,6 +181,7 @@ def _timeout(value: str | None) -> float | None:
 
 
 def error_body(status: int, message: str) -> bytes:
-    """The body of an answer the HTTP server gives by itself (malformed HTTP, a body over the cap)."""
+    """The body of an answer the HTTP server gives by itself (malformed HTTP, a deadline passed, a body over the cap,
+    too many connections): the same OpenAI error every route answers with."""
     param = "body" if message.startswith("body:") else None
     return to_json(error(status, message, param))

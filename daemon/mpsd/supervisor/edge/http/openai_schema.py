@@ -67,7 +67,25 @@ def decode_body(data: bytes) -> dict[str, Any]:
         raise BadField(None, f"body: not valid JSON ({exc})") from None
     if not isinstance(body, dict):
         raise BadField(None, "body: must be a JSON object")
+    _refuse_lone_surrogates(body, "")
     return body
+
+
+def _refuse_lone_surrogates(value: Any, at: str) -> None:
+    """JSON's \\ud800 escapes decode to strings no UTF-8 protobuf field can hold: refused here, naming the field,
+    rather than failing later as a server error."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadField(at or None, "not valid text: a lone UTF-16 surrogate escape (\\ud800-\\udfff)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_lone_surrogates(key, at or "body")
+            _refuse_lone_surrogates(item, f"{at}.{key}" if at else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_lone_surrogates(item, f"{at}[{index}]")
 
 
 def parse_chat(body: dict[str, Any]) -> Completion:

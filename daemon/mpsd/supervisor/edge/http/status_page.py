@@ -1,5 +1,8 @@
-"""The read-only status page on the metrics listener: `/`, its static files, `/api/status`, `/api/history`.
+"""The read-only status page of the HTTP edge: `/`, its static files, `/api/status`, `/api/history`.
 
+The static files are a shell with no data in them, so the route table
+(routes.py) serves them without the token: the browser must load the page to
+ask for it. The data comes only from `/api/*`, under the token.
 `/api/status` is the admin service's own Status rendered by `to_plain`, so it
 is what `mpsctl status --json` prints, field for field. `/api/history` is the
 ring `run()` fills once a second from the fleet's snapshot, the pools and the
@@ -27,8 +30,9 @@ JSON = "application/json"
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".css": "text/css; charset=utf-8"}
 STATIC_FILES = ("index.html", "status.js", "status.css")
+API_PATHS = ("/api/status", "/api/history")
 
-Answer = tuple[str, str, bytes]  # HTTP status, content type, body
+Answer = tuple[str, bytes]  # content type, body
 
 
 class StatusPage:
@@ -46,18 +50,19 @@ class StatusPage:
         self._files["/"] = self._files["/index.html"]
         self._sampling: asyncio.Task | None = None
 
-    def paths(self) -> set[str]:
-        return set(self._files) | {"/api/status", "/api/history"}
+    def static_paths(self) -> list[str]:
+        """The shell: `/` and its files, the same for everyone."""
+        return list(self._files)
 
     async def answer(self, path: str) -> Answer:
-        """A GET of one of `paths()`."""
+        """A GET of one of `static_paths()` or API_PATHS."""
         if path == "/api/status":
-            return "200 OK", JSON, json.dumps(to_plain(await self._status())).encode()
+            return JSON, json.dumps(to_plain(await self._status())).encode()
         if path == "/api/history":
             body = self.history.as_plain() | {"transitions": self.transitions.as_list()}
-            return "200 OK", JSON, json.dumps(body).encode()
+            return JSON, json.dumps(body).encode()
         suffix = "." + path.rpartition(".")[2] if "." in path else ".html"
-        return "200 OK", STATIC_TYPES[suffix], self._files[path]
+        return STATIC_TYPES[suffix], self._files[path]
 
     def start(self) -> None:
         """Samples the history in the background until the event loop ends."""

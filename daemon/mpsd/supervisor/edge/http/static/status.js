@@ -1,8 +1,13 @@
 // mpsd status page: polls /api/status and /api/history about once a second and redraws in place.
 // Read-only by design: nothing here can change the fleet (the admin plane is the unix socket).
+// Where the daemon has a token, /api/* answers 401 without it: the page asks for it once per tab and keeps it in
+// sessionStorage only (never a URL, never localStorage), sent as "Authorization: Bearer" on every /api/* fetch.
 "use strict";
 
 const POLL_MS = 1000;
+const TOKEN_KEY = "mpsd-token";
+const ASK = "This mpsd requires its bearer token (the one in its token_file) to show its status.";
+const REFUSED = "That token was not accepted: enter the one in the daemon's token_file.";
 const PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7"];
 const LIVE_STATES = new Set(["STARTING", "READY", "DRAINING"]);  // what admission counts as held
 const WAITING_STATES = new Set(["REFUSED", "PENDING"]);
@@ -193,22 +198,48 @@ function renderHistory(history) {
   document.getElementById("transitions").textContent = history.transitions.join("\n") || "(none yet)";
 }
 
+class NeedsToken extends Error {}
+
+function apiGet(path) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const headers = token ? {Authorization: "Bearer " + token} : {};
+  return fetch(path, {cache: "no-store", headers}).then(r => {
+    if (r.status === 401) throw new NeedsToken(path);
+    if (!r.ok) throw new Error(path + ": HTTP " + r.status);
+    return r.json();
+  });
+}
+
+function askForToken() {
+  const refused = sessionStorage.getItem(TOKEN_KEY) !== null;
+  sessionStorage.removeItem(TOKEN_KEY);
+  document.getElementById("login-why").textContent = refused ? REFUSED : ASK;
+  document.getElementById("login").hidden = false;
+  document.getElementById("updated").textContent = "token required";
+  document.getElementById("token").focus();
+}
+
+document.getElementById("login").addEventListener("submit", event => {
+  event.preventDefault();  // no navigation: the token goes nowhere but sessionStorage
+  const input = document.getElementById("token");
+  sessionStorage.setItem(TOKEN_KEY, input.value.trim());
+  input.value = "";
+  document.getElementById("login").hidden = true;
+  poll();
+});
+
 async function poll() {
   try {
-    const [status, history] = await Promise.all(
-      ["/api/status", "/api/history"].map(path => fetch(path, {cache: "no-store"}).then(r => {
-        if (!r.ok) throw new Error(path + ": HTTP " + r.status);
-        return r.json();
-      })));
+    const [status, history] = await Promise.all(["/api/status", "/api/history"].map(apiGet));
     renderMemory(status);
     renderWorkers(status);
     renderHistory(history);
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
   } catch (err) {
+    if (err instanceof NeedsToken) return askForToken();  // polling resumes once a token is entered
     document.getElementById("updated").textContent = "daemon unreachable: " + err.message;
-  } finally {
-    setTimeout(poll, POLL_MS);
   }
+  setTimeout(poll, POLL_MS);
 }
 
 poll();
