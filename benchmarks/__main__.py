@@ -1,6 +1,8 @@
 """`python -m benchmarks run [--model demo|25m] [--quick] [--out DIR]`: one run, every system, ratios side by side;
 `python -m benchmarks equality [--model demo|25m]`: tokens that differ between batched and solo decoding;
-`python -m benchmarks switching [--model demo|25m]`: the first token of an evicted model against its plain load."""
+`python -m benchmarks switching [--model demo|25m]`: the first token of an evicted model against its plain load;
+`python -m benchmarks http_edge [--rounds N] [--out DIR]`: the HTTP edge's h11 server against aiohttp.web and
+uvicorn+starlette (RSS, SSE tokens/s, small-request latency)."""
 
 from __future__ import annotations
 
@@ -30,11 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     same.add_argument("--max-tokens", type=int, default=64)
     switch = commands.add_parser("switching", help="TTFT of a model that was evicted, against its plain load")
     switch.add_argument("--model", choices=models.MODEL_CHOICES, default="demo")
+    edge = commands.add_parser("http_edge", help="the HTTP edge: mpsd's h11 server against aiohttp.web and uvicorn")
+    edge.add_argument("--rounds", type=int, default=5, help="each server once per round, in a rotated order")
+    edge.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/http-edge"))
+    edge.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's smoke run: h11 alone
     args = parser.parse_args(argv)
     if args.command == "equality":
         return _equality(args)
     if args.command == "switching":
         return _switching(args)
+    if args.command == "http_edge":
+        return _http_edge(args, argv)
     settings = Settings.tiny() if args.tiny else Settings.quick() if args.quick else Settings.full()
     started = time.perf_counter()
     progress = lambda line: print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)  # noqa: E731
@@ -67,6 +75,22 @@ def _switching(args) -> int:
     print(f"{args.model}: plain load TTFT {figures['plain_load_ttft_s']:.2f}s, warm TTFT {figures['warm_ttft_s'] * 1000:.0f}ms, "
           f"after eviction {', '.join(f'{s:.2f}s' for s in figures['switch_ttft_s'])} "
           f"({figures['switch_vs_plain']:.2f}x the plain load; {figures['evictions']} evictions)")
+    return 0
+
+
+def _http_edge(args, argv: list[str] | None) -> int:
+    import dataclasses
+
+    from benchmarks import http_edge
+
+    started = time.perf_counter()
+    progress = lambda line: print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)  # noqa: E731
+    sizes = http_edge.Sizes.tiny() if args.tiny else dataclasses.replace(http_edge.Sizes(), rounds=args.rounds)
+    servers = (http_edge.BASELINE,) if args.tiny else http_edge.SERVERS
+    command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
+    results = http_edge.run(sizes, progress, args.out, servers, command)
+    print(http_edge.table(results))
+    print(f"\nwritten: {args.out / 'results.json'} ({results['elapsed_s']}s)", file=sys.stderr)
     return 0
 
 

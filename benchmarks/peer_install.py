@@ -33,16 +33,18 @@ def venv_python(name: str) -> pathlib.Path:
     return PEERS_DIR / name / "bin" / "python"
 
 
-def _install_spec(packages: tuple[str, ...]) -> dict:
-    return {"packages": [*BASE_PACKAGES, *packages], "constraints": CONSTRAINTS.read_text(),
+def _install_spec(packages: tuple[str, ...], base: tuple[str, ...]) -> dict:
+    return {"packages": [*base, *packages], "constraints": CONSTRAINTS.read_text(),
             "python": sys.version.split()[0], "project": str(PROJECT)}
 
 
-def ensure_venv(name: str, packages: tuple[str, ...], dist: str, progress) -> tuple[str, float]:
-    """(installed version of dist, seconds spent installing: 0 when reused). Raises PeerError."""
+def ensure_venv(name: str, packages: tuple[str, ...], dist: str, progress,
+                base: tuple[str, ...] = BASE_PACKAGES) -> tuple[str, float]:
+    """(installed version of dist, seconds spent installing: 0 when reused). Raises PeerError. base: what goes in
+    before packages (torch and transformers, which a peer running mpsd's engine needs; () for one that does not)."""
     root = PEERS_DIR / name
     marker = root / ".mpsd-peer-installed.json"
-    spec = _install_spec(packages)
+    spec = _install_spec(packages, base)
     if marker.is_file() and venv_python(name).exists():
         try:
             recorded = json.loads(marker.read_text())

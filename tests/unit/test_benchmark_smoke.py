@@ -44,3 +44,19 @@ def test_tiny_run_writes_every_figure(tmp_path, demo_model):
     assert all({"target", "value", "met"} == set(t) for t in results["targets"])
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| mpsd | 1 | 1 |" in result.stdout
+
+
+def test_http_edge_tiny_run_writes_every_figure(tmp_path):
+    """mpsd's own server alone, in this interpreter (no peer venv): the harness, the server and the client agree."""
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "http_edge", "--tiny", "--out", str(tmp_path)],
+                            check=False, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["servers"]) == {"h11"} and not results["errors"]
+    h11 = results["servers"]["h11"]
+    for key in ("rss_before_http_mib", "rss_warm_mib", "rss_after_load_mib", "sse_tps", "p50_ms", "p99_ms"):
+        assert isinstance(h11[key], (int, float)) and h11[key] > 0 and math.isfinite(h11[key]), key
+    cell = h11["cells"][0]
+    assert cell["sse"]["tokens"] == results["sizes"]["streams"] * results["sizes"]["events"]
+    assert results["ratios_vs_h11"]["h11"]["sse_tps"] == 1.0
+    assert "| mpsd HttpServer (h11" in result.stdout
