@@ -1,10 +1,10 @@
 """A small HTTP/1.1 server on the daemon's event loop: h11 for the protocol, asyncio streams for the sockets.
 
 Why h11 (python-hyper's sans-I/O HTTP/1.1, the parser under uvicorn's h11
-mode and httpcore): it is pure Python with no dependencies and adds nothing
-measurable to the daemon's memory, where importing aiohttp's server beside grpc
-took the daemon from 29 to 44 MiB RSS (measured here, Python 3.11, aiohttp
-3.14). What h11 leaves to us lives here, under one HttpLimits for every
+mode and httpcore): it is pure Python with no dependencies and adds 1.4 MiB to
+a daemon-like process where aiohttp.web adds 10.6 and uvicorn+starlette 5.7, at
+the same p50 (`python -m benchmarks http_edge`; they stream SSE ~1.6x faster,
+which at mpsd's token rates is ~1% of a core: docs/performance.md). What h11 leaves to us lives here, under one HttpLimits for every
 address the server listens on: keep-alive, deadlines for the idle wait, the
 head, the body and each write, a cap on connections, a body cap answered 413
 before the body is read, TLS through asyncio, and noticing a client that
