@@ -22,12 +22,3 @@ def to_plain(message) -> dict[str, Any]:
 
 def _scalar_or_plain(value):
     return to_plain(value) if hasattr(value, "DESCRIPTOR") else value
-
-STATE_STYLES = {
-    "READY": "bold green", "STARTING": "yellow", "PENDING": "yellow", "BACKOFF": "yellow", "DRAINING": "cyan",
-    "STOPPED": "dim", "REFUSED": "magenta", "OOM": "bold red", "FATAL": "bold red",
-}
-NOTEWORTHY_STATES = ("PENDING", "STARTING", "REFUSED", "OOM", "FATAL", "BACKOFF", "DRAINING")
-MODEL_HEADERS = ["MODEL", "BACKEND", "DEVICE", "READY", "MIN/MAX/LIVE/DESIRED", "QUEUED", "CONTEXT", "FOOTPRINT"]
-WORKER_HEADERS = ["WORKER", "PID", "STATE", "UPTIME", "RESTARTS", "INFLIGHT", "BATCH", "KV", "TOKENS", "MEMORY",
-                  "BACKEND MEMORY", "LAST EXIT"]

@@ -8,16 +8,8 @@ face hands on what the rest of mpsd uses.
 from mpsd.config.parse import load_config, parse_config
 from mpsd.config.reader import split_listen
 from mpsd.config.schema import (
-    EMBEDDED_DEFAULT,
-    EMBEDDED_SOURCE,
-    Config,
-    ConfigError,
-    DaemonConfig,
-    HttpLimits,
-    MemoryConfig,
-    ModelConfig,
-    PublicAccess,
-)
+    EMBEDDED_DEFAULT, EMBEDDED_SOURCE, Config, ConfigError, DaemonConfig, HttpLimits, MemoryConfig, ModelConfig,
+    PublicAccess)
 
 __all__ = ["EMBEDDED_DEFAULT", "EMBEDDED_SOURCE", "Config", "ConfigError", "DaemonConfig", "HttpLimits",
            "MemoryConfig", "ModelConfig", "PublicAccess", "load_config", "parse_config", "split_listen"]

@@ -13,15 +13,7 @@ from typing import Any
 from mpsd.config.models import read_model
 from mpsd.config.reader import Reader, check_listen, optional_path
 from mpsd.config.schema import (
-    EMBEDDED_DEFAULT,
-    EMBEDDED_SOURCE,
-    Config,
-    ConfigError,
-    DaemonConfig,
-    HttpLimits,
-    MemoryConfig,
-    PublicAccess,
-)
+    EMBEDDED_DEFAULT, EMBEDDED_SOURCE, Config, ConfigError, DaemonConfig, HttpLimits, MemoryConfig, PublicAccess)
 
 # [daemon] key -> HttpLimits field, for the timeouts (durations); http_max_connections and http_max_body follow them.
 HTTP_TIMEOUT_KEYS = {"http_idle_timeout": "idle_timeout_s", "http_head_timeout": "head_timeout_s",
