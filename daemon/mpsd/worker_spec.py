@@ -28,6 +28,8 @@ class WorkerSpec:
     mlx_memory_limit: int | None = None
     mlx_wired_limit: int | None = None
     mlx_cache_limit: int | None = None
+    prefix_cache_bytes: int | None = None      # prefix_cache as a size; with the fraction unset too: no prefix cache
+    prefix_cache_fraction: float | None = None  # prefix_cache as a fraction of the worker's measured footprint
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

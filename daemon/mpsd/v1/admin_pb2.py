@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from mpsd.v1 import worker_pb2 as mpsd_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mpsd/v1/admin.proto\x12\x07mpsd.v1\"E\n\x11WorkerLogsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05lines\x18\x02 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"$\n\x07LogLine\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\"\x87\x01\n\x0cScaleRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\x19\n\x0cmin_replicas\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x0cmax_replicas\x18\x04 \x01(\rH\x01\x88\x01\x01\x42\x0f\n\r_min_replicasB\x0f\n\r_max_replicas\"\"\n\rWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x0f\n\rReloadRequest\".\n\x0f\x43ontrolResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x0f\n\rStatusRequest\"v\n\x0c\x44\x61\x65monStatus\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\x12\x0e\n\x06listen\x18\x04 \x01(\t\x12\x11\n\tstate_dir\x18\x05 \x01(\t\x12\x13\n\x0b\x63onfig_path\x18\x06 \x01(\t\"\xd4\x02\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12\r\n\x05ready\x18\x04 \x01(\r\x12\x0e\n\x06queued\x18\x05 \x01(\r\x12\x13\n\x0bqueue_limit\x18\x06 \x01(\r\x12\x13\n\x0b\x63oncurrency\x18\x07 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\t \x01(\r\x12\x17\n\x0f\x66ootprint_bytes\x18\n \x01(\x04\x12\x18\n\x10\x66ootprint_source\x18\x0b \x01(\t\x12\x14\n\x0cmin_replicas\x18\x0c \x01(\r\x12\x14\n\x0cmax_replicas\x18\r \x01(\r\x12\x0c\n\x04live\x18\x0e \x01(\r\x12\x0f\n\x07\x64\x65sired\x18\x0f \x01(\r\x12\x13\n\x0blast_change\x18\x10 \x01(\t\x12\x10\n\x08priority\x18\x11 \x01(\x05\"\xa8\x01\n\x0cMemoryStatus\x12\r\n\x05probe\x18\x01 \x01(\t\x12\x14\n\x0c\x62udget_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x61vailable_bytes\x18\x04 \x01(\x04\x12\x16\n\x0eheadroom_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x1e\n\x16\x66ree_for_workers_bytes\x18\x07 \x01(\x04\"\xe6\x03\n\x0cWorkerStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x13\n\x0bstate_age_s\x18\x06 \x01(\x01\x12\x10\n\x08uptime_s\x18\x07 \x01(\x01\x12\x10\n\x08restarts\x18\x08 \x01(\r\x12\x10\n\x08inflight\x18\t \x01(\r\x12\x0e\n\x06tokens\x18\n \x01(\x04\x12\x10\n\x08requests\x18\x0b \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\x0c \x01(\x04\x12@\n\x0e\x62\x61\x63kend_memory\x18\r \x03(\x0b\x32(.mpsd.v1.WorkerStatus.BackendMemoryEntry\x12\x1b\n\x13\x62\x61\x63kend_memory_note\x18\x0e \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0f \x01(\t\x12\x11\n\tlast_exit\x18\x10 \x01(\t\x12\x13\n\x0bstderr_tail\x18\x11 \x03(\t\x12\x12\n\noom_events\x18\x12 \x01(\x04\x12\x19\n\x11running_sequences\x18\x13 \x01(\r\x12\x10\n\x08kv_bytes\x18\x14 \x01(\x04\x1a\x34\n\x12\x42\x61\x63kendMemoryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xac\x01\n\x0eStatusResponse\x12%\n\x06\x64\x61\x65mon\x18\x01 \x01(\x0b\x32\x15.mpsd.v1.DaemonStatus\x12$\n\x06models\x18\x02 \x03(\x0b\x32\x14.mpsd.v1.ModelStatus\x12%\n\x06memory\x18\x03 \x01(\x0b\x32\x15.mpsd.v1.MemoryStatus\x12&\n\x07workers\x18\x04 \x03(\x0b\x32\x15.mpsd.v1.WorkerStatus2\xfa\x02\n\x05\x41\x64min\x12\x39\n\x06Status\x12\x16.mpsd.v1.StatusRequest\x1a\x17.mpsd.v1.StatusResponse\x12\x38\n\x05Scale\x12\x15.mpsd.v1.ScaleRequest\x1a\x18.mpsd.v1.ControlResponse\x12\x41\n\rRestartWorker\x12\x16.mpsd.v1.WorkerRequest\x1a\x18.mpsd.v1.ControlResponse\x12?\n\x0b\x44rainWorker\x12\x16.mpsd.v1.WorkerRequest\x1a\x18.mpsd.v1.ControlResponse\x12:\n\x06Reload\x12\x16.mpsd.v1.ReloadRequest\x1a\x18.mpsd.v1.ControlResponse\x12<\n\nWorkerLogs\x12\x1a.mpsd.v1.WorkerLogsRequest\x1a\x10.mpsd.v1.LogLine0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mpsd/v1/admin.proto\x12\x07mpsd.v1\x1a\x14mpsd/v1/worker.proto\"E\n\x11WorkerLogsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05lines\x18\x02 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"$\n\x07LogLine\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\"\x87\x01\n\x0cScaleRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\x19\n\x0cmin_replicas\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x0cmax_replicas\x18\x04 \x01(\rH\x01\x88\x01\x01\x42\x0f\n\r_min_replicasB\x0f\n\r_max_replicas\"\"\n\rWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x0f\n\rReloadRequest\".\n\x0f\x43ontrolResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x0f\n\rStatusRequest\"v\n\x0c\x44\x61\x65monStatus\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\x12\x0e\n\x06listen\x18\x04 \x01(\t\x12\x11\n\tstate_dir\x18\x05 \x01(\t\x12\x13\n\x0b\x63onfig_path\x18\x06 \x01(\t\"\xd4\x02\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12\r\n\x05ready\x18\x04 \x01(\r\x12\x0e\n\x06queued\x18\x05 \x01(\r\x12\x13\n\x0bqueue_limit\x18\x06 \x01(\r\x12\x13\n\x0b\x63oncurrency\x18\x07 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\t \x01(\r\x12\x17\n\x0f\x66ootprint_bytes\x18\n \x01(\x04\x12\x18\n\x10\x66ootprint_source\x18\x0b \x01(\t\x12\x14\n\x0cmin_replicas\x18\x0c \x01(\r\x12\x14\n\x0cmax_replicas\x18\r \x01(\r\x12\x0c\n\x04live\x18\x0e \x01(\r\x12\x0f\n\x07\x64\x65sired\x18\x0f \x01(\r\x12\x13\n\x0blast_change\x18\x10 \x01(\t\x12\x10\n\x08priority\x18\x11 \x01(\x05\"\xa8\x01\n\x0cMemoryStatus\x12\r\n\x05probe\x18\x01 \x01(\t\x12\x14\n\x0c\x62udget_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x61vailable_bytes\x18\x04 \x01(\x04\x12\x16\n\x0eheadroom_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x1e\n\x16\x66ree_for_workers_bytes\x18\x07 \x01(\x04\"\xb2\x04\n\x0cWorkerStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x13\n\x0bstate_age_s\x18\x06 \x01(\x01\x12\x10\n\x08uptime_s\x18\x07 \x01(\x01\x12\x10\n\x08restarts\x18\x08 \x01(\r\x12\x10\n\x08inflight\x18\t \x01(\r\x12\x0e\n\x06tokens\x18\n \x01(\x04\x12\x10\n\x08requests\x18\x0b \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\x0c \x01(\x04\x12@\n\x0e\x62\x61\x63kend_memory\x18\r \x03(\x0b\x32(.mpsd.v1.WorkerStatus.BackendMemoryEntry\x12\x1b\n\x13\x62\x61\x63kend_memory_note\x18\x0e \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0f \x01(\t\x12\x11\n\tlast_exit\x18\x10 \x01(\t\x12\x13\n\x0bstderr_tail\x18\x11 \x03(\t\x12\x12\n\noom_events\x18\x12 \x01(\x04\x12\x19\n\x11running_sequences\x18\x13 \x01(\r\x12\x10\n\x08kv_bytes\x18\x14 \x01(\x04\x12/\n\x0cprefix_cache\x18\x15 \x01(\x0b\x32\x19.mpsd.v1.PrefixCacheStats\x12\x19\n\x11prefix_cache_note\x18\x16 \x01(\t\x1a\x34\n\x12\x42\x61\x63kendMemoryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xac\x01\n\x0eStatusResponse\x12%\n\x06\x64\x61\x65mon\x18\x01 \x01(\x0b\x32\x15.mpsd.v1.DaemonStatus\x12$\n\x06models\x18\x02 \x03(\x0b\x32\x14.mpsd.v1.ModelStatus\x12%\n\x06memory\x18\x03 \x01(\x0b\x32\x15.mpsd.v1.MemoryStatus\x12&\n\x07workers\x18\x04 \x03(\x0b\x32\x15.mpsd.v1.WorkerStatus2\xfa\x02\n\x05\x41\x64min\x12\x39\n\x06Status\x12\x16.mpsd.v1.StatusRequest\x1a\x17.mpsd.v1.StatusResponse\x12\x38\n\x05Scale\x12\x15.mpsd.v1.ScaleRequest\x1a\x18.mpsd.v1.ControlResponse\x12\x41\n\rRestartWorker\x12\x16.mpsd.v1.WorkerRequest\x1a\x18.mpsd.v1.ControlResponse\x12?\n\x0b\x44rainWorker\x12\x16.mpsd.v1.WorkerRequest\x1a\x18.mpsd.v1.ControlResponse\x12:\n\x06Reload\x12\x16.mpsd.v1.ReloadRequest\x1a\x18.mpsd.v1.ControlResponse\x12<\n\nWorkerLogs\x12\x1a.mpsd.v1.WorkerLogsRequest\x1a\x10.mpsd.v1.LogLine0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +34,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERSTATUS_BACKENDMEMORYENTRY']._loaded_options = None
   _globals['_WORKERSTATUS_BACKENDMEMORYENTRY']._serialized_options = b'8\001'
-  _globals['_WORKERLOGSREQUEST']._serialized_start=32
-  _globals['_WORKERLOGSREQUEST']._serialized_end=101
-  _globals['_LOGLINE']._serialized_start=103
-  _globals['_LOGLINE']._serialized_end=139
-  _globals['_SCALEREQUEST']._serialized_start=142
-  _globals['_SCALEREQUEST']._serialized_end=277
-  _globals['_WORKERREQUEST']._serialized_start=279
-  _globals['_WORKERREQUEST']._serialized_end=313
-  _globals['_RELOADREQUEST']._serialized_start=315
-  _globals['_RELOADREQUEST']._serialized_end=330
-  _globals['_CONTROLRESPONSE']._serialized_start=332
-  _globals['_CONTROLRESPONSE']._serialized_end=378
-  _globals['_STATUSREQUEST']._serialized_start=380
-  _globals['_STATUSREQUEST']._serialized_end=395
-  _globals['_DAEMONSTATUS']._serialized_start=397
-  _globals['_DAEMONSTATUS']._serialized_end=515
-  _globals['_MODELSTATUS']._serialized_start=518
-  _globals['_MODELSTATUS']._serialized_end=858
-  _globals['_MEMORYSTATUS']._serialized_start=861
-  _globals['_MEMORYSTATUS']._serialized_end=1029
-  _globals['_WORKERSTATUS']._serialized_start=1032
-  _globals['_WORKERSTATUS']._serialized_end=1518
-  _globals['_WORKERSTATUS_BACKENDMEMORYENTRY']._serialized_start=1466
-  _globals['_WORKERSTATUS_BACKENDMEMORYENTRY']._serialized_end=1518
-  _globals['_STATUSRESPONSE']._serialized_start=1521
-  _globals['_STATUSRESPONSE']._serialized_end=1693
-  _globals['_ADMIN']._serialized_start=1696
-  _globals['_ADMIN']._serialized_end=2074
+  _globals['_WORKERLOGSREQUEST']._serialized_start=54
+  _globals['_WORKERLOGSREQUEST']._serialized_end=123
+  _globals['_LOGLINE']._serialized_start=125
+  _globals['_LOGLINE']._serialized_end=161
+  _globals['_SCALEREQUEST']._serialized_start=164
+  _globals['_SCALEREQUEST']._serialized_end=299
+  _globals['_WORKERREQUEST']._serialized_start=301
+  _globals['_WORKERREQUEST']._serialized_end=335
+  _globals['_RELOADREQUEST']._serialized_start=337
+  _globals['_RELOADREQUEST']._serialized_end=352
+  _globals['_CONTROLRESPONSE']._serialized_start=354
+  _globals['_CONTROLRESPONSE']._serialized_end=400
+  _globals['_STATUSREQUEST']._serialized_start=402
+  _globals['_STATUSREQUEST']._serialized_end=417
+  _globals['_DAEMONSTATUS']._serialized_start=419
+  _globals['_DAEMONSTATUS']._serialized_end=537
+  _globals['_MODELSTATUS']._serialized_start=540
+  _globals['_MODELSTATUS']._serialized_end=880
+  _globals['_MEMORYSTATUS']._serialized_start=883
+  _globals['_MEMORYSTATUS']._serialized_end=1051
+  _globals['_WORKERSTATUS']._serialized_start=1054
+  _globals['_WORKERSTATUS']._serialized_end=1616
+  _globals['_WORKERSTATUS_BACKENDMEMORYENTRY']._serialized_start=1564
+  _globals['_WORKERSTATUS_BACKENDMEMORYENTRY']._serialized_end=1616
+  _globals['_STATUSRESPONSE']._serialized_start=1619
+  _globals['_STATUSRESPONSE']._serialized_end=1791
+  _globals['_ADMIN']._serialized_start=1794
+  _globals['_ADMIN']._serialized_end=2172
 # @@protoc_insertion_point(module_scope)

@@ -3,16 +3,36 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StatsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("prefix_cache_budget",)
+    PREFIX_CACHE_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    prefix_cache_budget: int
+    def __init__(self, prefix_cache_budget: _Optional[int] = ...) -> None: ...
+
+class PrefixCacheStats(_message.Message):
+    __slots__ = ("bytes", "budget_bytes", "configured_bytes", "entries", "hit_tokens", "miss_tokens", "evictions")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CONFIGURED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MISS_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    budget_bytes: int
+    configured_bytes: int
+    entries: int
+    hit_tokens: int
+    miss_tokens: int
+    evictions: int
+    def __init__(self, bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., configured_bytes: _Optional[int] = ..., entries: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "pid", "backend", "device", "context_length", "tokens", "requests", "inflight", "backend_memory", "backend_memory_note", "oom_events", "last_oom", "running_sequences", "kv_bytes", "kv_reserve_bytes")
+    __slots__ = ("worker_id", "pid", "backend", "device", "context_length", "tokens", "requests", "inflight", "backend_memory", "backend_memory_note", "oom_events", "last_oom", "running_sequences", "kv_bytes", "kv_reserve_bytes", "prefix_cache")
     class BackendMemoryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +55,7 @@ class WorkerStats(_message.Message):
     RUNNING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_RESERVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     pid: int
     backend: str
@@ -50,4 +71,5 @@ class WorkerStats(_message.Message):
     running_sequences: int
     kv_bytes: int
     kv_reserve_bytes: int
-    def __init__(self, worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., inflight: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., oom_events: _Optional[int] = ..., last_oom: _Optional[str] = ..., running_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_reserve_bytes: _Optional[int] = ...) -> None: ...
+    prefix_cache: PrefixCacheStats
+    def __init__(self, worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., inflight: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., oom_events: _Optional[int] = ..., last_oom: _Optional[str] = ..., running_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_reserve_bytes: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ...) -> None: ...

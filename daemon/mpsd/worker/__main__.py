@@ -86,7 +86,22 @@ def _start_decoding(spec: WorkerSpec, model):
     scheduler.start()
     for _ in scheduler.submit(GenerateParams(prompt="Hello", max_tokens=4, temperature=0.0, top_p=1.0, seed=0, stop=())):
         pass
+    _configure_prefix_cache(spec, model, scheduler)
     return scheduler
+
+
+def _configure_prefix_cache(spec: WorkerSpec, model, scheduler) -> None:
+    """After the warm-up, so its prompt is not kept. A fraction is of this worker's own footprint: its weights as
+    measured at load plus the KV a full batch holds (kv_reserve_bytes), what admission counts it by."""
+    from mpsd.units import format_bytes
+    from mpsd.worker.prefix_store import resolve_budget
+
+    if getattr(model, "prefix_cache", None) is None:
+        return
+    footprint = getattr(model, "weights_bytes", 0) + scheduler.kv_reserve_bytes
+    budget = resolve_budget(spec.prefix_cache_bytes, spec.prefix_cache_fraction, footprint)
+    scheduler.configure_prefix_cache(budget)
+    _log(f"prefix cache: {format_bytes(budget) if budget else 'off'}")
 
 
 def _report_boot_failure(exc: BaseException) -> None:

@@ -27,6 +27,7 @@ from mpsd.generate_params import GenerateParams, InvalidRequest
 from mpsd.oom import exception_oom
 from mpsd.worker.backends.base import BatchEngine, Finished, StepOutput, TokenEvent
 from mpsd.worker.backends.streaming import SequenceStream, check_prompt
+from mpsd.worker.prefix_store import PrefixCacheFigures
 
 IDLE_WAIT_S = 0.5
 STEP_HISTORY = 4096  # recent steps kept for tests and status: what each step did
@@ -100,6 +101,8 @@ class DecodeScheduler:
         self._stopped = threading.Event()
         self.steps: collections.deque[StepRecord] = collections.deque(maxlen=STEP_HISTORY)
         self.kv_bytes = 0  # written by the scheduler thread after each step; read by Stats
+        self.prefix_cache = PrefixCacheFigures()  # replaced whole by the scheduler thread; read by Stats
+        self._prefix_budget: int | None = None  # a new budget for the prefix cache, applied by the scheduler thread
         self._thread = threading.Thread(target=self._loop, name="mpsd-decode", daemon=True)
 
     @property
@@ -120,6 +123,19 @@ class DecodeScheduler:
             self._stopping = True
             self._wakeup.notify()
         self._stopped.wait()
+
+    def configure_prefix_cache(self, budget_bytes: int) -> None:
+        """Before start(): the budget prefix_cache resolved to, reported as configured_bytes."""
+        self.prefix_cache = dataclasses.replace(self.prefix_cache, configured_bytes=budget_bytes)
+        self.set_prefix_cache_budget(budget_bytes)
+
+    def set_prefix_cache_budget(self, budget_bytes: int) -> None:
+        """From any thread (the daemon's Stats probe): the scheduler thread applies it before its next step."""
+        if self._engine.prefix_cache is None:
+            return
+        with self._wakeup:
+            self._prefix_budget = budget_bytes
+            self._wakeup.notify()
 
     def submit(self, params: GenerateParams, deadline: float | None = None) -> Submission:
         submission = Submission(params, deadline, self._wake)
@@ -144,11 +160,15 @@ class DecodeScheduler:
     def _decode_until_stopped(self) -> None:
         while True:
             with self._wakeup:
-                while not self._stopping and not self._inbox and not self._running:
+                while not self._stopping and not self._inbox and not self._running and self._prefix_budget is None:
                     self._wakeup.wait(IDLE_WAIT_S)
                 if self._stopping:
                     return
                 joining = self._take_joining()
+                budget, self._prefix_budget = self._prefix_budget, None
+            if budget is not None:
+                self._engine.prefix_cache.set_budget(budget)
+                self._count_prefix_cache()
             for submission in joining:
                 self._join(submission)
             self._let_go()
@@ -175,10 +195,19 @@ class DecodeScheduler:
             return
         budget = min(params.max_tokens, engine.context_length - len(prompt_ids))
         seq_id = next(self._ids)
+        try:
+            cached = engine.add(seq_id, prompt_ids, params, budget)
+        except Exception as exc:  # noqa: BLE001  (copying a cached prefix can run out of memory: this request only)
+            if not exception_oom(exc):
+                raise
+            engine.remove(seq_id)
+            self._free_prefix_cache()
+            submission.events.put(_as_failure(exc))
+            return
+        self._count_prefix_cache(hit=cached, miss=len(prompt_ids) - cached)
         stream = SequenceStream(prompt_ids=prompt_ids, params=params, budget=budget,
-                                eos_ids=engine.eos_ids, decode=engine.decode)
+                                eos_ids=engine.eos_ids, decode=engine.decode, cached_tokens=cached)
         self._running[seq_id] = _Running(submission, stream)
-        engine.add(seq_id, prompt_ids, params, budget)
 
     def _let_go(self) -> None:
         """Sequences whose client left or whose deadline passed leave before the next step."""
@@ -198,6 +227,8 @@ class DecodeScheduler:
             self._step_failed(exc)
             return
         self.steps.append(StepRecord(output.prefill_tokens, output.decode_rows, time.perf_counter() - started))
+        if any(exception_oom(exc) for exc in output.failed.values()):
+            self._free_prefix_cache()
         for seq_id, exc in output.failed.items():
             self._leave(seq_id, _as_failure(exc))
         for seq_id, token_id in output.tokens.items():
@@ -217,6 +248,7 @@ class DecodeScheduler:
         """Out of memory: the youngest sequence gives its memory back and fails; the rest try again.
         Anything else is a bug in the step: every sequence in it fails with the error, the worker lives."""
         if exception_oom(exc) and self._running:
+            self._free_prefix_cache()
             self._leave(max(self._running), _as_failure(exc))
             return
         traceback.print_exc()
@@ -227,13 +259,30 @@ class DecodeScheduler:
         running = self._running.get(seq_id)
         if running is None:
             return
-        self._engine.remove(seq_id)
+        self._engine.remove(seq_id, keep=failure is None and running.stream.finished)
         self.kv_bytes = self._engine.kv_bytes()
+        self._count_prefix_cache()
         del self._running[seq_id]  # after its KV is gone, so Stats never shows KV for no sequence
         if failure is not None:
             running.submission.events.put(failure)
         elif not running.stream.finished:
             running.submission.events.put(_Closed())
+
+
+    def _free_prefix_cache(self) -> None:
+        """Out of memory: the prefix cache gives everything back first; it is only ever a saving."""
+        if self._engine.prefix_cache is not None:
+            self._engine.prefix_cache.clear()
+            self._count_prefix_cache()
+
+    def _count_prefix_cache(self, hit: int = 0, miss: int = 0) -> None:
+        """A fresh figures object each time, so Stats on another thread never reads one half-written."""
+        cache, figures = self._engine.prefix_cache, self.prefix_cache
+        self.prefix_cache = PrefixCacheFigures(
+            bytes=cache.bytes if cache else 0, budget_bytes=cache.budget_bytes if cache else 0,
+            configured_bytes=figures.configured_bytes, entries=len(cache) if cache else 0,
+            hit_tokens=figures.hit_tokens + hit, miss_tokens=figures.miss_tokens + miss,
+            evictions=cache.evictions if cache else 0)
 
 
 def _park() -> None:

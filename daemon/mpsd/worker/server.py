@@ -129,7 +129,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             if isinstance(event, Finished):
                 yield inference_pb2.GenerateResponse(finish=inference_pb2.Finish(
                     reason=event.reason,
-                    usage=inference_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
+                    usage=inference_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
+                                              cached_tokens=event.cached_tokens),
                     worker_id=self._worker_id,
                     worker_pid=self._pid,
                 ))
@@ -148,6 +149,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         )
 
     def Stats(self, request, context):
+        """Also where the daemon sets the prefix cache's budget (shrinking it to make room, giving it back)."""
+        if self._scheduler is not None and request.HasField("prefix_cache_budget"):
+            self._scheduler.set_prefix_cache_budget(request.prefix_cache_budget)
         report = self._model.memory_report()
         return worker_pb2.WorkerStats(
             worker_id=self._worker_id,
@@ -170,4 +174,5 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if scheduler is None:
             return {}
         return {"running_sequences": scheduler.running, "kv_bytes": scheduler.kv_bytes,
-                "kv_reserve_bytes": scheduler.kv_reserve_bytes}
+                "kv_reserve_bytes": scheduler.kv_reserve_bytes,
+                "prefix_cache": worker_pb2.PrefixCacheStats(**dataclasses.asdict(scheduler.prefix_cache))}

@@ -10,8 +10,8 @@ from mpsd.generate_params import GenerateParams, InvalidRequest
 if TYPE_CHECKING:
     from mpsd.worker.backends.chat import ChatTemplate
 
-__all__ = ["BatchEngine", "BootFailure", "Finished", "GenerateParams", "InvalidRequest", "MemoryReport", "StepOutput",
-           "TokenEvent"]
+__all__ = ["BatchEngine", "BootFailure", "Finished", "GenerateParams", "InvalidRequest", "MemoryReport", "PrefixCache",
+           "StepOutput", "TokenEvent"]
 
 
 class BootFailure(RuntimeError):
@@ -38,6 +38,7 @@ class Finished:
     reason: str  # "stop" or "length"
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens the prefix cache served (not prefilled again)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,30 +57,50 @@ class StepOutput:
     decode_rows: int = 0      # sequences this step decoded a token for, together
 
 
+class PrefixCache(Protocol):
+    """An engine's store of earlier sequences' KV (prefix_store.PrefixStore, or mlx-lm's LRUPromptCache behind an
+    adapter): measured bytes, a budget that may change at any time, least recently used out first."""
+
+    bytes: int
+    budget_bytes: int
+    evictions: int
+
+    def __len__(self) -> int: ...
+
+    def set_budget(self, budget_bytes: int) -> None: ...
+
+    def clear(self) -> int: ...
+
+
 class BatchEngine(Protocol):
     """A language model decoding many sequences per step; only the scheduler thread calls it.
 
-    add() queues a sequence for prefill; each step() runs at most one prefill
-    chunk and one decode step for every sequence past its prefill; remove()
-    drops a sequence wherever it is and frees its KV cache. Sequences are
-    independent: per-request temperature, top_p and seed hold in a batch.
+    add() queues a sequence for prefill, reusing the longest prefix its prefix
+    cache holds; each step() runs at most one prefill chunk and one decode
+    step for every sequence past its prefill; remove() drops a sequence
+    wherever it is and frees its KV cache, or, with keep=True (it finished),
+    hands its KV to the prefix cache. Sequences are independent: per-request
+    temperature, top_p and seed hold in a batch.
     """
 
     device: str
     context_length: int
     eos_ids: frozenset[int]
     kv_bytes_per_token: int  # one token of one sequence, all layers: what a full batch is reserved by
+    weights_bytes: int       # the loaded model's own tensors, measured: what a fractional prefix_cache is taken of
     chat_template: "ChatTemplate | None"  # the model's own (chat.py); None: Chat is refused
+    prefix_cache: "PrefixCache | None"    # None: the engine keeps no prefix cache
 
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
-    def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int) -> None: ...
+    def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int) -> int:
+        """Returns how many of the prompt's tokens the prefix cache served (0 on a miss)."""
 
     def step(self) -> StepOutput: ...
 
-    def remove(self, seq_id: int) -> None: ...
+    def remove(self, seq_id: int, keep: bool = False) -> None: ...
 
     def kv_bytes(self) -> int:
         """KV cache held now, all sequences together (0 where the backend cannot tell)."""

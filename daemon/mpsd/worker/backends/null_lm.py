@@ -23,6 +23,8 @@ class NullLM:
     context_length = CONTEXT_LENGTH
     eos_ids = frozenset()
     kv_bytes_per_token = 0
+    weights_bytes = 0
+    prefix_cache = None  # it holds no KV to keep
     chat_template = None  # Chat answers FAILED_PRECONDITION: no template to render with
 
     def __init__(self) -> None:
@@ -37,10 +39,11 @@ class NullLM:
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(WORDS[i] for i in ids)
 
-    def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int) -> None:
+    def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int) -> int:
         self._generated[seq_id] = 0
+        return 0
 
-    def remove(self, seq_id: int) -> None:
+    def remove(self, seq_id: int, keep: bool = False) -> None:
         self._generated.pop(seq_id, None)
 
     def kv_bytes(self) -> int:

@@ -34,8 +34,9 @@ class SequenceStream:
     """
 
     def __init__(self, *, prompt_ids: Sequence[int], params: GenerateParams, budget: int,
-                 eos_ids: Collection[int], decode: Callable[[Sequence[int]], str]) -> None:
+                 eos_ids: Collection[int], decode: Callable[[Sequence[int]], str], cached_tokens: int = 0) -> None:
         self._prompt_tokens = len(prompt_ids)
+        self._cached_tokens = cached_tokens
         self._budget = budget
         self._eos_ids = eos_ids
         self._detokenizer = IncrementalDetokenizer(decode, prompt_ids)
@@ -59,7 +60,8 @@ class SequenceStream:
                 last_text_always: bool = False) -> list[TokenEvent | Finished]:
         self.finished = True
         events: list[TokenEvent | Finished] = list(_held_back(index, token_id, text, last_text_always))
-        events.append(Finished(reason, self._prompt_tokens, index + 1 if reason == "stop" else self._budget))
+        completion = index + 1 if reason == "stop" else self._budget
+        events.append(Finished(reason, self._prompt_tokens, completion, self._cached_tokens))
         return events
 
 

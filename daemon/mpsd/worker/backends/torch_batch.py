@@ -68,6 +68,12 @@ class KVBatch:
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[..., :width, :], layer.values[..., :width, :]
 
+    def row_cache(self, seq_id: int):
+        """A copy of one row's real columns (its padding cut off) as a cache of its own: what the prefix cache keeps."""
+        index, length = self.ids.index(seq_id), self.lengths[self.ids.index(seq_id)]
+        return _cache_of([(layer.keys[index:index + 1, :, -length:], layer.values[index:index + 1, :, -length:])
+                          for layer in self.cache.layers])
+
     def nbytes(self) -> int:
         return 0 if self.cache is None else cache_nbytes(self.cache)
 
@@ -82,6 +88,21 @@ class KVBatch:
 
 def cache_nbytes(cache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
+
+
+def copy_cache(cache, length: int):
+    """The first `length` tokens of a one-row cache, copied: the prefix cache's entry stays as it was."""
+    return _cache_of([(layer.keys[..., :length, :], layer.values[..., :length, :]) for layer in cache.layers])
+
+
+def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A new DynamicCache holding copies: its update() concatenates onto an empty tensor, which copies."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys, values, index)
+    return cache
 
 
 def _pad_time(tensor: torch.Tensor, width: int) -> torch.Tensor:

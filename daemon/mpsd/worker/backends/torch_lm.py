@@ -9,6 +9,13 @@ batch size (10.9k vs 7.2k tok/s at 16). Here each request samples its row with
 its own torch.Generator (sampling.py), prompts prefill alone in chunks, and the
 decoding rows share one left-padded KV cache (torch_batch.KVBatch).
 
+Prefix cache. transformers keeps no store of earlier prompts, so a finished
+sequence's row of the batch (prompt and answer) is copied out into a
+prefix_store.PrefixStore; a new prompt starts from a copy of the entry with the
+longest common prefix, cut to it, and prefills the rest from that position.
+Only caches made of plain full-attention layers are kept: a sliding-window
+layer cannot be cut back to an arbitrary length.
+
 Batched rows are not bit-identical to a sequence alone on CPU (matmul results
 depend on the batch size; padded attention adds ~1e-6), so a seeded or greedy
 request can differ from its solo run only where two tokens tie within ~1e-5:
@@ -25,7 +32,8 @@ from typing import Callable
 from mpsd.worker.backends import chat, sampling
 from mpsd.worker.backends.base import BootFailure, GenerateParams, MemoryReport, StepOutput
 from mpsd.worker.backends.memory import torch_memory_report
-from mpsd.worker.backends.torch_batch import KVBatch, cache_nbytes
+from mpsd.worker.backends.torch_batch import KVBatch, cache_nbytes, copy_cache
+from mpsd.worker.prefix_store import PrefixStore
 from mpsd.worker_spec import WorkerSpec
 
 PREFILL_CHUNK_TOKENS = 256  # prompt tokens one step may prefill: what a long prompt can delay the others by
@@ -39,6 +47,7 @@ class _Sequence:
     cache: object      # its own DynamicCache while prefilling, then in the KVBatch
     prefilled: int = 0
     next_input: int = -1  # the token it feeds at its next decode step
+    sampled: list[int] = dataclasses.field(default_factory=list)  # its answer so far, the KV of all but the last held
 
 
 class TorchCausalLM:
@@ -63,16 +72,20 @@ class TorchCausalLM:
         self._sequences: dict[int, _Sequence] = {}
         self._prefilling: collections.deque[int] = collections.deque()
         self._batch = KVBatch()
-        self.kv_bytes_per_token = self._measure_kv_per_token()
+        self.kv_bytes_per_token, layer_kinds = self._measure_kv_per_token()
+        self.weights_bytes = sum(t.nbytes for t in (*self._model.parameters(), *self._model.buffers()))
+        # Budget 0 until the worker sets it (scheduler.configure_prefix_cache).
+        self.prefix_cache = PrefixStore(0, cache_nbytes) if layer_kinds == {"DynamicLayer"} else None
 
-    def _measure_kv_per_token(self) -> int:
-        """One token through the model: its cache is exactly one token's KV (DynamicCache does not preallocate)."""
+    def _measure_kv_per_token(self) -> tuple[int, set[str]]:
+        """One token through the model: its cache is exactly one token's KV (DynamicCache does not preallocate).
+        Also the kinds of cache layer the model makes, which say whether a prefix can be cut and reused."""
         from transformers import DynamicCache
 
         cache = DynamicCache()
         with self._torch.inference_mode():
             self._model(input_ids=self._torch.tensor([[0]], device=self.device), past_key_values=cache, use_cache=True)
-        return cache_nbytes(cache)
+        return cache_nbytes(cache), {type(layer).__name__ for layer in cache.layers}
 
     def memory_report(self) -> MemoryReport:
         return torch_memory_report(self._torch, self.device)
@@ -83,18 +96,25 @@ class TorchCausalLM:
     def decode(self, ids) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int) -> None:
+    def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int) -> int:
+        """Starts from a copy of the longest cached prefix, if any; the copy is this sequence's own to extend."""
         from transformers import DynamicCache
 
         generator = sampling.make_generator(params.seed, self.device)
-        self._sequences[seq_id] = _Sequence(params, prompt_ids, generator, DynamicCache())
+        match = self.prefix_cache.lookup(prompt_ids) if self.prefix_cache else None
+        cache = copy_cache(match.payload, match.reuse) if match else DynamicCache()
+        self._sequences[seq_id] = _Sequence(params, prompt_ids, generator, cache, prefilled=match.reuse if match else 0)
         self._prefilling.append(seq_id)
+        return match.reuse if match else 0
 
-    def remove(self, seq_id: int) -> None:
+    def remove(self, seq_id: int, keep: bool = False) -> None:
         sequence = self._sequences.pop(seq_id, None)
         if sequence is None:
             return
         if seq_id in self._batch.ids:
+            if keep and self.prefix_cache is not None and self.prefix_cache.budget_bytes:
+                row = self._batch.row_cache(seq_id)
+                self.prefix_cache.insert((sequence.prompt_ids + sequence.sampled)[:row.get_seq_length()], row)
             self._batch.leave(seq_id)
         else:
             self._prefilling.remove(seq_id)
@@ -203,6 +223,7 @@ class TorchCausalLM:
         sequence = self._sequences[seq_id]
         params = sequence.params
         sequence.next_input = sampling.next_token(logits, params.temperature, params.top_p, sequence.generator)
+        sequence.sampled.append(sequence.next_input)
         return sequence.next_input
 
 
