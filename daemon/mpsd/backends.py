@@ -29,6 +29,7 @@ class Backend:
     takes_mlx_limits: bool = False
     uses_torch_device: bool = False  # the worker picks a torch device and pins torch threads first
     default_concurrency: int = 1  # sequences one worker decodes together (language models batch)
+    keeps_prefix_cache: bool = False  # KV of earlier prompts kept for the next turn (prefix_cache, on by default)
 
     def load_function(self) -> Callable:
         """Imports the loader: call it only in a worker, since it may import torch or mlx."""
@@ -38,11 +39,11 @@ class Backend:
 
 BACKENDS: types.MappingProxyType[str, Backend] = types.MappingProxyType({backend.name: backend for backend in (
     Backend("torch-lm", "mpsd.worker.backends.torch_lm:load", generates=True, needs_path=True, uses_torch_device=True,
-            default_concurrency=BATCHED_CONCURRENCY),
+            default_concurrency=BATCHED_CONCURRENCY, keeps_prefix_cache=True),
     Backend("torch-module", "mpsd.worker.backends.torch_module:load", generates=False, needs_factory=True,
             uses_torch_device=True),
     Backend("mlx-lm", "mpsd.worker.backends.mlx_lm:load", generates=True, needs_path=True, takes_mlx_limits=True,
-            default_concurrency=BATCHED_CONCURRENCY),
+            default_concurrency=BATCHED_CONCURRENCY, keeps_prefix_cache=True),
     Backend("null-lm", "mpsd.worker.backends.null_lm:load", generates=True,  # no framework: measures mpsd itself
             default_concurrency=BATCHED_CONCURRENCY),
 )})

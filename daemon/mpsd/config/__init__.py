@@ -9,7 +9,8 @@ from mpsd.config.parse import load_config, parse_config
 from mpsd.config.reader import split_listen
 from mpsd.config.schema import (
     EMBEDDED_DEFAULT, EMBEDDED_SOURCE, Config, ConfigError, DaemonConfig, HttpLimits, MemoryConfig, ModelConfig,
-    PublicAccess)
+    PublicAccess, RoutingThresholds)
 
 __all__ = ["EMBEDDED_DEFAULT", "EMBEDDED_SOURCE", "Config", "ConfigError", "DaemonConfig", "HttpLimits",
-           "MemoryConfig", "ModelConfig", "PublicAccess", "load_config", "parse_config", "split_listen"]
+           "MemoryConfig", "ModelConfig", "PublicAccess", "RoutingThresholds", "load_config", "parse_config",
+           "split_listen"]

@@ -8,13 +8,16 @@ from typing import Any
 from mpsd import paths
 from mpsd.backends import BACKENDS
 from mpsd.config.reader import Reader
+from mpsd.units import parse_size
 from mpsd.config.schema import DEVICE_PATTERN, FACTORY_PATTERN, NAME_PATTERN, ModelConfig
 
 _MODEL_KEYS = (
     "name", "backend", "path", "factory", "replicas", "device", "concurrency", "threads",
     "footprint", "env", "queue", "load_timeout", "memory_limit", "wired_limit", "cache_limit",
-    "min_replicas", "max_replicas", "keep_alive", "priority", "scale_up_queue",
+    "min_replicas", "max_replicas", "keep_alive", "priority", "scale_up_queue", "prefix_cache", "routing",
 )
+ROUTING_POLICIES = ("prefix", "least-loaded")
+DEFAULT_PREFIX_CACHE_FRACTION = 0.25  # of the worker's footprint (weights + a full batch's KV): docs/configuration.md
 
 
 def read_model(reader: Reader, table: dict[str, Any], index: int, base_dir: pathlib.Path) -> ModelConfig:
@@ -44,7 +47,50 @@ def read_model(reader: Reader, table: dict[str, Any], index: int, base_dir: path
         queue_limit=reader.integer(table, "queue", at + "queue", 64, 0),
         load_timeout_s=reader.duration(table, "load_timeout", at + "load_timeout", 300.0),
         **_mlx_limits(reader, table, at, backend),
+        **_prefix_cache(reader, table, at, backend),
+        routing=_routing_policy(reader, table, at),
     )
+
+
+def _prefix_cache(reader: Reader, table: dict[str, Any], at: str, backend: str) -> dict[str, Any]:
+    """prefix_cache: "1GiB" (a size), "25%" or 0.25 (a fraction of the worker's own measured footprint), "0": off."""
+    keeps = BACKENDS[backend].keeps_prefix_cache
+    if "prefix_cache" not in table:
+        return dict(prefix_cache_fraction=DEFAULT_PREFIX_CACHE_FRACTION if keeps else None)
+    try:
+        size, fraction = parse_cache_budget(table["prefix_cache"])
+    except ValueError as exc:
+        raise reader.fail(at + "prefix_cache", str(exc)) from None
+    if not keeps and (size or fraction):
+        takers = ", ".join(b.name for b in BACKENDS.values() if b.keeps_prefix_cache)
+        raise reader.fail(at + "prefix_cache", f"applies to backend {takers} only (or '0')")
+    return dict(prefix_cache_bytes=size or None, prefix_cache_fraction=fraction)
+
+
+def parse_cache_budget(value: Any) -> tuple[int, float | None]:
+    """(bytes, None) for a size, (0, fraction) for a fraction; ValueError naming the accepted forms."""
+    forms = "a size like '1GiB', a fraction of the worker's footprint like '25%' or 0.25, or '0' for off"
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            percent = float(value.strip()[:-1])
+        except ValueError:
+            raise ValueError(f"expected {forms}, got {value!r}") from None
+        if not 0.0 <= percent <= 100.0:
+            raise ValueError(f"a percentage must be from 0% to 100%, got {value!r}")
+        return 0, (percent / 100.0 or None)
+    if isinstance(value, float) and 0.0 < value < 1.0:
+        return 0, value
+    try:
+        return parse_size(value), None
+    except ValueError:
+        raise ValueError(f"expected {forms}, got {value!r}") from None
+
+
+def _routing_policy(reader: Reader, table: dict[str, Any], at: str) -> str:
+    policy = reader.string(table, "routing", at + "routing", "prefix")
+    if policy not in ROUTING_POLICIES:
+        raise reader.fail(at + "routing", f"must be one of {', '.join(ROUTING_POLICIES)}, got {policy!r}")
+    return policy
 
 
 def _demand(reader: Reader, table: dict[str, Any], at: str) -> dict[str, Any]:

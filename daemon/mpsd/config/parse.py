@@ -13,7 +13,8 @@ from typing import Any
 from mpsd.config.models import read_model
 from mpsd.config.reader import Reader, check_listen, optional_path
 from mpsd.config.schema import (
-    EMBEDDED_DEFAULT, EMBEDDED_SOURCE, Config, ConfigError, DaemonConfig, HttpLimits, MemoryConfig, PublicAccess)
+    EMBEDDED_DEFAULT, EMBEDDED_SOURCE, Config, ConfigError, DaemonConfig, HttpLimits, MemoryConfig, PublicAccess,
+    RoutingThresholds)
 
 # [daemon] key -> HttpLimits field, for the timeouts (durations); http_max_connections and http_max_body follow them.
 HTTP_TIMEOUT_KEYS = {"http_idle_timeout": "idle_timeout_s", "http_head_timeout": "head_timeout_s",
@@ -59,7 +60,7 @@ def _daemon(reader: Reader, table: dict[str, Any], base_dir: pathlib.Path) -> Da
         "listen", "state_dir", "drain_grace", "stop_timeout", "health_interval", "health_timeout", "log_format",
         "restart_delay", "restart_max_delay", "restart_reset_after", "fatal_failures", "fatal_window",
         "log_file", "log_max_size", "log_backups", "tls_cert", "tls_key", "token_file", "metrics_listen",
-        "http_listen", *HTTP_TIMEOUT_KEYS, "http_max_connections", "http_max_body",
+        "http_listen", *HTTP_TIMEOUT_KEYS, "http_max_connections", "http_max_body", *ROUTING_KEYS,
     )
     reader.only_keys(table, "daemon.", fields)
     defaults = DaemonConfig()
@@ -80,6 +81,7 @@ def _daemon(reader: Reader, table: dict[str, Any], base_dir: pathlib.Path) -> Da
         metrics_listen=metrics_listen,
         http_listen=http_listen,
         http_limits=_http_limits(reader, table),
+        routing=_routing(reader, table),
         access=_access(reader, table, base_dir),
         state_dir=(base_dir / pathlib.Path(state_dir).expanduser()) if state_dir else None,
         drain_grace_s=reader.duration(table, "drain_grace", "daemon.drain_grace", defaults.drain_grace_s),
@@ -98,6 +100,25 @@ def _daemon(reader: Reader, table: dict[str, Any], base_dir: pathlib.Path) -> Da
         log_backups=reader.integer(table, "log_backups", "daemon.log_backups", defaults.log_backups, 0),
     )
 
+
+
+ROUTING_KEYS = ("routing_cache_threshold", "routing_balance_abs_threshold", "routing_balance_rel_threshold")
+
+
+def _routing(reader: Reader, table: dict[str, Any]) -> RoutingThresholds:
+    defaults = RoutingThresholds()
+    cache = reader.number(table, "routing_cache_threshold", "daemon.routing_cache_threshold", defaults.cache_threshold)
+    if not 0.0 <= cache <= 1.0:
+        raise reader.fail("daemon.routing_cache_threshold", f"must be a fraction from 0 to 1, got {cache!r}")
+    relative = reader.number(table, "routing_balance_rel_threshold", "daemon.routing_balance_rel_threshold",
+                             defaults.balance_rel_threshold)
+    if relative < 1.0:
+        raise reader.fail("daemon.routing_balance_rel_threshold", f"must be 1.0 or more, got {relative!r}")
+    return RoutingThresholds(
+        cache_threshold=cache,
+        balance_abs_threshold=reader.integer(table, "routing_balance_abs_threshold",
+                                             "daemon.routing_balance_abs_threshold", defaults.balance_abs_threshold, 0),
+        balance_rel_threshold=relative)
 
 
 def _http_limits(reader: Reader, table: dict[str, Any]) -> HttpLimits:

@@ -45,6 +45,12 @@ class Reader:
             raise self.fail(label, f"must be an integer >= {minimum}, got {value!r}")
         return value
 
+    def number(self, table: dict[str, Any], key: str, label: str, default: float) -> float:
+        value = table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(label, f"must be a number, got {value!r}")
+        return float(value)
+
     def duration(self, table: dict[str, Any], key: str, label: str, default: float) -> float:
         try:
             return parse_duration(table.get(key, default))

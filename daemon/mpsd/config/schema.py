@@ -67,11 +67,27 @@ class HttpLimits:
 
 
 @dataclasses.dataclass(frozen=True)
+class RoutingThresholds:
+    """When prefix-aware routing follows the prefix and when it balances load; defaults are SGLang's router's.
+
+    A request goes to the worker whose cached prefix covers more than
+    cache_threshold of its prompt, unless the pool is imbalanced: the busiest
+    worker has more than balance_abs_threshold requests in flight beyond the
+    least busy and more than balance_rel_threshold times as many.
+    """
+
+    cache_threshold: float = 0.5
+    balance_abs_threshold: int = 32
+    balance_rel_threshold: float = 1.0001
+
+
+@dataclasses.dataclass(frozen=True)
 class DaemonConfig:
     listen: str = "127.0.0.1:7700"
     http_listen: str = "127.0.0.1:7702"  # the HTTP edge: /v1 (OpenAI), /metrics, the status page; "" serves none
     metrics_listen: str = ""             # the same edge on one more address (old scrape configs); "" serves none
     http_limits: HttpLimits = HttpLimits()
+    routing: RoutingThresholds = RoutingThresholds()
     access: PublicAccess = PublicAccess()
     state_dir: pathlib.Path | None = None
     drain_grace_s: float = 30.0
@@ -120,6 +136,10 @@ class ModelConfig:
     keep_alive_s: float | None = 300.0  # idle time before a worker above min_replicas stops; None: never
     priority: int = 0                   # higher is evicted last
     scale_up_queue: int = 1             # queued requests per live worker that start one more
+    # Prefix cache (worker/prefix_store.py): a size, or a fraction of the worker's measured footprint; both None: off.
+    prefix_cache_bytes: int | None = None
+    prefix_cache_fraction: float | None = None
+    routing: str = "prefix"             # "prefix": to the worker holding the prompt's prefix; "least-loaded"
 
     @property
     def generates(self) -> bool:

@@ -259,6 +259,7 @@ class Fleet:
             device=model.device, threads=model.threads, concurrency=model.concurrency,
             stop_grace_s=self.config.daemon.drain_grace_s, mlx_memory_limit=model.memory_limit_bytes,
             mlx_wired_limit=model.wired_limit_bytes, mlx_cache_limit=model.cache_limit_bytes,
+            prefix_cache_bytes=model.prefix_cache_bytes, prefix_cache_fraction=model.prefix_cache_fraction,
         )
 
     async def _start_and_reap(self, worker: WorkerRecord, process: WorkerProcess) -> None:
