@@ -19,8 +19,10 @@ def params(prompt="Hello world", max_tokens=16, temperature=0.0, top_p=1.0, seed
 
 
 @contextlib.contextmanager
-def running(engine, max_sequences: int = 16) -> Iterator[DecodeScheduler]:
+def running(engine, max_sequences: int = 16, prefix_cache_bytes: int = 0) -> Iterator[DecodeScheduler]:
+    """prefix_cache_bytes: the prefix cache's budget (0, off, unless a test is about it)."""
     scheduler = DecodeScheduler(engine, max_sequences)
+    scheduler.configure_prefix_cache(prefix_cache_bytes)
     scheduler.start()
     try:
         yield scheduler
@@ -32,6 +34,15 @@ def run(scheduler: DecodeScheduler, request: GenerateParams) -> tuple[list[Token
     events = list(scheduler.submit(request))
     assert all(isinstance(e, TokenEvent) for e in events[:-1]) and isinstance(events[-1], Finished), events[-3:]
     return events[:-1], events[-1]
+
+
+def wait_idle(scheduler: DecodeScheduler, timeout_s: float = 30.0) -> DecodeScheduler:
+    """Until every sequence has left: a client sees its Finished a moment before its KV moves to the prefix cache."""
+    deadline = time.monotonic() + timeout_s
+    while scheduler.running:
+        assert time.monotonic() < deadline, "a sequence never left the batch"
+        time.sleep(0.002)
+    return scheduler
 
 
 def token_ids(events) -> list[int]:

@@ -278,11 +278,10 @@ class DecodeScheduler:
     def _count_prefix_cache(self, hit: int = 0, miss: int = 0) -> None:
         """A fresh figures object each time, so Stats on another thread never reads one half-written."""
         cache, figures = self._engine.prefix_cache, self.prefix_cache
+        held = (cache.bytes, cache.budget_bytes, len(cache), cache.evictions) if cache is not None else (0, 0, 0, 0)
         self.prefix_cache = PrefixCacheFigures(
-            bytes=cache.bytes if cache else 0, budget_bytes=cache.budget_bytes if cache else 0,
-            configured_bytes=figures.configured_bytes, entries=len(cache) if cache else 0,
-            hit_tokens=figures.hit_tokens + hit, miss_tokens=figures.miss_tokens + miss,
-            evictions=cache.evictions if cache else 0)
+            bytes=held[0], budget_bytes=held[1], configured_bytes=figures.configured_bytes, entries=held[2],
+            hit_tokens=figures.hit_tokens + hit, miss_tokens=figures.miss_tokens + miss, evictions=held[3])
 
 
 def _park() -> None:

@@ -101,7 +101,7 @@ class TorchCausalLM:
         from transformers import DynamicCache
 
         generator = sampling.make_generator(params.seed, self.device)
-        match = self.prefix_cache.lookup(prompt_ids) if self.prefix_cache else None
+        match = self.prefix_cache.lookup(prompt_ids) if self.prefix_cache is not None else None
         cache = copy_cache(match.payload, match.reuse) if match else DynamicCache()
         self._sequences[seq_id] = _Sequence(params, prompt_ids, generator, cache, prefilled=match.reuse if match else 0)
         self._prefilling.append(seq_id)
