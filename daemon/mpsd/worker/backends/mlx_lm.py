@@ -33,6 +33,25 @@ randomness) and splits it per token, so a seeded request gives the same
 tokens whatever runs beside it; greedy and top_p follow mlx-lm's own
 `apply_top_p` and the same rules as the torch backend. BatchGenerator calls a
 request's sampler on its own row whenever the rows' samplers differ.
+
+Prefix cache. mlx-lm has a store of its own, `LRUPromptCache` (mlx_lm.server's):
+a token trie of caches, counted in bytes, that finds the longest cached
+prefix of a prompt, cuts a longer entry to the common part (on a deep copy:
+entries stay as they were), drops the entries a longer run extends, and knows
+which cache kinds can be cut (a sliding-window or recurrent layer cannot: such
+a model reuses only an entry that is a whole prefix). prefix_store.PrefixStore
+would need all that redone for MLX's cache classes, so MlxPrefixCache only puts
+mpsd's rules around it: a byte budget applied after each insert (the entries
+it drops are evictions; a prefix replaced by its extension is not), no entry
+larger than the budget, and at least the prompt's last token prefilled (an
+exact hit leaves nothing to prefill, which BatchGenerator refuses: one token is
+cut off). A hit is inserted with its cache, only the rest of the prompt to
+prefill, and the cached part as `all_tokens`. A finished sequence leaves with
+`remove(return_prompt_caches=True)`: its row of the batched cache and the
+tokens that row holds, the prompt and every token it returned (the one sampled
+a step ahead is not in it), which the next turn's prompt starts with. Its
+order is mlx-lm's: the least recently stored entry goes first; a hit refreshes
+its entry when the turn that used it is stored, which replaces it.
 """
 
 from __future__ import annotations
@@ -40,9 +59,11 @@ from __future__ import annotations
 import json
 import pathlib
 import secrets
+import sys
 from typing import Callable
 
 from mpsd.backend_memory import MLX_ACTIVE, MLX_CACHE, MLX_MAX_RECOMMENDED_WORKING_SET, MLX_MEMORY_SIZE, MLX_PEAK
+from mpsd.oom import exception_oom
 from mpsd.worker.backends import chat
 from mpsd.worker.backends.base import BootFailure, GenerateParams, MemoryReport, StepOutput
 from mpsd.worker_spec import WorkerSpec
@@ -87,6 +108,11 @@ class MlxCausalLM:
         self._uids: dict[int, int] = {}  # sequence id -> the generator's uid
         self._sequences: dict[int, int] = {}  # the generator's uid -> sequence id
         self.kv_bytes_per_token = _kv_bytes_per_token(mx, self._model)
+        from mlx.utils import tree_flatten
+
+        self.weights_bytes = sum(int(array.nbytes) for _, array in tree_flatten(self._model.parameters()))
+        # Budget 0 until the worker sets it (scheduler.configure_prefix_cache).
+        self.prefix_cache = MlxPrefixCache(mx, str(path))
 
     def memory_report(self) -> MemoryReport:
         mx = self._mx
@@ -109,15 +135,26 @@ class MlxCausalLM:
     def decode(self, ids) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int) -> None:
-        (uid,) = self._batch().insert([prompt_ids], max_tokens=[budget + 1], samplers=[_make_sampler(self._mx, params)])
+    def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int) -> int:
+        """Starts from a copy of the longest cached prefix, if any: only the rest of the prompt is prefilled."""
+        cache, rest = self.prefix_cache.fetch(prompt_ids) if self.prefix_cache.budget_bytes else (None, prompt_ids)
+        reused = len(prompt_ids) - len(rest)
+        (uid,) = self._batch().insert([rest], max_tokens=[budget + 1], caches=[cache], all_tokens=[prompt_ids[:reused]],
+                                      samplers=[_make_sampler(self._mx, params)])
         self._uids[seq_id], self._sequences[uid] = uid, seq_id
+        return reused
 
-    def remove(self, seq_id: int) -> None:
+    def remove(self, seq_id: int, keep: bool = False) -> None:
+        """keep: it finished, so its KV (prompt and answer) goes to the prefix cache."""
         uid = self._uids.pop(seq_id, None)
-        if uid is not None:
-            del self._sequences[uid]
-            self._batch().remove([uid])
+        if uid is None:
+            return
+        del self._sequences[uid]
+        keep = keep and self.prefix_cache.budget_bytes > 0
+        caches = self._batch().remove([uid], return_prompt_caches=keep)
+        if uid in caches:
+            cache, held = caches[uid]  # held: the tokens its KV holds, prompt and every token it returned
+            self.prefix_cache.insert(list(held), cache)
 
     def kv_bytes(self) -> int:
         return int(self._batch().prompt_cache_nbytes)
@@ -145,6 +182,75 @@ class MlxCausalLM:
                 prefill_step_size=PREFILL_CHUNK_TOKENS, stream=mx.default_stream(mx.default_device()))
             self._generator.close()  # give back the wired limit it took: see the module docstring
         return self._generator
+
+
+class MlxPrefixCache:
+    """mlx-lm's LRUPromptCache behind the PrefixCache protocol (see the module docstring); scheduler thread only."""
+
+    def __init__(self, mx, key: str, budget_bytes: int = 0) -> None:
+        from mlx_lm.models.cache import LRUPromptCache
+
+        self._mx = mx
+        self._key = key  # the store is keyed by model; a worker has one
+        # No bounds of its own: the budget is applied after each insert, so evictions can be told from prefixes.
+        self._store = LRUPromptCache(max_size=sys.maxsize, max_bytes=sys.maxsize)
+        self.budget_bytes = max(0, budget_bytes)
+        self.evictions = 0
+
+    @property
+    def bytes(self) -> int:
+        return int(self._store.nbytes)
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def fetch(self, prompt_ids: list[int]) -> tuple[list | None, list[int]]:
+        """A copy of the cache serving the longest part of the prompt, and the rest to prefill (never empty)."""
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        cache, rest = self._store.fetch_nearest_cache(self._key, prompt_ids)
+        if cache is not None and not rest:  # an exact hit: the last token is prefilled again, for its logits
+            if not can_trim_prompt_cache(cache):
+                return None, prompt_ids
+            trim_prompt_cache(cache, 1)
+            rest = prompt_ids[-1:]
+        return cache, list(rest)
+
+    def insert(self, tokens: list[int], cache: list) -> None:
+        """Out of memory making the entry its own (it is a lazy slice of the batch) drops the whole store instead."""
+        from mlx_lm.models.cache import KVCache
+
+        size = sum(int(layer.nbytes) for layer in cache)
+        # A full-attention layer holds exactly these tokens (tested); anything else would be a wrong entry.
+        fits = all(layer.offset == len(tokens) for layer in cache if isinstance(layer, KVCache))
+        if not tokens or size > self.budget_bytes or not fits:
+            return
+        try:
+            self._mx.eval([layer.state for layer in cache])  # and the batch's arrays are no longer held through it
+        except Exception as exc:  # only a saving: out of memory here is not this request's failure
+            if not exception_oom(exc):
+                raise
+            self.clear()
+            return
+        self._store.insert_cache(self._key, tokens, cache)
+        self._fit()
+
+    def set_budget(self, budget_bytes: int) -> None:
+        self.budget_bytes = max(0, budget_bytes)
+        self._fit()
+
+    def clear(self) -> int:
+        """Drops every entry (an out-of-memory error needs the memory back); returns how many were dropped."""
+        dropped = len(self._store)
+        self._store.trim_to(n_sequences=0)
+        self.evictions += dropped
+        self._mx.clear_cache()  # MLX keeps freed buffers for reuse: give them back
+        return dropped
+
+    def _fit(self) -> None:
+        before = len(self._store)
+        self._store.trim_to(n_bytes=self.budget_bytes)
+        self.evictions += before - len(self._store)
 
 
 def load(spec: WorkerSpec, log: Callable[[str], None]) -> MlxCausalLM:
