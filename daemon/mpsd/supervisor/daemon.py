@@ -132,9 +132,10 @@ class Daemon:
             if pool is None:
                 self.pools[name] = ModelPool(name, model.concurrency, model.queue_limit,
                                              prospects=lambda name=name: self.fleet.demand.prospects(name),
-                                             why_waiting=lambda name=name: self.fleet.demand.why_waiting(name))
+                                             why_waiting=lambda name=name: self.fleet.demand.why_waiting(name),
+                                             routing=model.routing, thresholds=self.config.daemon.routing)
             else:
-                pool.reconfigure(model.concurrency, model.queue_limit)
+                pool.reconfigure(model.concurrency, model.queue_limit, model.routing)
         removed = [n for n in self.pools if n not in self.fleet.models]
         for name in removed:
             self.pools.pop(name).fail_waiters(NoWorkers(f"model {name!r} was removed from the config"))

@@ -10,6 +10,11 @@ Generate and Chat share one path (Chat differs only in how the request is
 checked and which worker method renders it), and so does the OpenAI-compatible
 HTTP API (http/openai.py), which calls `stream` with a context of its own: the
 service uses only abort(), time_remaining() and code() of a call's context.
+
+Each is routed by its text (ROUTING_KEYS: a Generate's prompt, a Chat's
+canonical messages), so a pool that follows prefixes sends it to the worker
+likely to hold the longest prefix of it; once the worker's stream finishes,
+the pool records that the worker holds the text with its answer (ANSWER_SUFFIXES).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from mpsd.chat_params import parse_chat_request
 from mpsd.generate_params import InvalidRequest, check_against_model, parse_generate_request
 from mpsd.supervisor.edge.metrics import UNKNOWN_MODEL, RequestMetrics, RequestTimer
 from mpsd.supervisor.routing.pool import Lease, ModelPool, NoWorkers, QueueFull, Slot
+from mpsd.supervisor.routing.prefix_policy import chat_answer_suffix, chat_routing_key
 from mpsd.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger("mpsd.api")
@@ -47,6 +53,15 @@ ExplainLoss = Callable[[str, object, float], Awaitable[str]]
 PARSE_STREAMING = {
     "Generate": parse_generate_request,
     "Chat": lambda request: parse_chat_request(request).sampling,
+}
+# The text each streaming method is routed by, and what its answer adds to it in the worker's cache.
+ROUTING_KEYS: dict[str, Callable[[object], str]] = {
+    "Generate": lambda request: request.prompt,
+    "Chat": lambda request: chat_routing_key(request.messages, request.tools_json),
+}
+ANSWER_SUFFIXES: dict[str, Callable[[str], str]] = {
+    "Generate": lambda answer: answer,
+    "Chat": chat_answer_suffix,
 }
 
 
@@ -121,12 +136,18 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         tried: frozenset[Slot] = frozenset()
+        key = ROUTING_KEYS[method](request) if pool.follows_prefix else None
         while True:
-            lease = await self._acquire(pool, context, tried)
+            lease = await self._acquire(pool, context, tried, key)
             sent_any = False
+            answer: list[str] = []
             try:
                 async for message in self._forward_stream(lease, request, context, method):
                     sent_any = True
+                    if key is not None and not message.HasField("finish"):
+                        answer.append(message.text)
+                    elif key is not None:  # recorded before the client may leave: the worker holds it either way
+                        pool.record(lease, key + ANSWER_SUFFIXES[method]("".join(answer)))
                     yield message
                 return
             except WorkerLost as exc:
@@ -143,7 +164,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def _predict(self, request, context: grpc.aio.ServicerContext):
         pool = await self._pool_for(request, context, verb="Predict")
-        lease = await self._acquire(pool, context, frozenset())
+        lease = await self._acquire(pool, context, frozenset(), None)
         try:
             return await lease.stub.Predict(request, timeout=context.time_remaining())
         except grpc.aio.AioRpcError as exc:
@@ -192,10 +213,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model: {name!r} does not serve {verb}")
         return pool
 
-    async def _acquire(self, pool: ModelPool, context, tried: frozenset[Slot]) -> Lease:
+    async def _acquire(self, pool: ModelPool, context, tried: frozenset[Slot], key: str | None) -> Lease:
         loading = not pool.ready_count  # served only once a worker loads (on demand, or after a restart)
         try:
-            lease = await pool.acquire(context.time_remaining(), exclude=tried)
+            lease = await pool.acquire(context.time_remaining(), exclude=tried, routing_key=key)
             if loading:
                 self._metrics.waited_for_load.labels(pool.name).inc()
             return lease
