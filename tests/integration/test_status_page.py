@@ -8,6 +8,7 @@ when it runs as root) the browser test skips and says so.
 """
 
 import json
+import math
 import os
 import pathlib
 import signal
@@ -161,6 +162,41 @@ def test_api_status_is_what_mpsctl_status_json_prints(daemon):
     stable = ("id", "model", "pid", "state", "restarts")
     assert [(w.keys(), [w[k] for k in stable]) for w in api["workers"]] == \
         [(w.keys(), [w[k] for k in stable]) for w in cli["workers"]]
+
+
+READ_CACHE = """
+return Array.from(document.querySelectorAll("#workers tbody tr"), r => ({
+  id: r.dataset.worker, cache: r.querySelector("td.cache").textContent, hits: r.querySelector("td.hits").textContent,
+  reason: r.querySelector("td.reason").textContent}));
+"""
+
+
+def test_the_page_shows_each_workers_prefix_cache_as_status_reports_it(daemon, browser):
+    from mpsd.units import format_bytes
+
+    for _ in range(3):  # three alike on two workers: one of them serves two, and the second reuses the first
+        daemon.generate("The module provides", max_tokens=8, temperature=0)
+    browser.get(daemon.page_url)
+
+    def agree():
+        workers = {w["id"]: w for w in _get(daemon.page_url + "api/status")["workers"]}
+        rows = {row["id"]: row for row in browser.execute_script(READ_CACHE)}
+        if rows.keys() != workers.keys():
+            return None
+        for worker_id, worker in workers.items():
+            cache, row = worker["prefix_cache"], rows[worker_id]
+            if not cache["configured_bytes"] and not cache["budget_bytes"]:
+                expected = ("-", "-")
+            else:
+                seen = cache["hit_tokens"] + cache["miss_tokens"]
+                expected = (f"{format_bytes(cache['bytes'])}/{format_bytes(cache['budget_bytes'])}",
+                            f"{math.floor(100 * cache['hit_tokens'] / seen + 0.5)}%" if seen else "-")  # Math.round
+            if (row["cache"], row["hits"]) != expected or worker["prefix_cache_note"] not in row["reason"]:
+                return None
+        return rows
+    rows = wait_for(agree, 15, "the page's cache cells to show what /api/status says")
+    assert rows["big-0"]["cache"] == "-", "a torch-module keeps no prefix cache"
+    assert all("/" in rows[w]["cache"] for w in ("demo-0", "demo-1")), "torch-lm keeps one by default"
 
 
 def test_history_holds_samples_and_transitions(daemon):

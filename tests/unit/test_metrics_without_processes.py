@@ -144,3 +144,26 @@ def test_in_flight_counts_requests_on_a_worker_that_left_ready_and_queue_depth_c
 
     assert asyncio.run(scenario()) == [(1, 1), (1, 1), (0, 1)]
 
+
+
+def test_each_live_worker_with_a_prefix_cache_gives_its_figures_and_one_with_none_gives_no_series(tmp_path):
+    fleet = make_fleet(tmp_path)
+    cached, plain = fleet.workers["a-0"], fleet.workers["a-1"]
+    for worker in (cached, plain):
+        worker.state, worker.process = WorkerState.READY, FakeProcess()
+    fleet.health.record_stats(cached, worker_pb2.WorkerStats(prefix_cache=worker_pb2.PrefixCacheStats(
+        bytes=3 << 20, budget_bytes=64 << 20, configured_bytes=128 << 20, entries=2, hit_tokens=40, miss_tokens=60,
+        evictions=1)))
+    fleet.health.record_stats(plain, worker_pb2.WorkerStats(prefix_cache=worker_pb2.PrefixCacheStats(miss_tokens=9)))
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(fleet, {}))
+    scraped = samples(registry)
+    for name, expected in (("mpsd_prefix_cache_bytes", 3 << 20), ("mpsd_prefix_cache_budget_bytes", 64 << 20),
+                           ("mpsd_prefix_cache_entries", 2), ("mpsd_prefix_cache_hit_tokens_total", 40),
+                           ("mpsd_prefix_cache_miss_tokens_total", 60), ("mpsd_prefix_cache_evictions_total", 1)):
+        assert value(scraped, name, model="a", worker="a-0") == expected, name
+    assert not any(name.startswith("mpsd_prefix_cache") and ("worker", "a-1") in labels for name, labels in scraped), \
+        "prefix_cache '0' (or a backend keeping none): no series"
+
+    fleet._on_exit(cached, cached.process, 1, "")
+    assert not any(name.startswith("mpsd_prefix_cache") for name, _ in samples(registry)), "no process, no cache"

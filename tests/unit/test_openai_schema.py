@@ -123,8 +123,9 @@ def test_a_body_that_is_not_a_json_object_is_refused(data):
     assert refused.value.param is None and str(refused.value).startswith("body: ")
 
 
-def finish(reason="stop", prompt=3, completion=2):
-    return inference_pb2.Finish(reason=reason, usage=inference_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion))
+def finish(reason="stop", prompt=3, completion=2, cached=0):
+    usage = inference_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)
+    return inference_pb2.Finish(reason=reason, usage=usage)
 
 
 def test_whole_answers_have_openai_shapes_with_usage():
@@ -132,7 +133,8 @@ def test_whole_answers_have_openai_shapes_with_usage():
     assert chat == {"id": "chatcmpl-abc", "object": "chat.completion", "created": 100, "model": "demo",
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi there"},
                                  "logprobs": None, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+                              "prompt_tokens_details": {"cached_tokens": 0}}}
     text = Answer(chat=False, model="demo", created=100, id="abc").whole("Hi", finish("length"))
     assert text["object"] == "text_completion" and text["id"] == "cmpl-abc"
     assert text["choices"] == [{"index": 0, "text": "Hi", "logprobs": None, "finish_reason": "length"}]
@@ -145,6 +147,7 @@ def test_chunks_carry_the_role_first_then_text_then_the_finish_then_usage():
                                                   "finish_reason": None}
     assert answer.chunk(finish_reason="length")["choices"][0]["delta"] == {}
     assert answer.usage_chunk(finish())["choices"] == [] and answer.usage_chunk(finish())["usage"]["total_tokens"] == 5
+    assert answer.usage_chunk(finish(cached=2))["usage"]["prompt_tokens_details"] == {"cached_tokens": 2}
     assert answer.chunk("Hi")["object"] == "chat.completion.chunk"
     assert sse({"a": "é"}) == 'data: {"a":"é"}\n\n'.encode() and SSE_DONE == b"data: [DONE]\n\n"
 

@@ -170,3 +170,14 @@ def test_out_of_memory_copying_a_cached_prefix_frees_the_cache_and_fails_only_th
         monkeypatch.undo()
         _, done = run(scheduler, params(prompt + " more", 6))
         assert done.completion_tokens == 6 and done.cached_tokens == 0
+
+
+def test_configuring_the_cache_after_the_warm_up_starts_its_counters_afresh(demo):
+    """The worker warms up with the cache at 0 and configures it after: status must not count the warm-up's prompt."""
+    with running(demo) as scheduler:
+        run(wait_idle(scheduler), params("Hello", max_tokens=4))
+        scheduler.configure_prefix_cache(1 << 20)
+        _, done = run(scheduler, params("Hello world, and more", max_tokens=2))
+        figures = wait_idle(scheduler).prefix_cache
+        assert figures.configured_bytes == figures.budget_bytes == 1 << 20
+        assert (figures.hit_tokens, figures.miss_tokens, figures.entries) == (0, done.prompt_tokens, 1)

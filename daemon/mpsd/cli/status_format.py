@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from mpsd.units import format_bytes, format_duration
@@ -12,8 +13,8 @@ STATE_STYLES = {
 }
 NOTEWORTHY_STATES = ("PENDING", "STARTING", "REFUSED", "OOM", "FATAL", "BACKOFF", "DRAINING")
 MODEL_HEADERS = ["MODEL", "BACKEND", "DEVICE", "READY", "MIN/MAX/LIVE/DESIRED", "QUEUED", "CONTEXT", "FOOTPRINT"]
-WORKER_HEADERS = ["WORKER", "PID", "STATE", "UPTIME", "RESTARTS", "INFLIGHT", "BATCH", "KV", "TOKENS", "MEMORY",
-                  "BACKEND MEMORY", "LAST EXIT"]
+WORKER_HEADERS = ["WORKER", "PID", "STATE", "UPTIME", "RESTARTS", "INFLIGHT", "BATCH", "KV", "CACHE", "HITS", "TOKENS",
+                  "MEMORY", "BACKEND MEMORY", "LAST EXIT"]
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -62,18 +63,22 @@ def _model_rows(status: dict[str, Any]) -> list[list[str]]:
 
 def _notes(status: dict[str, Any]) -> list[str]:
     """The last start or stop demand made per model; why each worker that is not simply serving is where it is;
-    a loading worker shows how long it has loaded."""
+    a loading worker shows how long it has loaded; why a prefix cache holds less than configured."""
     lines = [f"model {m['name']}: last change: {m['last_change']}" for m in status["models"] if m.get("last_change")]
     for worker in status["workers"]:
         if worker["state"] in NOTEWORTHY_STATES:
             elapsed = f" ({format_duration(worker['state_age_s'])} so far)" if worker["state"] == "STARTING" else ""
             lines.append(f"{worker['id']}: {worker['state']}: {worker['reason']}{elapsed}")
+        if worker.get("prefix_cache_note"):
+            lines.append(f"{worker['id']}: prefix cache: {worker['prefix_cache_note']}")
     return lines
 
 
 def format_worker(worker: dict[str, Any]) -> str:
-    lines = [f"{key}: {value}" for key, value in worker.items() if key not in ("backend_memory", "stderr_tail")]
+    lines = [f"{key}: {value}" for key, value in worker.items()
+             if key not in ("backend_memory", "stderr_tail", "prefix_cache")]
     lines.append("backend_memory: " + _backend_memory(worker))
+    lines.append("prefix_cache: " + _prefix_cache_detail(worker))
     lines.append(f"stderr (last {len(worker['stderr_tail'])} lines):")
     lines += [f"  | {line}" for line in worker["stderr_tail"]]
     return "\n".join(lines)
@@ -96,10 +101,34 @@ def _worker_row(worker: dict[str, Any]) -> list[str]:
         worker["id"], str(worker["pid"] or "-"), state,
         format_duration(worker["uptime_s"]) if worker["pid"] else "-",
         str(worker["restarts"]), str(worker["inflight"]), str(worker["running_sequences"]),
-        format_bytes(worker["kv_bytes"]) if worker["kv_bytes"] else "-", str(worker["tokens"]),
+        format_bytes(worker["kv_bytes"]) if worker["kv_bytes"] else "-", _prefix_cache(worker),
+        _hit_rate(worker.get("prefix_cache") or {}), str(worker["tokens"]),
         format_bytes(worker["memory_bytes"]) if worker["memory_bytes"] else "-",
         _backend_memory(worker), worker["last_exit"] or "-",
     ]
+
+
+def _prefix_cache(worker: dict[str, Any]) -> str:
+    """What the prefix cache holds of its budget now, "-" where the model keeps none (or it is configured off)."""
+    cache = worker.get("prefix_cache") or {}
+    if not cache.get("configured_bytes") and not cache.get("budget_bytes"):
+        return "-"
+    return f"{format_bytes(cache['bytes'])}/{format_bytes(cache['budget_bytes'])}"
+
+
+def _hit_rate(cache: dict[str, Any]) -> str:
+    """Prompt tokens the cache served of all it saw, "-" before any; halves round up, as on the status page."""
+    seen = cache.get("hit_tokens", 0) + cache.get("miss_tokens", 0)
+    return f"{math.floor(100 * cache['hit_tokens'] / seen + 0.5)}%" if seen else "-"
+
+
+def _prefix_cache_detail(worker: dict[str, Any]) -> str:
+    cache = worker.get("prefix_cache") or {}
+    if _prefix_cache(worker) == "-":
+        return "off"
+    return (f"{_prefix_cache(worker)} held (configured {format_bytes(cache['configured_bytes'])}), "
+            f"{cache['entries']} entries, hits {_hit_rate(cache)} ({cache['hit_tokens']} of "
+            f"{cache['hit_tokens'] + cache['miss_tokens']} prompt tokens), {cache['evictions']} evictions")
 
 
 def _backend_memory(worker: dict[str, Any]) -> str:

@@ -103,6 +103,7 @@ class DecodeScheduler:
         self.kv_bytes = 0  # written by the scheduler thread after each step; read by Stats
         self.prefix_cache = PrefixCacheFigures()  # replaced whole by the scheduler thread; read by Stats
         self._prefix_budget: int | None = None  # a new budget for the prefix cache, applied by the scheduler thread
+        self._configured_budget: int | None = None  # configure_prefix_cache's, likewise
         self._thread = threading.Thread(target=self._loop, name="mpsd-decode", daemon=True)
 
     @property
@@ -125,9 +126,13 @@ class DecodeScheduler:
         self._stopped.wait()
 
     def configure_prefix_cache(self, budget_bytes: int) -> None:
-        """Before start(): the budget prefix_cache resolved to, reported as configured_bytes."""
-        self.prefix_cache = dataclasses.replace(self.prefix_cache, configured_bytes=budget_bytes)
-        self.set_prefix_cache_budget(budget_bytes)
+        """After the warm-up: the budget prefix_cache resolved to, reported as configured_bytes, with the counters
+        started afresh (the warm-up's prompt is no client's). Applied by the scheduler thread, the figures' owner."""
+        if self._engine.prefix_cache is None:
+            return
+        with self._wakeup:
+            self._configured_budget = self._prefix_budget = budget_bytes
+            self._wakeup.notify()
 
     def set_prefix_cache_budget(self, budget_bytes: int) -> None:
         """From any thread (the daemon's Stats probe): the scheduler thread applies it before its next step."""
@@ -166,6 +171,9 @@ class DecodeScheduler:
                     return
                 joining = self._take_joining()
                 budget, self._prefix_budget = self._prefix_budget, None
+                configured, self._configured_budget = self._configured_budget, None
+            if configured is not None:
+                self.prefix_cache = PrefixCacheFigures(configured_bytes=configured)
             if budget is not None:
                 self._engine.prefix_cache.set_budget(budget)
                 self._count_prefix_cache()

@@ -126,6 +126,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             device=stats.device if stats else "", last_exit=worker.last_exit,
             stderr_tail=worker.stderr_tail, oom_events=stats.oom_events if stats else 0,
             running_sequences=stats.running_sequences if stats else 0, kv_bytes=stats.kv_bytes if stats else 0,
+            prefix_cache=stats.prefix_cache if stats else None,
+            prefix_cache_note=getattr(worker, "prefix_cache_note", ""),
         )
 
 

@@ -3,10 +3,10 @@
 Two kinds. What happens to requests is counted as it happens, by the public
 service (RequestMetrics: requests by final status, tokens, time to first
 token, time between tokens). What the daemon holds now (queues, workers by
-state, memory, restarts) is read at scrape time by FleetCollector from the
-fleet's snapshot (the one status renders) and the pools, which stay the only
-owners of that state; the scrape runs on the event loop (the HTTP edge), so it
-never reads them mid-change.
+state, memory, restarts, each worker's prefix cache) is read at scrape time by
+FleetCollector from the fleet's snapshot (the one status renders) and the
+pools, which stay the only owners of that state; the scrape runs on the event
+loop (the HTTP edge), so it never reads them mid-change.
 The registry is private, not prometheus_client's global default, so two
 services in one interpreter (tests) never share or collide on figures.
 """
@@ -118,6 +118,7 @@ class FleetCollector(Collector):
         snapshot = self._fleet.snapshot()  # memory read now, not when admission last looked
         yield from self._requests()
         yield from _workers(snapshot)
+        yield from _prefix_caches(snapshot)
         yield from _memory(snapshot.memory)
 
     def _requests(self) -> Iterator[Metric]:
@@ -162,6 +163,33 @@ def _workers(snapshot: FleetSnapshot) -> Iterator[Metric]:
         if worker.pid:
             measured.add_metric([worker.model, worker.id], worker.memory_bytes)
     yield from (by_state, restarts, ooms, footprints, measured, loads, stops)
+
+
+def _prefix_caches(snapshot: FleetSnapshot) -> Iterator[Metric]:
+    """Each live worker's prefix cache as it last reported it (a worker keeping none, or with prefix_cache "0",
+    lists none). Its counters are the process's own: they start again at 0 when the worker restarts."""
+    labels = ["model", "worker"]
+    held = GaugeMetricFamily("mpsd_prefix_cache_bytes", "KV a worker's prefix cache holds now (tensor bytes).",
+                             labels=labels)
+    budget = GaugeMetricFamily("mpsd_prefix_cache_budget_bytes", "The most a worker's prefix cache may hold now "
+                               "(below what prefix_cache configured while admission shrinks it).", labels=labels)
+    entries = GaugeMetricFamily("mpsd_prefix_cache_entries", "Earlier prompts (with their answers) a worker's prefix "
+                                "cache keeps now.", labels=labels)
+    hits = CounterMetricFamily("mpsd_prefix_cache_hit_tokens", "Prompt tokens served from a worker's prefix cache, "
+                               "not prefilled again.", labels=labels)
+    misses = CounterMetricFamily("mpsd_prefix_cache_miss_tokens", "Prompt tokens a worker with a prefix cache "
+                                 "prefilled.", labels=labels)
+    evictions = CounterMetricFamily("mpsd_prefix_cache_evictions", "Entries a worker's prefix cache dropped to stay "
+                                    "inside its budget.", labels=labels)
+    for worker in snapshot.workers:
+        cache = worker.stats.prefix_cache if worker.pid and worker.stats is not None else None
+        if cache is None or not cache.configured_bytes:
+            continue
+        key = [worker.model, worker.id]
+        for family, value in ((held, cache.bytes), (budget, cache.budget_bytes), (entries, cache.entries),
+                              (hits, cache.hit_tokens), (misses, cache.miss_tokens), (evictions, cache.evictions)):
+            family.add_metric(key, value)
+    yield from (held, budget, entries, hits, misses, evictions)
 
 
 def _memory(memory: MemoryReading) -> Iterator[Metric]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Sequence
 
-BLOCK_CHARS = 64  # about 16 tokens of English text: what one hash stands for
+BLOCK_CHARS = 16  # about 4 tokens of English text: what one hash stands for (a match is whole blocks)
 # Characters remembered per worker (~250k tokens): more than a worker's prefix cache holds at the default budget
 # for models this runs, so the picture errs towards "still cached" (a miss) rather than forgetting what is there.
 MAX_CHARS_PER_WORKER = 1 << 20

@@ -245,9 +245,11 @@ class Answer:
         return {**self._head(chunk=True), "choices": [], "usage": usage(finish)}
 
 
-def usage(finish: inference_pb2.Finish) -> dict[str, int]:
+def usage(finish: inference_pb2.Finish) -> dict[str, Any]:
+    """OpenAI's usage; prompt_tokens_details.cached_tokens: prompt tokens the worker's prefix cache served."""
     prompt, completion = finish.usage.prompt_tokens, finish.usage.completion_tokens
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": finish.usage.cached_tokens}}
 
 
 def models_list(names: list[str], created: int) -> dict[str, Any]:

@@ -94,17 +94,31 @@ function renderMemory(status) {
   }
 }
 
+// A worker's prefix cache as status reports it: [held/budget, hit rate, tooltip]; "-" where it keeps none.
+function prefixCache(w) {
+  const c = w.prefix_cache || {};
+  if (!Number(c.configured_bytes) && !Number(c.budget_bytes)) return ["-", "-", "no prefix cache"];
+  const hit = Number(c.hit_tokens), seen = hit + Number(c.miss_tokens);
+  return [`${bytes(c.bytes)}/${bytes(c.budget_bytes)}`, seen ? Math.round(100 * hit / seen) + "%" : "-",
+          `${c.entries} entries, configured ${bytes(c.configured_bytes)}, ${hit} of ${seen} prompt tokens reused, ` +
+          `${c.evictions} evictions`];
+}
+
 function renderWorkers(status) {
   const body = document.querySelector("#workers tbody");
   body.replaceChildren();
   for (const w of status.workers) {
     const row = el("tr", {"data-worker": w.id, "data-state": w.state});
+    const [cache, hits, cacheTitle] = prefixCache(w);
+    const note = w.prefix_cache_note ? "prefix cache: " + w.prefix_cache_note : "";
     const cells = [
       [w.id], [w.model], [w.state, "state state-" + w.state], [w.pid ? duration(w.uptime_s) : "-", "num"],
       [String(w.restarts), "num"], [String(w.inflight), "num"], [String(w.tokens), "num"],
-      [w.memory_bytes ? bytes(w.memory_bytes) : "-", "num"], [w.reason, "reason"],
+      [w.memory_bytes ? bytes(w.memory_bytes) : "-", "num"], [cache, "num cache"], [hits, "num hits"],
+      [[w.reason, note].filter(Boolean).join(" · "), "reason"],
     ];
     for (const [text, cls] of cells) row.appendChild(el("td", cls ? {class: cls} : {}, text));
+    row.querySelector("td.cache").title = cacheTitle;
     if (w.last_exit) row.lastChild.title = "last exit: " + w.last_exit;
     row.children[1].style.borderLeft = "4px solid " + colourOf(w.model);
     body.appendChild(row);
