@@ -176,3 +176,62 @@ def test_min_residency_defaults_to_thirty_seconds():
 def test_demand_errors_name_the_key(keys, message):
     with pytest.raises(ConfigError, match=message):
         parse(MODEL_A + keys)
+
+
+def lm(backend: str, keys: str = "") -> str:
+    path = "" if backend == "null-lm" else "path = 'x'\n"
+    return f"[[models]]\nname = 'a'\nbackend = '{backend}'\n{path}{keys}\n"
+
+
+@pytest.mark.parametrize("backend,keys,expected", [
+    ("torch-lm", "", (None, 0.25)),                        # on by default for the backends that keep one
+    ("mlx-lm", "", (None, 0.25)),
+    ("null-lm", "", (None, None)),                         # a backend that keeps none: off, and nothing to say
+    ("torch-lm", "prefix_cache = '1GiB'", (1 << 30, None)),
+    ("torch-lm", "prefix_cache = '10%'", (None, 0.1)),
+    ("torch-lm", "prefix_cache = 0.5", (None, 0.5)),
+    ("torch-lm", "prefix_cache = '0'", (None, None)),
+    ("torch-lm", "prefix_cache = 0", (None, None)),
+    ("torch-lm", "prefix_cache = '0%'", (None, None)),
+    ("null-lm", "prefix_cache = '0'", (None, None)),       # off is allowed anywhere
+])
+def test_prefix_cache_takes_a_size_a_fraction_or_zero(backend, keys, expected):
+    model = parse(lm(backend, keys)).models[0]
+    assert (model.prefix_cache_bytes, model.prefix_cache_fraction) == expected
+
+
+@pytest.mark.parametrize("backend,keys,message", [
+    ("torch-lm", "prefix_cache = 'lots'", r"models\[0\] \(a\)\.prefix_cache: expected a size like '1GiB', a fraction"),
+    ("torch-lm", "prefix_cache = '150%'", r"models\[0\] \(a\)\.prefix_cache: a percentage must be from 0% to 100%"),
+    ("torch-lm", "prefix_cache = -1", r"models\[0\] \(a\)\.prefix_cache: expected a size"),
+    ("torch-lm", "prefix_cache = true", r"models\[0\] \(a\)\.prefix_cache: expected a size"),
+    ("null-lm", "prefix_cache = '1GiB'", r"models\[0\] \(a\)\.prefix_cache: applies to backend torch-lm, mlx-lm only"),
+    ("torch-lm", "routing = 'random'", r"models\[0\] \(a\)\.routing: must be one of prefix, least-loaded"),
+])
+def test_bad_prefix_cache_or_routing_fails_at_load_naming_the_key(backend, keys, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(lm(backend, keys))
+
+
+def test_routing_defaults_to_the_prefix_with_sglangs_thresholds_and_takes_others():
+    config = parse(lm("torch-lm"))
+    assert config.models[0].routing == "prefix"
+    thresholds = config.daemon.routing
+    assert (thresholds.cache_threshold, thresholds.balance_abs_threshold, thresholds.balance_rel_threshold) == \
+        (0.5, 32, 1.0001)
+    config = parse("[daemon]\nrouting_cache_threshold = 0.8\nrouting_balance_abs_threshold = 4\n"
+                   "routing_balance_rel_threshold = 2\n" + lm("torch-lm", "routing = 'least-loaded'"))
+    assert config.models[0].routing == "least-loaded"
+    assert (config.daemon.routing.cache_threshold, config.daemon.routing.balance_abs_threshold,
+            config.daemon.routing.balance_rel_threshold) == (0.8, 4, 2.0)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("routing_cache_threshold", "1.5", r"daemon\.routing_cache_threshold: must be a fraction from 0 to 1"),
+    ("routing_balance_rel_threshold", "0.5", r"daemon\.routing_balance_rel_threshold: must be 1\.0 or more"),
+    ("routing_balance_abs_threshold", "-1", r"daemon\.routing_balance_abs_threshold: must be an integer >= 0"),
+    ("routing_cache_threshold", "'half'", r"daemon\.routing_cache_threshold"),
+])
+def test_bad_routing_thresholds_fail_naming_the_key(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(f"[daemon]\n{key} = {value}\n" + lm("torch-lm"))
