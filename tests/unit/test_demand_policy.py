@@ -11,9 +11,9 @@ NOW = 1000.0
 
 
 def model(name, queued=0, workers=0, **extra) -> ModelDemand:
-    base = dict(name=name, min_replicas=0, max_replicas=2, keep_alive_s=300.0, priority=0, scale_up_queue=1,
-                footprint_bytes=10 * GiB, queued=queued, workers=workers, starting=False, failed=False,
-                last_start_at=None)
+    base = {"name": name, "min_replicas": 0, "max_replicas": 2, "keep_alive_s": 300.0, "priority": 0,
+            "scale_up_queue": 1, "footprint_bytes": 10 * GiB, "queued": queued, "workers": workers,
+            "starting": False, "failed": False, "last_start_at": None}
     return ModelDemand(**{**base, **extra})
 
 
@@ -21,8 +21,8 @@ def worker(id, model, inflight=0, ready_since=NOW - 600, idle_since=NOW - 60, re
     return WorkerLoad(id, model, ready, inflight, ready_since, idle_since)
 
 
-def run(models, workers=(), free=0, waiting=(), evicting=False, min_residency=30.0):
-    return decide(models, list(workers), free, list(waiting), NOW, min_residency, evicting)
+def run(models, workers=(), free=0, waiting=(), evicting=False, min_residency=30.0, reclaimable=0):
+    return decide(models, list(workers), free, list(waiting), NOW, min_residency, evicting, reclaimable)
 
 
 def test_a_request_for_a_model_with_no_worker_starts_one():
@@ -93,3 +93,29 @@ def test_alternating_requests_faster_than_min_residency_do_not_thrash():
 
 def test_a_model_alone_on_the_machine_gets_no_eviction_sentence_in_its_refusal():
     assert run([model("c", queued=1, starting=True)], [], free=0, waiting=["c"]) == []
+
+
+def test_what_live_prefix_caches_can_give_back_makes_an_eviction_unnecessary():
+    models = [model("a", workers=1), model("c", queued=1, starting=True)]
+    workers = [worker("a-0", "a")]
+    assert run(models, workers, free=5 * GiB, waiting=["c"], reclaimable=5 * GiB) == [], "admission shrinks caches"
+    assert run(models, workers, free=5 * GiB, waiting=["c"], reclaimable=4 * GiB) == [Stop(
+        "a-0", "evicted for model c (needs 10.0GiB, 5.0GiB free, 4.0GiB more in prefix caches)", evicted_for="c")]
+
+
+def test_the_needy_model_needs_its_footprint_without_its_own_cache():
+    workers = [worker("a-0", "a")]
+    needy = model("c", queued=1, starting=True, cache_bytes=3 * GiB)
+    assert run([model("a", workers=1), needy], workers, free=7 * GiB, waiting=["c"]) == [], "it starts with less cache"
+    assert run([model("a", workers=1), needy], workers, free=7 * GiB - 1, waiting=["c"]) == [
+        Stop("a-0", "evicted for model c (needs 10.0GiB, 7.0GiB free)", evicted_for="c")]
+
+
+def test_an_evicted_worker_adds_its_footprint_without_its_cache_already_counted_as_reclaimable():
+    needy = model("c", queued=1, starting=True)
+    workers = [worker("b-0", "b", idle_since=NOW - 200), worker("a-0", "a", idle_since=NOW - 100)]
+    # b-0 holds 10 GiB of which 4 GiB is cache: evicting it adds 6 GiB, so 1 + 6 < 10 and a-0 goes too.
+    cached = [model("a", workers=1), model("b", workers=1, cache_bytes=4 * GiB), needy]
+    assert [a.worker_id for a in run(cached, workers, free=GiB, waiting=["c"])] == ["b-0", "a-0"]
+    uncached = [model("a", workers=1), model("b", workers=1), needy]
+    assert [a.worker_id for a in run(uncached, workers, free=GiB, waiting=["c"])] == ["b-0"]

@@ -52,6 +52,7 @@ class FakeProcess:
         self.stats_reply = worker_pb2.WorkerStats(device="cpu")
         self.exit_on_term = True
         self.stderr_tail: list[str] = []
+        self.budgets: list[int | None] = []  # the prefix cache budget each Stats request carried
         self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     async def start(self) -> None:
@@ -60,7 +61,8 @@ class FakeProcess:
     async def wait(self) -> int:
         return await self._exited
 
-    async def stats(self, timeout_s: float) -> worker_pb2.WorkerStats:
+    async def stats(self, timeout_s: float, prefix_cache_budget: int | None = None) -> worker_pb2.WorkerStats:
+        self.budgets.append(prefix_cache_budget)
         if not self.answering:
             raise ConnectionError("no answer")
         return self.stats_reply

@@ -35,8 +35,10 @@ class Process:
         self.pid, self.stub = pid, object()
         self.reply: worker_pb2.WorkerStats | None = worker_pb2.WorkerStats(device="cpu")
         self.signals: list[signal.Signals] = []
+        self.budgets: list[int | None] = []  # the prefix cache budget each Stats request carried
 
-    async def stats(self, timeout_s: float) -> worker_pb2.WorkerStats:
+    async def stats(self, timeout_s: float, prefix_cache_budget: int | None = None) -> worker_pb2.WorkerStats:
+        self.budgets.append(prefix_cache_budget)
         if self.reply is None:
             raise ConnectionError("no answer")
         return self.reply

@@ -127,7 +127,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             stderr_tail=worker.stderr_tail, oom_events=stats.oom_events if stats else 0,
             running_sequences=stats.running_sequences if stats else 0, kv_bytes=stats.kv_bytes if stats else 0,
             prefix_cache=stats.prefix_cache if stats else None,
-            prefix_cache_note=getattr(worker, "prefix_cache_note", ""),
+            prefix_cache_note=worker.prefix_cache_note,
         )
 
 

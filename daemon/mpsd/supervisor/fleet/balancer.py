@@ -7,7 +7,9 @@ applies its actions only through the doors the fleet hands it: a start adds a
 PENDING worker that admission then admits, a stop drains a worker and removes
 it, a block is kept for the fleet's admission to explain a refusal with. It
 never changes a worker's state itself, so it is tested alone with fakes of
-those doors and no memory probe.
+those doors and no memory probe. Room is the free memory plus what shrinking
+live prefix caches would give back (`reclaimable_bytes`): eviction is the
+last resort.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class DemandBalancer:
                  load_of: Callable[[str], ModelLoad | None], footprints: Mapping[str, Footprint],
                  count: Callable[[str], ModelCounts], add_worker: Callable[[ModelConfig, str], WorkerRecord],
                  stop_worker: Callable[[WorkerRecord, str, AfterStop], None], free_bytes: Callable[[], int],
-                 stopping: Callable[[], bool]) -> None:
+                 stopping: Callable[[], bool], reclaimable_bytes: Callable[[], int] = lambda: 0) -> None:
         self._models = models
         self._workers = workers
         self._load_of = load_of
@@ -64,6 +66,7 @@ class DemandBalancer:
         self._add_worker = add_worker
         self._stop_worker = stop_worker
         self._free_bytes = free_bytes
+        self._reclaimable_bytes = reclaimable_bytes
         self._stopping = stopping
         self._last_start: dict[str, float] = {}   # model -> when demand last started a worker for it
         self._last_change: dict[str, str] = {}    # model -> the last start or stop demand made, for status
@@ -106,9 +109,10 @@ class DemandBalancer:
                  if w.state == WorkerState.READY and w.model.name in loads and w.after_stop == AfterStop.STAY]
         waiting = sorted({w.model.name for w in self._workers.values() if w.state == WorkerState.REFUSED})
         free = self._free_bytes() if waiting else 0
+        reclaimable = self._reclaimable_bytes() if waiting else 0
         evicting = any(w.evicted_for and w.state == WorkerState.DRAINING for w in self._workers.values())
         self._blocked = {}
-        for action in demand.decide(models, ready, free, waiting, now, min_residency_s, evicting):
+        for action in demand.decide(models, ready, free, waiting, now, min_residency_s, evicting, reclaimable):
             self._apply(action, now)
 
     def _demand_of(self, model: ModelConfig, load: ModelLoad) -> demand.ModelDemand:
@@ -118,7 +122,8 @@ class DemandBalancer:
             keep_alive_s=model.keep_alive_s, priority=model.priority, scale_up_queue=model.scale_up_queue,
             footprint_bytes=self._footprints[model.name].bytes, queued=load.queued, workers=len(workers),
             starting=any(w.state in ON_ITS_WAY for w in workers),
-            failed=any(w.state == WorkerState.FATAL for w in workers), last_start_at=self._last_start.get(model.name))
+            failed=any(w.state == WorkerState.FATAL for w in workers), last_start_at=self._last_start.get(model.name),
+            cache_bytes=self._footprints[model.name].cache_bytes)
 
     @staticmethod
     def _load_view(worker: WorkerRecord, load: ModelLoad) -> demand.WorkerLoad:

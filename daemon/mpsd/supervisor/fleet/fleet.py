@@ -10,8 +10,8 @@ get a read-only `snapshot()`.
 What is not the lifecycle itself is a part the fleet composes and hands only
 what it needs, `_transition` among it, so each is read and tested alone:
 `health` (probes, the hung kill, learned footprints), `commands` (the
-operator's scale, restart, drain, reload) and `demand` (starts and stops for
-the router's traffic). Admission, spawning, exits and stopping stay here,
+operator's scale, restart, drain, reload), `demand` (starts and stops for
+the router's traffic) and `caches` (prefix cache budgets admission shrinks). Admission, spawning, exits and stopping stay here,
 where the records are.
 
 Processes come from an injected launcher (`WorkerProcess` by default), so the
@@ -33,6 +33,7 @@ from collections.abc import Callable
 from mpsd.config import Config, ModelConfig
 from mpsd.supervisor.fleet.backoff import RestartPolicy, restart_delay, should_give_up
 from mpsd.supervisor.fleet.balancer import DemandBalancer, ModelLoad
+from mpsd.supervisor.fleet.cache_budgets import CacheBudgets
 from mpsd.supervisor.fleet.commands import OperatorCommands
 from mpsd.supervisor.fleet.exits import ExitKind, classify_exit
 from mpsd.supervisor.fleet.health import WorkerHealth
@@ -41,7 +42,7 @@ from mpsd.supervisor.fleet.records import CONFIGURED, AfterStop, ModelCounts, Wo
 from mpsd.supervisor.fleet.snapshot import FleetSnapshot, MemoryReading, view_models, view_worker
 from mpsd.supervisor.fleet.states import PROCESS_STATES, WorkerState, check_transition
 from mpsd.supervisor.memory import admission
-from mpsd.supervisor.memory.footprint import Footprint, estimate_bytes, process_footprint_bytes
+from mpsd.supervisor.memory.footprint import Footprint, estimate_bytes, estimate_cache_bytes, process_footprint_bytes
 from mpsd.supervisor.memory.probes import MemorySnapshot, apply_overrides
 from mpsd.units import format_bytes
 from mpsd.worker_spec import WorkerSpec
@@ -97,7 +98,10 @@ class Fleet:
         self.demand = DemandBalancer(
             self.models, self.workers, load_of=load_of, footprints=self._footprints, count=self._count,
             add_worker=self._add_worker, stop_worker=self._stop_worker, free_bytes=self._free_bytes,
-            stopping=lambda: self._stopping)
+            stopping=lambda: self._stopping, reclaimable_bytes=lambda: self.caches.reclaimable())
+        self.caches = CacheBudgets(self.workers, footprints=self._footprints, send_budget=self.health.send_budget,
+                                   read_memory=lambda: self._read_memory()[0], live_footprints=self.live_footprints,
+                                   settling=self._settling)
         self._on_tick = {WorkerState.STARTING: self.health.watch_starting, WorkerState.READY: self.health.watch_ready,
                          WorkerState.BACKOFF: self._tick_backoff, WorkerState.DRAINING: self._tick_draining}
         for model in config.models:
@@ -110,8 +114,13 @@ class Fleet:
         return self._counts.setdefault(model_name, ModelCounts())
 
     def live_footprints(self, excluding: WorkerRecord | None = None) -> list[int]:
-        """What admission counts as held: the footprint of every worker that has a process."""
-        return [self.footprint_of(w) for w in self.workers.values() if w.state in PROCESS_STATES and w is not excluding]
+        """What admission counts as held: the footprint of every worker that has a process, less what its prefix
+        cache was shrunk by."""
+        return [self.footprint_of(w) - self.caches.shrunk_by(w) for w in self.workers.values()
+                if w.state in PROCESS_STATES and w is not excluding]
+
+    def _settling(self) -> str | None:  # a started worker not yet READY: memory not yet seen to settle
+        return next((w.id for w in self.workers.values() if w.state == WorkerState.STARTING), None)
 
     def _free_bytes(self, excluding: WorkerRecord | None = None) -> int:
         """Room for one more worker now, as admission counts it; 0 when the probe fails."""
@@ -173,6 +182,7 @@ class Fleet:
         if not self._stopping:
             self.demand.balance(now, self.config.memory.min_residency_s)
             self._admit()
+            self.caches.give_back()
 
     def _tick_backoff(self, worker: WorkerRecord, now: float) -> None:
         if now >= worker.next_attempt_at and not self._stopping:
@@ -197,10 +207,9 @@ class Fleet:
             return
         live = self.live_footprints()
         self._retry_ooms(admission.free_bytes(view, live), view.budget_bytes)
-        candidates = [admission.Candidate(w.id, self.footprint_of(w)) for w in self.workers.values()
+        candidates = [self.caches.candidate(w, self.footprint_of(w)) for w in self.workers.values()
                       if w.state in (WorkerState.PENDING, WorkerState.REFUSED)]
-        settling = next((w.id for w in self.workers.values() if w.state == WorkerState.STARTING), None)
-        for decision in admission.decide(view, live, candidates, settling):
+        for decision in admission.decide(view, live, candidates, self._settling(), self.caches.live()):
             self._apply_decision(self.workers[decision.worker_id], decision)
 
     def _read_memory(self) -> tuple[admission.MemoryView | None, MemorySnapshot | None]:
@@ -227,10 +236,14 @@ class Fleet:
                                  f"memory freed ({format_bytes(max(free, 0))} free now); trying once more")
 
     def _apply_decision(self, worker: WorkerRecord, decision: admission.Decision) -> None:
+        """Admitted: it starts (with its own cache's budget); live caches shrinking for it: it waits PENDING."""
+        self.caches.apply(decision, worker)
         if decision.admit:
             if worker.state == WorkerState.REFUSED:
                 self._transition(worker, WorkerState.PENDING, "memory freed; " + decision.reason)
             self._spawn(worker, decision.reason)
+        elif decision.shrink:
+            self._transition(worker, WorkerState.PENDING, decision.reason)
         else:
             blocked = self.demand.blocked(worker.model.name)
             self._transition(worker, WorkerState.REFUSED, f"{decision.reason}; {blocked}" if blocked else decision.reason)
@@ -332,7 +345,9 @@ class Fleet:
 
     def _add_model(self, model: ModelConfig) -> None:
         self.models[model.name] = model
-        self._footprints[model.name] = Footprint(estimate_bytes(model.path), model.footprint_bytes)
+        estimate = estimate_bytes(model.path)
+        cache = estimate_cache_bytes(model.prefix_cache_bytes, model.prefix_cache_fraction, estimate)
+        self._footprints[model.name] = Footprint(estimate + cache, model.footprint_bytes, estimated_cache_bytes=cache)
         self._next_index.setdefault(model.name, 0)
         for _ in range(model.replicas):
             self._add_worker(model)

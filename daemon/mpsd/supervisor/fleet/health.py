@@ -17,6 +17,7 @@ import signal
 from collections.abc import Callable, Coroutine, Mapping
 
 from mpsd.backend_memory import WORKING_SET_KEYS
+from mpsd.supervisor.fleet.cache_budgets import requested_budget
 from mpsd.supervisor.fleet.process import WorkerProcess
 from mpsd.supervisor.fleet.records import KillCause, ModelCounts, Transition, WorkerRecord
 from mpsd.supervisor.fleet.states import PROCESS_STATES, WorkerState
@@ -81,7 +82,7 @@ class WorkerHealth:
     async def _probe_once(self, worker: WorkerRecord, process: WorkerProcess) -> None:
         timeout = READY_PROBE_TIMEOUT_S if worker.state == WorkerState.STARTING else self._timeout_s / 2
         try:
-            stats = await process.stats(timeout)
+            stats = await process.stats(timeout, requested_budget(worker))
         except ConnectionError:
             if worker.process is process and worker.state == WorkerState.READY:
                 worker.probe_failures += 1
@@ -101,7 +102,7 @@ class WorkerHealth:
         """Asks READY workers for their counters now, so status is not a probe period old."""
         async def ask(worker: WorkerRecord, process: WorkerProcess) -> None:
             try:
-                stats = await process.stats(FRESH_STATS_TIMEOUT_S)
+                stats = await process.stats(FRESH_STATS_TIMEOUT_S, requested_budget(worker))
             except ConnectionError:
                 return  # the health probe owns judging silence; status shows the last known counters
             if worker.process is process and worker.state == WorkerState.READY:
@@ -109,17 +110,37 @@ class WorkerHealth:
 
         await asyncio.gather(*(ask(w, w.process) for w in self._workers.values() if w.state == WorkerState.READY))
 
+    def send_budget(self, worker: WorkerRecord) -> None:
+        """Tells a READY worker its prefix cache budget now, not at the next probe (which carries it again anyway)."""
+        async def send(process: WorkerProcess) -> None:
+            try:
+                stats = await process.stats(self._timeout_s / 2, requested_budget(worker))
+            except ConnectionError:
+                return  # the next health probe carries the budget; judging silence is the probe's
+            if worker.process is process and worker.state == WorkerState.READY:
+                self.record_stats(worker, stats)
+
+        self._background(send(worker.process))
+
     def record_stats(self, worker: WorkerRecord, stats: worker_pb2.WorkerStats) -> None:
-        """Learns the model's footprint from what the worker holds, and OOMs it survived."""
+        """Learns the model's footprint from what the worker holds, and OOMs it survived.
+
+        What it holds without its batch's KV and its prefix cache, plus a full
+        batch's KV reserve and the cache's configured budget (not what it holds,
+        nor a budget the daemon shrank it to): a new worker of the model is
+        admitted with room for its full cache.
+        """
         worker.stats = stats
         working_set = max((stats.backend_memory.get(k, 0) for k in WORKING_SET_KEYS), default=0)
         if working_set:
             self._report_working_set(working_set)
-        # What it holds without its batch's KV cache, at most; the full batch's KV is then added once.
-        held = worker_peak_bytes(self._footprint_of_pid(worker.pid), dict(stats.backend_memory)) - stats.kv_bytes
+        # What it holds without its batch's KV and its prefix cache, at most; each is then added once, in full.
+        cache = stats.prefix_cache
+        held = (worker_peak_bytes(self._footprint_of_pid(worker.pid), dict(stats.backend_memory)) - stats.kv_bytes
+                - cache.bytes)
         worker.peak_bytes = max(worker.peak_bytes, held)
         footprint = self._footprints[worker.model.name]
-        footprint.observe(worker.peak_bytes + stats.kv_reserve_bytes)
+        footprint.observe(worker.peak_bytes + stats.kv_reserve_bytes + cache.configured_bytes, cache.configured_bytes)
         if stats.oom_events > worker.oom_events_seen:
             self._count(worker.model.name).request_ooms += stats.oom_events - worker.oom_events_seen
             worker.oom_events_seen = stats.oom_events

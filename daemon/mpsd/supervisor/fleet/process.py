@@ -61,12 +61,15 @@ class WorkerProcess:
         self._channel = grpc.aio.insecure_channel(f"unix:{self.socket_path}")
         self.stub = worker_pb2_grpc.WorkerStub(self._channel)
 
-    async def stats(self, timeout_s: float) -> worker_pb2.WorkerStats:
-        """The worker's counters; ConnectionError while it cannot answer (not listening yet, busy, gone)."""
+    async def stats(self, timeout_s: float, prefix_cache_budget: int | None = None) -> worker_pb2.WorkerStats:
+        """The worker's counters; ConnectionError while it cannot answer (not listening yet, busy, gone).
+
+        prefix_cache_budget: the budget its prefix cache is to keep from now (None: as it has it)."""
         if self.stub is None or not os.path.exists(self.socket_path):
             raise ConnectionError("socket not there yet")
+        request = worker_pb2.StatsRequest(prefix_cache_budget=prefix_cache_budget)
         try:
-            return await self.stub.Stats(worker_pb2.StatsRequest(), timeout=timeout_s)
+            return await self.stub.Stats(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise ConnectionError(exc.details() or exc.code().name) from exc
 

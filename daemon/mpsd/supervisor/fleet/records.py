@@ -63,6 +63,8 @@ class WorkerRecord:
     kill_detail: str = ""  # the numbers behind kill_cause, for the exit's description
     after_stop: AfterStop = AfterStop.STAY
     evicted_for: str = ""  # the model it is being stopped to make room for
+    prefix_cache_budget: int | None = None  # the budget the daemon set for its prefix cache; None: as configured
+    prefix_cache_note: str = ""  # why its prefix cache is shrunk, with the numbers, for status; "" when it is not
 
     @property
     def pid(self) -> int:

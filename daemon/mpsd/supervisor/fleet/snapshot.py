@@ -57,6 +57,7 @@ class WorkerView:
     stats: worker_pb2.WorkerStats | None
     last_exit: str
     stderr_tail: tuple[str, ...]
+    prefix_cache_note: str = ""  # why its prefix cache is shrunk ("shrunk to … configured: …"); "" if not
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +76,7 @@ def view_worker(worker: WorkerRecord, now: float, memory_bytes: int) -> WorkerVi
         id=worker.id, model=worker.model.name, state=worker.state, reason=worker.reason,
         state_age_s=now - worker.state_since, uptime_s=(now - worker.started_at) if pid else 0.0, pid=pid,
         restarts=worker.restarts, memory_bytes=memory_bytes, stats=worker.stats, last_exit=worker.last_exit,
-        stderr_tail=tuple(worker.stderr_tail),
+        stderr_tail=tuple(worker.stderr_tail), prefix_cache_note=worker.prefix_cache_note,
     )
 
 

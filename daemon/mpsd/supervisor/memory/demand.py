@@ -11,7 +11,11 @@ recently used) until it fits. It never evicts a busy worker, a model at its
 min_replicas, or a worker READY for less than min_residency: a request
 alternating between two models faster than that must not thrash them.
 Decisions use learned footprints and the live probe (the caller's free
-figure), never file sizes alone.
+figure), never file sizes alone. Prefix caches are room before any eviction:
+the caller's reclaimable figure (what shrinking every live cache to 0 would
+free, as admission predicts it) counts first, and the needy model's own cache
+is not needed to start it (admission starts it with that cache shrunk), so a
+worker is evicted only when shrinking caches cannot make enough room.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class ModelDemand:
     starting: bool               # one is waiting for admission or loading: start no other yet
     failed: bool                 # one gave up (FATAL): demand must not start a load loop
     last_start_at: float | None  # when demand last started a worker for it
+    cache_bytes: int = 0         # the part of footprint_bytes that is its prefix cache's full budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +88,9 @@ Action = Start | Stop | Blocked
 
 
 def decide(models: Sequence[ModelDemand], workers: Sequence[WorkerLoad], free_bytes: int, waiting: Sequence[str],
-           now: float, min_residency_s: float, evicting: bool) -> list[Action]:
-    """waiting: models whose next worker admission refused for memory; evicting: a stop for room is under way."""
+           now: float, min_residency_s: float, evicting: bool, reclaimable_bytes: int = 0) -> list[Action]:
+    """waiting: models whose next worker admission refused for memory; evicting: a stop for room is under way;
+    reclaimable_bytes: what shrinking every live prefix cache to 0 would add to free_bytes."""
     by_name = {m.name: m for m in models}
     actions: list[Action] = [a for m in models if (a := _scale_up(m, now))]
     actions += _idle_stops(by_name, workers, now)
@@ -93,7 +99,7 @@ def decide(models: Sequence[ModelDemand], workers: Sequence[WorkerLoad], free_by
         needy = by_name[name]
         if evicting or needy.queued == 0 and needy.workers > needy.min_replicas:
             continue  # no request waits for it any more: evict nobody for a load that lost its reason
-        actions += _make_room(needy, by_name, workers, free_bytes, now, min_residency_s, stopping)
+        actions += _make_room(needy, by_name, workers, free_bytes, reclaimable_bytes, now, min_residency_s, stopping)
     return actions
 
 
@@ -120,8 +126,13 @@ def _idle_stops(models: dict[str, ModelDemand], workers: Sequence[WorkerLoad], n
 
 
 def _make_room(needy: ModelDemand, models: dict[str, ModelDemand], workers: Sequence[WorkerLoad], free_bytes: int,
-               now: float, min_residency_s: float, stopping: set[str]) -> list[Action]:
-    """Evicts the fewest idle workers, lowest priority then least recently used, that make the footprint fit."""
+               reclaimable_bytes: int, now: float, min_residency_s: float, stopping: set[str]) -> list[Action]:
+    """Evicts the fewest idle workers, lowest priority then least recently used, that make the footprint fit.
+
+    Room is free memory plus what live caches can give back; the needy model
+    needs its footprint without its own cache. An evicted worker adds its
+    footprint without its cache: that part was counted as reclaimable already.
+    """
     candidates, blockers = [], []
     spare = {name: m.workers - m.min_replicas for name, m in models.items()}
     for worker in sorted(workers, key=lambda w: (models[w.model].priority, w.idle_since)):
@@ -133,17 +144,18 @@ def _make_room(needy: ModelDemand, models: dict[str, ModelDemand], workers: Sequ
             continue
         spare[worker.model] -= 1
         candidates.append(worker)
-    chosen, room = [], free_bytes
+    chosen, room, need = [], free_bytes + reclaimable_bytes, needy.footprint_bytes - needy.cache_bytes
     for worker in candidates:
-        if room >= needy.footprint_bytes:
+        if room >= need:
             break
         chosen.append(worker)
-        room += models[worker.model].footprint_bytes
-    if room < needy.footprint_bytes:
+        room += models[worker.model].footprint_bytes - models[worker.model].cache_bytes
+    if room < need:
         # With no other model's worker in the way, admission's numbers say all there is to say.
         return [Blocked(needy.name, f"nothing evictable ({', '.join(blockers)})")] if blockers else []
+    caches = f", {format_bytes(reclaimable_bytes)} more in prefix caches" if reclaimable_bytes else ""
     why = (f"evicted for model {needy.name} (needs {format_bytes(needy.footprint_bytes)}, "
-           f"{format_bytes(max(free_bytes, 0))} free)")
+           f"{format_bytes(max(free_bytes, 0))} free{caches})")
     return [Stop(w.id, why, evicted_for=needy.name) for w in chosen]
 
 
