@@ -239,8 +239,8 @@ def _admit_reason(candidate: Candidate, free: int, memory: MemoryView) -> str:
 def _refuse_reason(candidate: Candidate, free: int, memory: MemoryView, floor: int) -> str:
     reason = (f"needs {format_bytes(candidate.footprint_bytes)}, {format_bytes(max(free, 0))} free of "
               f"{format_bytes(memory.budget_bytes)} budget after {format_bytes(memory.headroom_bytes)} headroom")
-    if floor <= free and not candidate.cache_bytes:
-        return reason
+    if floor - free < OOM_RETRY_MIN_GAIN_BYTES and not candidate.cache_bytes:
+        return reason  # caches too small to change the picture are not worth a clause
     own = f" and its own {format_bytes(candidate.cache_bytes)} left out" if candidate.cache_bytes else ""
     short = candidate.footprint_bytes - candidate.cache_bytes - max(floor, 0)
     return (f"{reason}; with every prefix cache at 0 ({format_bytes(max(floor, 0))} free{own}) still "
