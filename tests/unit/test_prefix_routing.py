@@ -1,6 +1,7 @@
 """Prefix-aware routing: the daemon's per-worker picture over text, the SGLang-style policy, the pool and the edge."""
 
 import asyncio
+import collections
 import functools
 from collections.abc import Awaitable, Callable
 
@@ -11,7 +12,13 @@ from mpsd.chat_params import ChatMessage
 from mpsd.config.schema import RoutingThresholds
 from mpsd.supervisor.edge.inference import InferenceService
 from mpsd.supervisor.routing.pool import ModelPool
-from mpsd.supervisor.routing.prefix_policy import chat_answer_suffix, chat_routing_key, follow_prefix, imbalanced
+from mpsd.supervisor.routing.prefix_policy import (
+    balance_abs_threshold,
+    chat_answer_suffix,
+    chat_routing_key,
+    follow_prefix,
+    imbalanced,
+)
 from mpsd.supervisor.routing.prefix_tree import (
     BLOCK_CHARS,
     MAX_BLOCKS_PER_WORKER,
@@ -106,6 +113,16 @@ def test_imbalance_needs_both_thresholds():
     assert not imbalanced([], SGLANG)
 
 
+def test_the_absolute_threshold_is_capped_at_a_quarter_of_a_workers_concurrency():
+    """A worker runs at most `concurrency` sequences: SGLang's 32 would never balance a pool of 16-sequence workers."""
+    assert balance_abs_threshold(SGLANG, 16) == 4 and balance_abs_threshold(SGLANG, 256) == 32
+    assert balance_abs_threshold(SGLANG, 1) == 1 and balance_abs_threshold(RoutingThresholds(balance_abs_threshold=2), 16) == 2
+    assert not imbalanced([0, 4], SGLANG, 16) and imbalanced([0, 5], SGLANG, 16)
+    holder, idle = W("holder", inflight=5), W("idle")
+    assert follow_prefix([holder, idle], 16, {"holder": 100}, 100, SGLANG) is None, "5 beyond the idle one: balance"
+    assert follow_prefix([W("holder", inflight=4), idle], 16, {"holder": 100}, 100, SGLANG).worker_id == "holder"
+
+
 def test_the_prefix_is_followed_above_the_cache_threshold_only():
     a, b = W("a", inflight=3), W("b")
     assert follow_prefix([a, b], 16, {"a": 51}, 100, SGLANG) is a, "51% held: follow it, though b is idle"
@@ -125,8 +142,8 @@ def test_the_longest_match_wins_and_among_equals_the_less_busy_then_the_one_assi
 
 def test_an_imbalanced_pool_or_a_full_worker_falls_back_to_least_loaded():
     busy, idle = W("busy", inflight=40), W("idle", inflight=0)
-    assert follow_prefix([busy, idle], 64, {"busy": 100}, 100, SGLANG) is None, "40 - 0 > 32 and 40 > 0"
-    assert follow_prefix([W("busy", inflight=30), idle], 64, {"busy": 100}, 100, SGLANG).worker_id == "busy"
+    assert follow_prefix([busy, idle], 256, {"busy": 100}, 100, SGLANG) is None, "40 - 0 > 32 and 40 > 0"
+    assert follow_prefix([W("busy", inflight=30), idle], 256, {"busy": 100}, 100, SGLANG).worker_id == "busy"
     full = W("full", inflight=16)
     assert follow_prefix([full, idle], 16, {"full": 100}, 100, SGLANG) is None, "no free slot on the holder"
 
@@ -247,6 +264,20 @@ async def test_a_queued_request_keeps_its_key():
     pool.release(lease)
     pool.add_worker("w1", "stub-w1", 1024)
     assert (await pool.acquire(1, routing_key=CONVERSATION)).worker_id == "w0", "recorded when handed out"
+
+
+@scenario
+async def test_a_prefix_every_request_shares_does_not_pile_them_all_on_one_worker():
+    """An agent's system prompt: every conversation's first turn matches it on the worker that saw it first. Once that
+    worker is a quarter of its concurrency ahead the next goes to the other, which then holds it too, and equal
+    matches go to the less busy: the conversations spread, each staying where its own history is."""
+    pool = pool_of("w0", "w1", concurrency=16)
+    system = text(2000)
+    leases = [await pool.acquire(1, routing_key=system + f" conversation {i}") for i in range(8)]
+    by_worker = collections.Counter(lease.worker_id for lease in leases)
+    assert sorted(by_worker.values()) == [3, 5], by_worker
+    for lease in leases:
+        pool.release(lease)
 
 
 # --- the edge -------------------------------------------------------------------------------------------------------

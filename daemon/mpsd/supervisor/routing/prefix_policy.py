@@ -3,8 +3,8 @@
 The rule is SGLang's router's cache-aware policy, with least-loaded where it
 would pick the worker with the smallest tree: when the pool is imbalanced (the
 busiest worker has more than balance_abs_threshold requests in flight beyond
-the least busy, and more than balance_rel_threshold times as many), least
-loaded; otherwise the worker holding the longest prefix of the request's text,
+the least busy, capped at a quarter of a worker's concurrency, and more than
+balance_rel_threshold times as many), least loaded; otherwise the worker holding the longest prefix of the request's text,
 if that covers more than cache_threshold of the text and the worker has a free
 slot; otherwise least loaded.
 
@@ -67,11 +67,21 @@ def chat_answer_suffix(answer: str) -> str:
     return chat_message_key("assistant", answer)
 
 
-def imbalanced(loads: list[int], thresholds: RoutingThresholds) -> bool:
+def balance_abs_threshold(thresholds: RoutingThresholds, concurrency: int) -> int:
+    """The absolute imbalance that turns routing to least loaded: the configured one, at most a quarter of a worker's
+    concurrency. SGLang's 32 is sized for engines that run hundreds of sequences; a worker here runs `concurrency`
+    (16 by default), so 32 more in flight can never happen and a prefix every request shares (an agent's system
+    prompt) would pile all of them on one worker while the others idle."""
+    return min(thresholds.balance_abs_threshold, max(1, concurrency // 4))
+
+
+def imbalanced(loads: list[int], thresholds: RoutingThresholds, concurrency: int | None = None) -> bool:
+    """concurrency: a worker's, which caps the absolute threshold (balance_abs_threshold); None: uncapped."""
     if not loads:
         return False
     busiest, idlest = max(loads), min(loads)
-    return busiest - idlest > thresholds.balance_abs_threshold and busiest > thresholds.balance_rel_threshold * idlest
+    limit = thresholds.balance_abs_threshold if concurrency is None else balance_abs_threshold(thresholds, concurrency)
+    return busiest - idlest > limit and busiest > thresholds.balance_rel_threshold * idlest
 
 
 def follow_prefix(workers: Sequence[W], concurrency: int, matched: Mapping[str, int], text_chars: int,
@@ -79,7 +89,7 @@ def follow_prefix(workers: Sequence[W], concurrency: int, matched: Mapping[str, 
     """The worker a request whose text is text_chars long follows its prefix to, given how much of the text each
     worker holds (matched: characters by worker id); None: route it least loaded instead.
     workers: the ones it may go to (a retry's lost worker left out), free or not."""
-    if not workers or not text_chars or imbalanced([w.inflight for w in workers], thresholds):
+    if not workers or not text_chars or imbalanced([w.inflight for w in workers], thresholds, concurrency):
         return None
     best = max(workers, key=lambda w: (matched.get(w.worker_id, 0), -w.inflight, -w.last_assigned))
     if matched.get(best.worker_id, 0) / text_chars > thresholds.cache_threshold and best.inflight < concurrency:
