@@ -2,7 +2,9 @@
 `python -m benchmarks equality [--model demo|25m]`: tokens that differ between batched and solo decoding;
 `python -m benchmarks switching [--model demo|25m]`: the first token of an evicted model against its plain load;
 `python -m benchmarks http_edge [--rounds N] [--out DIR]`: the HTTP edge's h11 server against aiohttp.web and
-uvicorn+starlette (RSS, SSE tokens/s, small-request latency)."""
+uvicorn+starlette (RSS, SSE tokens/s, small-request latency);
+`python -m benchmarks multi_turn [--model demo|25m] [--quick] [--out DIR]`: prefix reuse under multi-turn
+conversations, mpsd's cache on and off, prefix-aware routing, and peers with prompt caches of their own."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import pathlib
 import sys
 import time
 
-from benchmarks import models, report, run
+from benchmarks import models, multi_turn_peers, report, run
 from benchmarks.settings import Settings
 
 
@@ -36,7 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     edge.add_argument("--rounds", type=int, default=5, help="each server once per round, in a rotated order")
     edge.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/http-edge"))
     edge.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's smoke run: h11 alone
+    turns = commands.add_parser("multi_turn", help="prefix reuse: multi-turn conversations, cache on/off, peers")
+    turns.add_argument("--model", choices=models.MODEL_CHOICES, default="demo")
+    turns.add_argument("--quick", action="store_true", help="fewer conversations, one no-reuse round")
+    turns.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's smoke run
+    turns.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/multi-turn"))
+    turns.add_argument("--conversations", type=int, default=None, help="conversations at once (C)")
+    turns.add_argument("--turns", type=int, default=None, help="turns per conversation (T)")
+    turns.add_argument("--peers", default=",".join(multi_turn_peers.PEERS),
+                       help=f"peers to run, comma-separated, '' for none (default: {','.join(multi_turn_peers.PEERS)})")
     args = parser.parse_args(argv)
+    if args.command == "multi_turn":
+        return _multi_turn(args, argv)
     if args.command == "equality":
         return _equality(args)
     if args.command == "switching":
@@ -91,6 +104,32 @@ def _http_edge(args, argv: list[str] | None) -> int:
     results = http_edge.run(sizes, progress, args.out, servers, command)
     print(http_edge.table(results))
     print(f"\nwritten: {args.out / 'results.json'} ({results['elapsed_s']}s)", file=sys.stderr)
+    return 0
+
+
+def _multi_turn(args, argv: list[str] | None) -> int:
+    import dataclasses
+
+    from benchmarks import multi_turn, multi_turn_report
+
+    started = time.perf_counter()
+    progress = lambda line: print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)  # noqa: E731
+    sizes = (multi_turn.Sizes.tiny() if args.tiny else multi_turn.Sizes.quick() if args.quick
+             else multi_turn.Sizes())
+    sizes = dataclasses.replace(sizes, **{k: v for k, v in (("conversations", args.conversations),
+                                                           ("turns", args.turns)) if v})
+    peers = tuple(name for name in args.peers.split(",") if name)
+    unknown = set(peers) - set(multi_turn_peers.PEERS)
+    if unknown:
+        print(f"--peers: unknown {', '.join(sorted(unknown))}; known: {', '.join(multi_turn_peers.PEERS)}",
+              file=sys.stderr)
+        return 2
+    model = models.resolve(args.model, progress)
+    command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
+    results = multi_turn.run(sizes, model, progress, args.out, peers, command)
+    print(multi_turn_report.markdown(results))
+    print(f"\nwritten: {args.out / 'results.json'}, {args.out / 'results.md'} ({results['elapsed_s']}s)",
+          file=sys.stderr)
     return 0
 
 

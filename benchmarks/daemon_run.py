@@ -19,21 +19,26 @@ from mpsd.proto_plain import to_plain
 from mpsd.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 
 LISTEN_LINE = re.compile(r"public API listening on (\S+)")
+HTTP_LINE = re.compile(r"HTTP edge listening on http://[^:\s]+:(\d+)")
 WARMED = re.compile(r"worker (\S+) pid=\d+ STARTING -> READY: model loaded and warmed in ([0-9.]+)s")
 
 
 class RunningDaemon:
-    def __init__(self, config_text: str) -> None:
+    """http=True serves the HTTP edge (the OpenAI-compatible API) too, on a free loopback port: http_port."""
+
+    def __init__(self, config_text: str, http: bool = False) -> None:
         self.dir = pathlib.Path(tempfile.mkdtemp(prefix="mpsd-bench-"))
         (self.dir / "mpsd.toml").write_text(config_text)
         self.log_path = self.dir / "mpsd.log"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mpsd.cli.mpsd_cmd", "serve", "--config", str(self.dir / "mpsd.toml"),
-             "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--http-listen", "",
+             "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+             "--http-listen", "127.0.0.1:0" if http else "",
              "--state-dir", str(self.dir / "state")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.log_path, "wb"), start_new_session=True,
         )
         self.address = _wait(lambda: LISTEN_LINE.search(self.log()), 60, "the listening line").group(1)
+        self.http_port = int(_wait(lambda: HTTP_LINE.search(self.log()), 60, "the HTTP line").group(1)) if http else 0
         self.channel = grpc.insecure_channel(self.address)
         self.inference = inference_pb2_grpc.InferenceStub(self.channel)
         self._admin_channel = grpc.insecure_channel(f"unix:{paths.admin_socket_path(self.dir / 'state')}")

@@ -86,3 +86,19 @@ def _reading(connection: http.client.HTTPConnection, path: str) -> Iterator[http
         raise PeerError(f"POST {path} failed: {type(exc).__name__}: {str(exc)[:200]}") from None
     finally:
         connection.close()
+
+
+def sse_events(port: int, path: str, body: dict) -> Iterator[dict]:
+    """One streamed OpenAI request (sent at once): every `data:` event it answers, parsed, up to `[DONE]`."""
+    connection = _send(port, path, body)
+    return _events(connection, path)
+
+
+def _events(connection: http.client.HTTPConnection, path: str) -> Iterator[dict]:
+    with _reading(connection, path) as response:
+        while line := response.readline():
+            if line.startswith(b"data: "):
+                payload = line[6:].strip()
+                if payload == b"[DONE]":
+                    return
+                yield json.loads(payload)

@@ -8,6 +8,7 @@ mpsd's own engine and decode loop.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -33,18 +34,23 @@ def venv_python(name: str) -> pathlib.Path:
     return PEERS_DIR / name / "bin" / "python"
 
 
-def _install_spec(packages: tuple[str, ...], base: tuple[str, ...]) -> dict:
-    return {"packages": [*base, *packages], "constraints": CONSTRAINTS.read_text(),
+def _install_spec(packages: tuple[str, ...], base: tuple[str, ...], constrained: bool = True) -> dict:
+    return {"packages": [*base, *packages], "constraints": CONSTRAINTS.read_text() if constrained else "",
             "python": sys.version.split()[0], "project": str(PROJECT)}
 
 
 def ensure_venv(name: str, packages: tuple[str, ...], dist: str, progress,
-                base: tuple[str, ...] = BASE_PACKAGES) -> tuple[str, float]:
+                base: tuple[str, ...] = BASE_PACKAGES, constrained: bool = True,
+                timeout_s: float = INSTALL_TIMEOUT_S, env: dict[str, str] | None = None) -> tuple[str, float]:
     """(installed version of dist, seconds spent installing: 0 when reused). Raises PeerError. base: what goes in
-    before packages (torch and transformers, which a peer running mpsd's engine needs; () for one that does not)."""
+    before packages (torch and transformers, which a peer running mpsd's engine needs; () for one that does not).
+    constrained=False leaves out constraints.txt, for a peer that pins its own versions of torch or transformers
+    (vLLM); env: added to pip's environment (CMAKE_ARGS for a peer built from source)."""
     root = PEERS_DIR / name
     marker = root / ".mpsd-peer-installed.json"
-    spec = _install_spec(packages, base)
+    spec = _install_spec(packages, base, constrained)
+    if env:
+        spec["env"] = env
     if marker.is_file() and venv_python(name).exists():
         try:
             recorded = json.loads(marker.read_text())
@@ -54,18 +60,18 @@ def ensure_venv(name: str, packages: tuple[str, ...], dist: str, progress,
             progress(f"{name}: reusing {root} ({dist} {recorded['version']})")
             return recorded["version"], 0.0
     progress(f"{name}: installing {' '.join(spec['packages'])} into {root} (first use; up to "
-             f"{INSTALL_TIMEOUT_S // 60} min)")
+             f"{timeout_s / 60:.0f} min)")
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
     log = root / "install.log"
-    deadline = time.monotonic() + INSTALL_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     started = time.perf_counter()
     python = str(venv_python(name))
     pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
     steps = [
         ("creating the venv", [_base_python(), "-m", "venv", str(root)]),
-        ("pip install", [*pip, "-c", str(CONSTRAINTS), *spec["packages"]]),
+        ("pip install", [*pip, *(["-c", str(CONSTRAINTS)] if constrained else []), *spec["packages"]]),
         ("pip install -e mpsd", [*pip, "--no-deps", "-e", str(PROJECT)]),
     ]
     with open(log, "ab") as out:
@@ -74,14 +80,15 @@ def ensure_venv(name: str, packages: tuple[str, ...], dist: str, progress,
             out.flush()
             left = deadline - time.monotonic()
             if left <= 0:
-                raise PeerError(f"install took over {INSTALL_TIMEOUT_S}s ({what} not reached)")
+                raise PeerError(f"install took over {timeout_s:.0f}s ({what} not reached)")
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                       start_new_session=True, cwd=str(root))
+                                       start_new_session=True, cwd=str(root),
+                                       env={**os.environ, **env} if env else None)
             try:
                 code = process.wait(left)
             except subprocess.TimeoutExpired:
                 processes.kill_group(process.pid, 0)
-                raise PeerError(f"install timed out after {INSTALL_TIMEOUT_S}s during {what} (log: {log})") from None
+                raise PeerError(f"install timed out after {timeout_s:.0f}s during {what} (log: {log})") from None
             if code != 0:
                 raise PeerError(f"{what} failed: {_last_line(log)}")
     version = _dist_version(python, dist)

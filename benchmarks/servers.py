@@ -29,11 +29,14 @@ ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 class ServerProcess:
     """command gets the port appended as `--port P`, and "{temp_dir}" in it replaced by a directory of its own
-    (removed at stop); ready once GET /health answers 200 (and ready_line is logged)."""
+    (removed at stop); ready once GET health_path answers 200 (and ready_line is logged)."""
 
     def __init__(self, name: str, command: Sequence[str], log_path: pathlib.Path, env: dict[str, str] | None = None,
-                 ready_line: bytes | None = None, cleanup: Sequence[str] = ()) -> None:
+                 ready_line: bytes | None = None, cleanup: Sequence[str] = (), health_path: str = "/health",
+                 start_timeout_s: float = START_TIMEOUT_S) -> None:
         self.name = name
+        self.health_path = health_path
+        self.start_timeout_s = start_timeout_s
         self.cleanup = cleanup   # a command run when processes left the session (Ray: `ray stop --force`)
         self.port = free_port()
         self.tag = uuid.uuid4().hex
@@ -60,15 +63,16 @@ class ServerProcess:
         self.start_to_ready_s = time.perf_counter() - started
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             code = self.process.poll()
             if code is not None:
                 raise PeerError(f"the server exited with code {code} before it was ready: {self.last_log_line()}")
-            if health(self.port) and (self.ready_line is None or self.ready_line in self.log_path.read_bytes()):
+            if health(self.port, self.health_path) and (self.ready_line is None
+                                                        or self.ready_line in self.log_path.read_bytes()):
                 return
             time.sleep(0.5)
-        raise PeerError(f"the server was not ready within {START_TIMEOUT_S}s: {self.last_log_line()}")
+        raise PeerError(f"the server was not ready within {self.start_timeout_s:.0f}s: {self.last_log_line()}")
 
     def last_log_line(self) -> str:
         try:
@@ -100,10 +104,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def health(port: int) -> bool:
+def health(port: int, path: str = "/health") -> bool:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
-        connection.request("GET", "/health")
+        connection.request("GET", path)
         response = connection.getresponse()
         response.read()
         return response.status == 200
