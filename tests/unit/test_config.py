@@ -192,6 +192,8 @@ def lm(backend: str, keys: str = "") -> str:
     ("torch-lm", "prefix_cache = 0.5", (None, 0.5)),
     ("torch-lm", "prefix_cache = '0'", (None, None)),
     ("torch-lm", "prefix_cache = 0", (None, None)),
+    ("torch-lm", "prefix_cache = 0.0", (None, None)),
+    ("torch-lm", "prefix_cache = 1048576", (1 << 20, None)),
     ("torch-lm", "prefix_cache = '0%'", (None, None)),
     ("null-lm", "prefix_cache = '0'", (None, None)),       # off is allowed anywhere
 ])
@@ -205,6 +207,8 @@ def test_prefix_cache_takes_a_size_a_fraction_or_zero(backend, keys, expected):
     ("torch-lm", "prefix_cache = '150%'", r"models\[0\] \(a\)\.prefix_cache: a percentage must be from 0% to 100%"),
     ("torch-lm", "prefix_cache = -1", r"models\[0\] \(a\)\.prefix_cache: expected a size"),
     ("torch-lm", "prefix_cache = true", r"models\[0\] \(a\)\.prefix_cache: expected a size"),
+    ("torch-lm", "prefix_cache = 1.0", r"models\[0\] \(a\)\.prefix_cache: a fraction must be between 0 and 1"),
+    ("torch-lm", "prefix_cache = 1.5", r"models\[0\] \(a\)\.prefix_cache: a fraction must be between 0 and 1"),
     ("null-lm", "prefix_cache = '1GiB'", r"models\[0\] \(a\)\.prefix_cache: applies to backend torch-lm, mlx-lm only"),
     ("torch-lm", "routing = 'random'", r"models\[0\] \(a\)\.routing: must be one of prefix, least-loaded"),
 ])

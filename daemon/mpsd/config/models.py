@@ -78,8 +78,12 @@ def parse_cache_budget(value: Any) -> tuple[int, float | None]:
         if not 0.0 <= percent <= 100.0:
             raise ValueError(f"a percentage must be from 0% to 100%, got {value!r}")
         return 0, (percent / 100.0 or None)
-    if isinstance(value, float) and 0.0 < value < 1.0:
-        return 0, value
+    if isinstance(value, float):  # a number with a point is a fraction: 1.0 as one byte would surprise everyone
+        if 0.0 < value < 1.0:
+            return 0, value
+        if value == 0.0:
+            return 0, None
+        raise ValueError(f"a fraction must be between 0 and 1 (a size is '1GiB' or whole bytes), got {value!r}")
     try:
         return parse_size(value), None
     except ValueError:
