@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     turns.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/multi-turn"))
     turns.add_argument("--conversations", type=int, default=None, help="conversations at once (C)")
     turns.add_argument("--turns", type=int, default=None, help="turns per conversation (T)")
+    turns.add_argument("--skip", default="", help="mpsd systems not to run, comma-separated (mpsd-mlx, "
+                       "mpsd-torch-2x-prefix, mpsd-torch-2x-least-loaded)")
+    turns.add_argument("--no-reuse-rounds", type=int, default=None, help="rounds of the no-reuse load (3)")
+    turns.add_argument("--prefix-cache", default=None,
+                       help="prefix_cache of the cache-on mpsd systems (default: mpsd's own, 25%%)")
     turns.add_argument("--peers", default=",".join(multi_turn_peers.PEERS),
                        help=f"peers to run, comma-separated, '' for none (default: {','.join(multi_turn_peers.PEERS)})")
     args = parser.parse_args(argv)
@@ -117,7 +122,11 @@ def _multi_turn(args, argv: list[str] | None) -> int:
     sizes = (multi_turn.Sizes.tiny() if args.tiny else multi_turn.Sizes.quick() if args.quick
              else multi_turn.Sizes())
     sizes = dataclasses.replace(sizes, **{k: v for k, v in (("conversations", args.conversations),
-                                                           ("turns", args.turns)) if v})
+                                                           ("turns", args.turns),
+                                                           ("no_reuse_rounds", args.no_reuse_rounds),
+                                                           ("prefix_cache", args.prefix_cache),
+                                                           ("skip", tuple(n for n in args.skip.split(",") if n)))
+                                                 if v})
     peers = tuple(name for name in args.peers.split(",") if name)
     unknown = set(peers) - set(multi_turn_peers.PEERS)
     if unknown:

@@ -47,6 +47,7 @@ class Sizes:
     no_reuse_rounds: int = 3    # cache on / off, alternated
     concurrency: int = CONCURRENCY
     skip: tuple[str, ...] = ()  # mpsd systems not run
+    prefix_cache: str | None = None  # the cache-on systems' prefix_cache; None: mpsd's default
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -129,8 +130,10 @@ MPSD_SYSTEMS = {   # name: (backend, replicas, prefix_cache or None for the defa
 }
 
 
-def mpsd_config(name: str, model_dir: str, concurrency: int) -> str:
+def mpsd_config(name: str, model_dir: str, concurrency: int, prefix_cache: str | None = None) -> str:
+    """prefix_cache: for a system whose cache is mpsd's default, that key instead (None: the default)."""
     backend, replicas, cache, routing = MPSD_SYSTEMS[name]
+    cache = cache if cache is not None else prefix_cache
     threads = worker_threads(replicas, cores())
     cache_line = f'prefix_cache = "{cache}"' if cache is not None else ""
     return f"""
@@ -152,9 +155,10 @@ env = {{ OMP_NUM_THREADS = "{threads}", OPENBLAS_NUM_THREADS = "{threads}" }}
 
 def start_mpsd(name: str, model_dir: str, sizes: Sizes, progress: Progress) -> RunningDaemon:
     backend, replicas, cache, routing = MPSD_SYSTEMS[name]
+    cache = cache if cache is not None else sizes.prefix_cache
     progress(f"{name}: {backend}, {replicas} worker(s) x {worker_threads(replicas, cores())} thread(s), "
              f"prefix_cache {cache or 'default'}, routing {routing}")
-    daemon = RunningDaemon(mpsd_config(name, model_dir, sizes.concurrency), http=True)
+    daemon = RunningDaemon(mpsd_config(name, model_dir, sizes.concurrency, sizes.prefix_cache), http=True)
     try:
         daemon.wait_ready(replicas)
     except BaseException:
@@ -264,7 +268,7 @@ def run(sizes: Sizes, model: BenchModel, progress: Progress, out: pathlib.Path, 
         results["no_reuse"] = {"error": error or "not run"}
     for name in ("mpsd-torch-2x-prefix", "mpsd-torch-2x-least-loaded"):
         if name in sizes.skip:
-            systems[name] = {"error": "skipped (--tiny)"}
+            systems[name] = {"error": "skipped (--skip or --tiny)"}
         else:
             guarded((name,), mpsd_one(name, model.torch_dir))
     mlx_context = multi_turn_peers.context_length(model.mlx_dir) if model.mlx_dir else 0
@@ -273,6 +277,8 @@ def run(sizes: Sizes, model: BenchModel, progress: Progress, out: pathlib.Path, 
                    f"which this workload's histories approach" if mlx_context < context else "")
     if mlx_problem:
         systems["mpsd-mlx"] = {"error": f"skipped: {mlx_problem}"}
+    elif "mpsd-mlx" in sizes.skip:
+        systems["mpsd-mlx"] = {"error": "skipped (--skip)"}
     else:
         guarded(("mpsd-mlx",), mpsd_one("mpsd-mlx", model.mlx_dir))
     for name in multi_turn_peers.PEERS:
@@ -310,7 +316,8 @@ def no_reuse(sizes: Sizes, daemons: dict[str, RunningDaemon], lengths: dict[tupl
                         lambda c, t, _, prompts=prompts, fallback=fallback: prompts.get((c, t), fallback))
             figures = summarize(one, tokenizer)
             rounds[key].append({k: figures[k] for k in ("tps", "prompt_tps", "wall_s", "requests", "failures",
-                                                         "hit_rate_turns_ge2", "ttft_ms_turns_ge2", "others_cores")})
+                                                         "failure_examples", "hit_rate_turns_ge2",
+                                                         "ttft_ms_turns_ge2", "others_cores")})
             progress(f"no reuse, cache {key}, round {index + 1}: {figures['tps']:.0f} tok/s, "
                      f"prompt {figures['prompt_tps']:.0f} tok/s, {figures['failures']} failed")
     on, off = (statistics.median(r["tps"] for r in rounds[k]) for k in ("on", "off"))

@@ -60,8 +60,9 @@ def complete(port: int, prompt: str, max_tokens: int, reply: Reply) -> Reply:
         reply.error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
     reply.total_s = time.perf_counter() - started
     reply.text, reply.events = "".join(texts), len(texts)
-    if not texts and not reply.error:
-        reply.error = "no text streamed"
+    if not texts and not reply.error:  # left out of the figures either way; say which it was
+        reply.error = ("ended before any text (its first token was end of text)" if reply.completion_tokens == 0
+                       else "no text streamed")
     return reply
 
 

@@ -18,6 +18,15 @@ SYSTEM_NOTES = {
 }
 
 
+def _system_note(name: str, prefix_cache: str | None) -> str | None:
+    """An mpsd system's settings as the run used them (--prefix-cache replaces the default)."""
+    note = SYSTEM_NOTES.get(name)
+    if note and prefix_cache and name != "mpsd-torch-no-cache":
+        note = note.replace("prefix_cache default (25%)", f'prefix_cache = "{prefix_cache}"')
+        note += "" if "prefix_cache" in note else f', prefix_cache = "{prefix_cache}"'
+    return note
+
+
 def line(f: dict) -> str:
     """One system's figures on one line, for the progress log."""
     return (f"{f['requests']} requests ({f['failures']} failed), TTFT p50 turn 1 {f['ttft_ms_turn1']['p50']:.0f} ms,"
@@ -105,7 +114,8 @@ def _systems(r: dict) -> str:
                     f"{g2['p50']:.0f} / {g2['p99']:.0f} | {g3['p50']:.0f} / {g3['p99']:.0f} | "
                     f"{_pct(f['hit_rate_turns_ge2'])} | {f['prompt_tps']:.0f} | {f['tps']:.0f} | "
                     f"{f['prompt_tokens_max']} | {f['others_cores'] if f['others_cores'] is not None else 'n/a'} |")
-    notes = [f"* **{name}**: {SYSTEM_NOTES.get(name) or _peer_note(f)}"
+    cache = r["sizes"].get("prefix_cache")
+    notes = [f"* **{name}**: {_system_note(name, cache) or _peer_note(f)}"
              + (f"; replies equal to the cache-off run's: {f['replies_same_as_no_cache']}"
                 if "replies_same_as_no_cache" in f else "")
              for name, f in r["systems"].items() if "error" not in f]
