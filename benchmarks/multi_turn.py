@@ -34,6 +34,7 @@ from benchmarks.models import BenchModel
 from benchmarks.multi_turn_client import PromptFor, Reply, drive
 from benchmarks.multi_turn_workload import RandomText, render, system_prompt, user_message
 from benchmarks.settings import CONCURRENCY, cores, worker_threads
+from benchmarks.sweep import lm_config
 from benchmarks.timing import percentiles_ms
 
 Progress = Callable[[str], None]
@@ -135,22 +136,8 @@ def mpsd_config(name: str, model_dir: str, concurrency: int, prefix_cache: str |
     backend, replicas, cache, routing = MPSD_SYSTEMS[name]
     cache = cache if cache is not None else prefix_cache
     threads = worker_threads(replicas, cores())
-    cache_line = f'prefix_cache = "{cache}"' if cache is not None else ""
-    return f"""
-[daemon]
-drain_grace = "5s"
-[[models]]
-name = "bench"
-backend = "{backend}"
-path = "{model_dir}"
-replicas = {replicas}
-threads = {threads}
-concurrency = {concurrency}
-queue = 256
-routing = "{routing}"
-{cache_line}
-env = {{ OMP_NUM_THREADS = "{threads}", OPENBLAS_NUM_THREADS = "{threads}" }}
-"""
+    cache_line = f'\nprefix_cache = "{cache}"' if cache is not None else ""
+    return lm_config(replicas, threads, model_dir, backend, concurrency, f'routing = "{routing}"{cache_line}')
 
 
 def start_mpsd(name: str, model_dir: str, sizes: Sizes, progress: Progress) -> RunningDaemon:

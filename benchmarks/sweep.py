@@ -36,7 +36,9 @@ class Prompts:
         return f"{next(self._count)} {self._base}"
 
 
-def lm_config(replicas: int, threads: int, model_dir: str, backend: str = "torch-lm", concurrency: int = 16) -> str:
+def lm_config(replicas: int, threads: int, model_dir: str, backend: str = "torch-lm", concurrency: int = 16,
+              model_keys: str = "") -> str:
+    """model_keys: more lines for the model's table (routing, prefix_cache)."""
     path = f'path = "{model_dir}"' if model_dir else ""
     return f"""
 [daemon]
@@ -49,6 +51,7 @@ replicas = {replicas}
 threads = {threads}
 concurrency = {concurrency}
 queue = 256
+{model_keys}
 env = {{ OMP_NUM_THREADS = "{threads}", OPENBLAS_NUM_THREADS = "{threads}" }}
 """
 
