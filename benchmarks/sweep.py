@@ -111,11 +111,12 @@ def _single_worker_figures(daemon: RunningDaemon, start: StartFor, settings: Set
     ttfts = [timed(lambda: start(prompts.next(), 1)).ttft_s for _ in range(settings.ttft_requests)]
     worker = daemon.status()["workers"][0]
     weights = sum(p.stat().st_size for p in pathlib.Path(model_dir).glob("*.safetensors"))
+    rss = (worker.get("process_memory") or {}).get("rss_bytes") or worker["memory_bytes"]  # memory_bytes: footprint
     return {
         "ttft_ms": percentiles_ms(ttfts),
         "daemon_rss_bytes": daemon.rss_bytes(),
-        "worker_rss_bytes": worker["memory_bytes"],
-        "worker_rss_beyond_weights_bytes": max(0, worker["memory_bytes"] - weights),
+        "worker_rss_bytes": rss,
+        "worker_rss_beyond_weights_bytes": max(0, rss - weights),
         "start_to_ready_s": round(start_to_ready, 3),
         "warm_s": daemon.warm_times_s(),
         "restart_s": round(daemon.restart_after_kill_s(worker["id"]), 3),

@@ -15,6 +15,9 @@ ADMIN_SOCKET_NAME = "admin.sock"
 MAX_SOCKET_PATH = 103
 DEMO_MODEL_REF = "@demo"
 MLX_DEMO_MODEL_REF = "@mlx-demo"
+GGUF_DEMO_MODEL_REF = "@gguf-demo"
+# Every demo reference: a config's model path equal to one of these is a reference, not a path to resolve.
+DEMO_MODEL_REFS = (DEMO_MODEL_REF, MLX_DEMO_MODEL_REF, GGUF_DEMO_MODEL_REF)
 
 
 def default_state_dir() -> pathlib.Path:
@@ -45,6 +48,15 @@ def demo_model_dir(data_dir: pathlib.Path | None = None) -> pathlib.Path:
 
 def mlx_demo_model_dir(data_dir: pathlib.Path | None = None) -> pathlib.Path:
     return (data_dir or default_data_dir()) / "models" / "demo-mlx-llama"
+
+
+def gguf_demo_model_dir(data_dir: pathlib.Path | None = None) -> pathlib.Path:
+    return (data_dir or default_data_dir()) / "models" / "demo-gpt2-gguf"
+
+
+def cache_dir(data_dir: pathlib.Path | None = None) -> pathlib.Path:
+    """What a build fetched once and may fetch again (llama.cpp's converter): never a model."""
+    return (data_dir or default_data_dir()) / "cache"
 
 
 def admin_socket_path(state_dir: pathlib.Path) -> pathlib.Path:

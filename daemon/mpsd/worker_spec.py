@@ -30,6 +30,11 @@ class WorkerSpec:
     mlx_cache_limit: int | None = None
     prefix_cache_bytes: int | None = None      # prefix_cache as a size; with the fraction unset too: no prefix cache
     prefix_cache_fraction: float | None = None  # prefix_cache as a fraction of the worker's measured footprint
+    replica: int = 0                            # the N of worker id MODEL-N: {replica} in an engine's command
+    engine_command: list[str] | None = None     # backend engine: the server to run, placeholders not yet filled
+    engine_health: str = ""                     # its health path; "": /health, falling back to /v1/models
+    engine_start_timeout_s: float = 300.0       # how long it may take to answer its health path
+    engine_state_dir: str = ""                  # {state}: a private directory of this replica, kept across restarts
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -58,11 +63,13 @@ class WorkerSpec:
 
 def _matches(value: object, hint: object) -> bool:
     allowed = typing.get_args(hint) or (hint,)
+    if isinstance(value, list):  # list[str]: a command line
+        return any(typing.get_origin(a) is list and all(isinstance(v, str) for v in value) for a in allowed)
     if isinstance(value, bool):  # JSON true is a Python int, but never a count or a size
         return bool in allowed
     if isinstance(value, int) and float in allowed:  # JSON has one number type: 5 is a fine float
         return True
-    return isinstance(value, allowed)
+    return isinstance(value, tuple(a for a in allowed if typing.get_origin(a) is None))
 
 
 def spec_help() -> str:

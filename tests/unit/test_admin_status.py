@@ -5,6 +5,7 @@ import dataclasses
 from mpsd.supervisor.edge.admin import AdminService
 from mpsd.supervisor.fleet.snapshot import WorkerView
 from mpsd.supervisor.fleet.states import WorkerState
+from mpsd.supervisor.memory.process_memory import ProcessMemory
 from mpsd.v1 import worker_pb2
 
 CACHE = worker_pb2.PrefixCacheStats(bytes=3 << 20, budget_bytes=64 << 20, configured_bytes=128 << 20, entries=2,
@@ -40,3 +41,10 @@ def test_the_fleets_note_on_a_shrunk_budget_is_passed_on():
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(WorkerView)}
     status = status_of(NotedView(**fields | {"prefix_cache_note": "shrunk to make room for b-0"}))
     assert status.prefix_cache.budget_bytes == 32 << 20 and status.prefix_cache_note == "shrunk to make room for b-0"
+
+
+def test_the_process_tree_is_passed_on_in_full():
+    tree = ProcessMemory(footprint=2 << 30, rss=6 << 30, uss=5 << 30, pss=4 << 30, clean_bytes=4 << 30, processes=3)
+    status = status_of(dataclasses.replace(view(None), memory_bytes=tree.footprint, process_memory=tree))
+    assert status.memory_bytes == 2 << 30 and status.process_memory.processes == 3
+    assert (status.process_memory.rss_bytes, status.process_memory.clean_bytes) == (6 << 30, 4 << 30)

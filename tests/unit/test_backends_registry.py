@@ -19,6 +19,7 @@ def parse_model(backend, extra: str = ""):
     lines = ["name = 'a'", f"backend = '{backend.name}'", extra]
     lines += ["path = 'x'"] if backend.needs_path else []
     lines += ["factory = 'pkg.mod:make'"] if backend.needs_factory else []
+    lines += ["command = ['server', '--port', '{port}']"] if backend.runs_engine else []
     return parse_config("[[models]]\n" + "\n".join(lines), source="test.toml", base_dir=pathlib.Path("/cfg")).models[0]
 
 

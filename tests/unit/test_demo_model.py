@@ -21,9 +21,8 @@ from collections.abc import Callable
 
 import pytest
 
-from mpsd.demo import MLX_DEMO, TORCH_DEMO, DemoModel, mlx_model, torch_model
+from mpsd.demo import GGUF_DEMO, MLX_DEMO, TORCH_DEMO, DemoModel, gguf_model, mlx_model, torch_model
 from mpsd.demo.corpus import END_OF_TEXT
-from mpsd.demo.models import MODEL_FILES
 from mpsd.supervisor import demo_build
 
 DAEMON_ROOT = pathlib.Path(torch_model.__file__).resolve().parents[2]
@@ -101,14 +100,14 @@ def test_cli_on_complete_dir_exits_zero_offline(built_model: pathlib.Path) -> No
 # ---------------------------------------------------------------- the one completeness check
 
 
-@pytest.fixture(params=[TORCH_DEMO, MLX_DEMO], ids=["torch", "mlx"])
+@pytest.fixture(params=[TORCH_DEMO, MLX_DEMO, GGUF_DEMO], ids=["torch", "mlx", "gguf"])
 def demo(request: pytest.FixtureRequest) -> DemoModel:
     return request.param
 
 
 def _write_model(directory: pathlib.Path, demo: DemoModel) -> pathlib.Path:
     directory.mkdir(parents=True, exist_ok=True)
-    for name in MODEL_FILES:
+    for name in demo.model_files:
         (directory / name).write_text("{}")
     demo.write_marker(directory, {})
     return directory
@@ -125,11 +124,13 @@ def test_a_stale_marker_version_is_not_complete(tmp_path: pathlib.Path, demo: De
 
 
 def test_a_missing_marker_or_model_file_is_not_complete(tmp_path: pathlib.Path, demo: DemoModel) -> None:
-    no_marker = _write_model(tmp_path / "a", demo)
+    no_marker = _write_model(tmp_path / "marker", demo)
     (no_marker / demo.marker_file).unlink()
-    no_weights = _write_model(tmp_path / "b", demo)
-    (no_weights / "model.safetensors").unlink()
-    assert not demo.is_complete(no_marker) and not demo.is_complete(no_weights)
+    assert not demo.is_complete(no_marker)
+    for name in demo.model_files:
+        no_file = _write_model(tmp_path / name, demo)
+        (no_file / name).unlink()
+        assert not demo.is_complete(no_file), f"complete without {name}"
 
 
 def test_the_daemon_rebuilds_a_stale_version_instead_of_serving_it(
@@ -164,12 +165,14 @@ BUILDERS = [
     Builder(TORCH_DEMO, torch_model, lambda out, progress: torch_model.build_demo_model(out, progress=progress)),
     Builder(MLX_DEMO, mlx_model,
             lambda out, progress: mlx_model.build_mlx_demo_model(out, progress=progress, tokenizer_dir=out.parent)),
+    Builder(GGUF_DEMO, gguf_model, lambda out, progress: gguf_model.build_gguf_demo_model(
+        out, progress=progress, source_dir=out.parent, cache_dir=out.parent / "cache")),
 ]
 
 
-@pytest.fixture(params=BUILDERS, ids=["torch", "mlx"])
+@pytest.fixture(params=BUILDERS, ids=["torch", "mlx", "gguf"])
 def builder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Builder:
-    """A builder whose build step is fake: it takes no time and needs neither torch nor mlx."""
+    """A builder whose build step is fake: it takes no time and needs neither torch, mlx nor llama.cpp's converter."""
     demo = request.param.demo
 
     def fake_build_into(staging: pathlib.Path, *args: object) -> None:

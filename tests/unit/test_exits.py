@@ -2,7 +2,9 @@ import signal
 
 import pytest
 from mpsd.exitcodes import EXIT_BOOT_FAILURE
-from mpsd.oom import OOM_SIGNATURES, exception_oom, find_oom_signature
+from mpsd.oom import (
+    HTTP_OOM_SIGNATURES, OOM_SIGNATURES, OOM_WARNING_SIGNATURES, exception_oom, find_oom_signature, http_error_oom,
+)
 from mpsd.supervisor.fleet.exits import ExitKind, classify_exit
 
 # One recorded line per signature (docs/macos.md, "How out-of-memory looks"), each must be recognised.
@@ -10,11 +12,21 @@ RECORDED_OOM_LINES = {
     "kIOGPUCommandBufferCallbackErrorOutOfMemory":
         "[METAL] Command buffer execution failed: Insufficient Memory (00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)",
     "Insufficient Memory": "ggml_metal_graph_compute: command buffer 0 failed with status 5 Insufficient Memory",
-    "[metal::malloc]": "RuntimeError: [metal::malloc] Attempting to allocate 137438953472 bytes which is greater than the maximum allowed buffer size of 77309411328 bytes.",
-    "[malloc] Unable to allocate": "RuntimeError: [malloc] Unable to allocate 8589934592 bytes.",
+    r"\[metal::malloc\]": "RuntimeError: [metal::malloc] Attempting to allocate 137438953472 bytes which is greater than the maximum allowed buffer size of 77309411328 bytes.",
+    r"\[malloc\] Unable to allocate": "RuntimeError: [malloc] Unable to allocate 8589934592 bytes.",
     "MPS backend out of memory": "RuntimeError: MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.20 GB, max allowed: 18.13 GB). Tried to allocate 256.00 MB on private pool.",
     "CUDA out of memory": "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.",
-    "torch.OutOfMemoryError": "torch.OutOfMemoryError: allocation failed",
+    r"torch\.OutOfMemoryError": "torch.OutOfMemoryError: allocation failed",
+    # llama.cpp / ggml (llama-server, llama-cpp-python, ds4-server) on Metal and CUDA
+    "kIOAccelCommandBufferCallbackErrorSubmissionsIgnored":
+        "ggml_metal_graph_compute: command buffer 1 failed with status 5 "
+        "error: Ignored (for causing prior/excessive GPU errors) (00000004:kIOAccelCommandBufferCallbackErrorSubmissionsIgnored)",
+    r"ggml_metal_graph_compute: command buffer \d+ failed with status 5":
+        "ggml_metal_graph_compute: command buffer 3 failed with status 5",
+    r"ggml_metal_synchronize: error: command buffer \d+ failed with status 5":
+        "ggml_metal_synchronize: error: command buffer 0 failed with status 5",
+    "cudaMalloc failed: out of memory":
+        "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 81920.00 MiB on device 0: cudaMalloc failed: out of memory",
 }
 
 
@@ -67,3 +79,29 @@ def test_an_oom_exception_inside_a_request_is_recognised():
     assert exception_oom(OutOfMemoryError("allocation failed")) is not None
     assert exception_oom(RuntimeError(RECORDED_OOM_LINES["MPS backend out of memory"])) is not None
     assert exception_oom(ValueError("shapes do not match")) is None
+
+
+def test_the_metal_working_set_warning_makes_a_later_crash_an_oom():
+    (signature, _), = OOM_WARNING_SIGNATURES
+    line = ("ggml_metal_graph_compute: warning: current allocated size is greater than the recommended max working set"
+            " size")
+    assert signature.split()[0] in line
+    verdict = classify_exit(-6, ["llama_decode: failed to decode", line])
+    assert verdict.kind == ExitKind.OOM and "probably" in verdict.description
+    assert classify_exit(0, [line]).kind == ExitKind.CLEAN
+    assert find_oom_signature([line]) is None  # a warning alone is no OOM
+
+
+@pytest.mark.parametrize("body", [
+    '{"error": {"message": "prefill failed", "type": "server_error"}}',   # ds4-server#890
+    '{"error": {"code": 500, "message": "ggml_metal_synchronize: error: command buffer 0 failed with status 5"}}',
+    '{"detail": "CUDA error: out of memory"}',
+])
+def test_an_engines_http_500_with_an_oom_text_is_an_oom_of_that_request(body):
+    assert http_error_oom(500, body) is not None
+    assert http_error_oom(400, body) is None
+
+
+def test_an_engines_other_500_is_not_an_oom():
+    assert http_error_oom(500, '{"error": "template rendering failed"}') is None
+    assert {s for s, _ in OOM_SIGNATURES} <= {s for s, _ in HTTP_OOM_SIGNATURES}

@@ -11,6 +11,7 @@ from mpsd.supervisor.edge.metrics import FleetCollector, RequestMetrics
 from mpsd.supervisor.fleet.fleet import Fleet
 from mpsd.supervisor.fleet.states import WorkerState
 from mpsd.supervisor.memory.probes import FileMemoryProbe
+from mpsd.supervisor.memory.process_memory import ProcessMemory
 from mpsd.supervisor.routing.pool import ModelPool
 from mpsd.v1 import worker_pb2
 from prometheus_client import CollectorRegistry, generate_latest
@@ -72,7 +73,7 @@ class FakeProcess:
     stderr_tail = [METAL_OOM]
 
 
-def make_fleet(tmp_path: pathlib.Path) -> Fleet:
+def make_fleet(tmp_path: pathlib.Path, **readers) -> Fleet:
     (tmp_path / "memory.json").write_text(json.dumps({"budget_bytes": 8 * GiB, "used_bytes": 3 * GiB}))
     config = parse_config("""
 [memory]
@@ -85,7 +86,7 @@ replicas = 2
 footprint = "1GiB"
 """, source="test.toml", base_dir=tmp_path)
     return Fleet(config, tmp_path, lambda model: {}, lambda *args: None, FileMemoryProbe(tmp_path / "memory.json"),
-                 footprint_of_pid=lambda pid: 0)
+                 **(readers or {"footprint_of_pid": lambda pid: 0}))
 
 
 def test_the_collector_reads_workers_memory_and_counts_as_the_fleet_holds_them(tmp_path):
@@ -167,3 +168,22 @@ def test_each_live_worker_with_a_prefix_cache_gives_its_figures_and_one_with_non
 
     fleet._on_exit(cached, cached.process, 1, "")
     assert not any(name.startswith("mpsd_prefix_cache") for name, _ in samples(registry)), "no process, no cache"
+
+
+def test_each_live_worker_gives_its_memory_by_kind_and_the_model_its_clean_shared_pages_once(tmp_path):
+    trees = {4242: ProcessMemory(footprint=2 * GiB, rss=6 * GiB, uss=5 * GiB, pss=4 * GiB, clean_bytes=4 * GiB,
+                                 processes=3),
+             4343: ProcessMemory(footprint=GiB, rss=5 * GiB, clean_bytes=3 * GiB, processes=3)}
+    fleet = make_fleet(tmp_path, memory_of_pid=lambda pid: trees.get(pid, ProcessMemory()))
+    for worker, pid in zip(fleet.workers.values(), trees):
+        worker.state, worker.process = WorkerState.READY, FakeProcess()
+        worker.process.pid = pid
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(fleet, {}))
+    scraped = samples(registry)
+    for kind, expected in (("footprint", 2), ("rss", 6), ("uss", 5), ("pss", 4), ("clean", 4)):
+        assert value(scraped, "mpsd_worker_memory_bytes", model="a", worker="a-0", kind=kind) == expected * GiB, kind
+    assert value(scraped, "mpsd_worker_footprint_bytes", model="a", worker="a-1") == GiB
+    assert value(scraped, "mpsd_model_shared_memory_bytes", model="a") == 4 * GiB, "the most one maps, not the sum"
+    model = fleet.snapshot().models[0]
+    assert (model.shared_bytes, model.shared_by) == (4 * GiB, 2)

@@ -1,5 +1,5 @@
 """What a live worker process holds, as the OS sees it: libproc's phys_footprint on a Mac (through an injected
-rusage call), RSS elsewhere."""
+rusage call), private dirty pages plus swap on Linux (its whole process tree: test_process_memory.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from mpsd.supervisor.memory.footprint import mac_phys_footprint, parse_phys_footprint, process_footprint_bytes
+from mpsd.supervisor.memory.process_memory import mac_phys_footprint, parse_phys_footprint, process_footprint_bytes
 
 GiB = 1024**3
 
@@ -50,11 +50,15 @@ def test_mac_phys_footprint_without_libproc_is_none():
 
 def test_process_footprint_on_mac_prefers_phys_footprint_then_rss():
     pid = os.getpid()
-    assert process_footprint_bytes(pid, platform="darwin", phys_footprint=lambda p: 9 * GiB) == 9 * GiB
+
+    def only_this(p: int) -> int:  # a child this test runner left behind is in the tree too
+        return 9 * GiB if p == pid else 0
+
+    assert process_footprint_bytes(pid, platform="darwin", phys_footprint=only_this) == 9 * GiB
     assert process_footprint_bytes(pid, platform="darwin", phys_footprint=lambda p: None) > 0
 
 
-def test_process_footprint_elsewhere_is_rss_and_zero_when_gone():
+def test_process_footprint_elsewhere_is_positive_and_zero_when_gone():
     assert process_footprint_bytes(os.getpid()) > 0
     assert process_footprint_bytes(0) == 0
     child = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -25,13 +25,15 @@ STATUS = {
     "models": [{"name": "big", "backend": "mlx-lm", "replicas": 2, "ready": 1, "queued": 3, "queue_limit": 64,
                 "concurrency": 1, "device": "mps", "context_length": 8192, "footprint_bytes": 80 << 30,
                 "footprint_source": "learned", "min_replicas": 0, "max_replicas": 3, "live": 1, "desired": 2,
-                "last_change": "big-1 started on demand: 3 queued"}],
+                "last_change": "big-1 started on demand: 3 queued", "shared_bytes": 3460300, "shared_by": 2}],
     "workers": [
         worker("big-0", "READY", pid=101, uptime_s=3700.0, tokens=12345, memory_bytes=81 << 30, inflight=12,
                running_sequences=12, kv_bytes=3 << 30,
                prefix_cache=cache(bytes=12 << 20, budget_bytes=153 << 20, configured_bytes=2 << 30, entries=4,
                                   hit_tokens=300, miss_tokens=100, evictions=1),
-               prefix_cache_note="shrunk to 153.0MiB of 2.0GiB to make room for big-1"),
+               prefix_cache_note="shrunk to 153.0MiB of 2.0GiB to make room for big-1",
+               process_memory={"footprint_bytes": 81 << 30, "rss_bytes": 90 << 30, "uss_bytes": 85 << 30,
+                               "pss_bytes": 86 << 30, "clean_bytes": 9 << 30, "processes": 3}),
         worker("big-1", "STARTING", pid=102, state_age_s=95.0, reason="admitted; loading the model"),
     ],
 }
@@ -99,3 +101,13 @@ def test_the_worker_detail_spells_out_its_prefix_cache():
     assert ("prefix_cache: 12.0MiB/153.0MiB held (configured 2.0GiB), 4 entries, hits 75% (300 of 400 prompt "
             "tokens), 1 evictions") in detail
     assert "prefix_cache_note: shrunk to 153.0MiB" in detail and "{" not in detail
+
+
+def test_a_models_clean_shared_pages_are_noted_once_and_a_worker_detail_spells_out_its_process_tree():
+    text = format_status(STATUS)
+    assert "model big: clean shared pages 3.3MiB, mapped by 2 workers, counted once" in text
+    assert cells(text, "big-0", "MEMORY") == ["81.0GiB"], "the footprint, clean pages left out"
+    assert "clean shared" not in format_status({**STATUS, "models": [{**STATUS["models"][0], "shared_bytes": 0}]})
+    detail = format_worker(STATUS["workers"][0])
+    assert "process_memory: footprint=81.0GiB rss=90.0GiB uss=85.0GiB pss=86.0GiB clean=9.0GiB (3 processes)" in detail
+    assert "process_memory: -" in format_worker(STATUS["workers"][1])

@@ -1,4 +1,4 @@
-"""`mpsd serve`: run the daemon in the foreground. `mpsd build-demo`: build the demo model."""
+"""`mpsd serve`: run the daemon in the foreground. `mpsd build-demo`: build the demo models."""
 
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     build = commands.add_parser("build-demo", help="build the demo model now (it is built on first use otherwise)")
     build.add_argument("--data-dir", type=pathlib.Path)
     build.add_argument("--mlx", action="store_true", help="also build the MLX demo model (needs the mlx extra)")
+    build.add_argument("--gguf", action="store_true",
+                       help="also build the GGUF demo model: the demo model converted by llama.cpp's converter (the "
+                            "first build fetches llama-cpp-python's sdist for it)")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
@@ -63,7 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _build_demo(args: argparse.Namespace) -> int:
-    from mpsd.demo import MLX_DEMO, TORCH_DEMO
+    from mpsd.demo import GGUF_DEMO, MLX_DEMO, TORCH_DEMO, DemoModelError
     from mpsd.supervisor.demo_build import DemoBuildFailed, ensure_demos
     from mpsd.supervisor.fleet.worker_env import worker_env
 
@@ -76,8 +79,21 @@ def _build_demo(args: argparse.Namespace) -> int:
     except DemoBuildFailed as exc:
         print(f"mpsd: {exc}", file=sys.stderr)
         return 1
+    if args.gguf:
+        # In this process: the builder imports neither torch nor transformers (its converter runs in a child).
+        from mpsd.demo.gguf_model import build_gguf_demo_model
+
+        log = logging.getLogger("mpsd.demo")
+        try:
+            build_gguf_demo_model(GGUF_DEMO.model_dir(data_dir), source_dir=TORCH_DEMO.model_dir(data_dir),
+                                  cache_dir=paths.cache_dir(data_dir),
+                                  progress=lambda line: log.info("%s build | %s", GGUF_DEMO.label, line))
+        except DemoModelError as exc:
+            print(f"mpsd: building the {GGUF_DEMO.label} failed: {exc}", file=sys.stderr)
+            return 1
+        demos.append(GGUF_DEMO)
     for demo in demos:
-        print(f"{demo.label} ready in {demo.model_dir(data_dir)}")
+        print(f"{demo.label} ready in {demo.served_path(data_dir)}")
     return 0
 
 

@@ -62,9 +62,11 @@ def _model_rows(status: dict[str, Any]) -> list[list[str]]:
 
 
 def _notes(status: dict[str, Any]) -> list[str]:
-    """The last start or stop demand made per model; why each worker that is not simply serving is where it is;
-    a loading worker shows how long it has loaded; why a prefix cache holds less than configured."""
+    """The last start or stop demand made per model, and the clean pages its workers share, counted once; why each
+    worker that is not simply serving is where it is; a loading worker shows how long it has loaded; why a prefix
+    cache holds less than configured."""
     lines = [f"model {m['name']}: last change: {m['last_change']}" for m in status["models"] if m.get("last_change")]
+    lines += [f"model {m['name']}: {_shared_pages(m)}" for m in status["models"] if m.get("shared_bytes")]
     for worker in status["workers"]:
         if worker["state"] in NOTEWORTHY_STATES:
             elapsed = f" ({format_duration(worker['state_age_s'])} so far)" if worker["state"] == "STARTING" else ""
@@ -74,9 +76,16 @@ def _notes(status: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _shared_pages(model: dict[str, Any]) -> str:
+    workers = model.get("shared_by", 0)
+    return (f"clean shared pages {format_bytes(model['shared_bytes'])}, mapped by {workers} "
+            f"worker{'' if workers == 1 else 's'}, counted once")
+
+
 def format_worker(worker: dict[str, Any]) -> str:
     lines = [f"{key}: {value}" for key, value in worker.items()
-             if key not in ("backend_memory", "stderr_tail", "prefix_cache")]
+             if key not in ("backend_memory", "stderr_tail", "prefix_cache", "process_memory")]
+    lines.append("process_memory: " + _process_memory(worker))
     lines.append("backend_memory: " + _backend_memory(worker))
     lines.append("prefix_cache: " + _prefix_cache_detail(worker))
     lines.append(f"stderr (last {len(worker['stderr_tail'])} lines):")
@@ -129,6 +138,16 @@ def _prefix_cache_detail(worker: dict[str, Any]) -> str:
     return (f"{_prefix_cache(worker)} held (configured {format_bytes(cache['configured_bytes'])}), "
             f"{cache['entries']} entries, hits {_hit_rate(cache)} ({cache['hit_tokens']} of "
             f"{cache['hit_tokens'] + cache['miss_tokens']} prompt tokens), {cache['evictions']} evictions")
+
+
+def _process_memory(worker: dict[str, Any]) -> str:
+    """Its process tree in full: the footprint (MEMORY), then what RSS, USS and PSS count, and its clean pages."""
+    memory = worker.get("process_memory") or {}
+    if not memory.get("processes"):
+        return "-"
+    kinds = " ".join(f"{kind}={format_bytes(memory[f'{kind}_bytes'])}" for kind in ("footprint", "rss", "uss", "pss"))
+    count = memory["processes"]
+    return f"{kinds} clean={format_bytes(memory['clean_bytes'])} ({count} process{'' if count == 1 else 'es'})"
 
 
 def _backend_memory(worker: dict[str, Any]) -> str:

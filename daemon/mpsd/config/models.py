@@ -7,14 +7,16 @@ from typing import Any
 
 from mpsd import paths
 from mpsd.backends import BACKENDS
+from mpsd.config.engines import BOOT_ALLOWANCE_S, ENGINE_KEYS, is_gguf, read_engine
 from mpsd.config.reader import Reader
-from mpsd.units import parse_size
 from mpsd.config.schema import DEVICE_PATTERN, FACTORY_PATTERN, NAME_PATTERN, ModelConfig
+from mpsd.units import parse_size
 
 _MODEL_KEYS = (
     "name", "backend", "path", "factory", "replicas", "device", "concurrency", "threads",
     "footprint", "env", "queue", "load_timeout", "memory_limit", "wired_limit", "cache_limit",
     "min_replicas", "max_replicas", "keep_alive", "priority", "scale_up_queue", "prefix_cache", "routing",
+    *ENGINE_KEYS,
 )
 ROUTING_POLICIES = ("prefix", "least-loaded")
 DEFAULT_PREFIX_CACHE_FRACTION = 0.25  # of the worker's footprint (weights + a full batch's KV): docs/configuration.md
@@ -28,28 +30,47 @@ def read_model(reader: Reader, table: dict[str, Any], index: int, base_dir: path
         raise reader.fail(at + "name", f"must be 1-63 letters, digits, '.', '_' or '-', got {name!r}")
     at = f"models[{index}] ({name})."
     backend = reader.string(table, "backend", at + "backend")
+    gguf = is_gguf(backend, reader.string(table, "path", at + "path"))
+    if gguf:
+        backend = "engine"  # a GGUF file with no backend: llama.cpp serves it (config/engines.py)
     if backend not in BACKENDS:
         raise reader.fail(at + "backend", f"must be one of {', '.join(BACKENDS)}, got {backend!r}")
     device = reader.string(table, "device", at + "device", "auto")
     if not DEVICE_PATTERN.match(device):
         raise reader.fail(at + "device", f"must be auto, cpu, mps, cuda or cuda:N, got {device!r}")
+    path = _model_path(reader, table, at, backend, base_dir)
+    engine = read_engine(reader, table, at, backend, gguf=gguf, has_path=path is not None)
+    default_concurrency = (engine and engine.concurrency) or BACKENDS[backend].default_concurrency
     return ModelConfig(
         name=name,
         backend=backend,
-        path=_model_path(reader, table, at, backend, base_dir),
+        path=path,
         factory=_model_factory(reader, table, at, backend),
         **_demand(reader, table, at),
         device=device,
-        concurrency=reader.integer(table, "concurrency", at + "concurrency", BACKENDS[backend].default_concurrency, 1),
+        concurrency=reader.integer(table, "concurrency", at + "concurrency", default_concurrency, 1),
         threads=reader.integer(table, "threads", at + "threads", 0, 0),
         footprint_bytes=reader.size(table, "footprint", at + "footprint"),
         env=_model_env(reader, table, at),
         queue_limit=reader.integer(table, "queue", at + "queue", 64, 0),
-        load_timeout_s=reader.duration(table, "load_timeout", at + "load_timeout", 300.0),
+        load_timeout_s=_load_timeout(reader, table, at, engine),
         **_mlx_limits(reader, table, at, backend),
         **_prefix_cache(reader, table, at, backend),
         routing=_routing_policy(reader, table, at),
+        engine=engine,
     )
+
+
+def _load_timeout(reader: Reader, table: dict[str, Any], at: str, engine) -> float:
+    """An engine's start_timeout is the worker's wait for its health; load_timeout, the daemon's for the worker,
+    covers it and the worker's own start, so by default it is start_timeout plus that allowance."""
+    if engine is None:
+        return reader.duration(table, "load_timeout", at + "load_timeout", 300.0)
+    timeout = reader.duration(table, "load_timeout", at + "load_timeout", engine.start_timeout_s + BOOT_ALLOWANCE_S)
+    if timeout < engine.start_timeout_s:
+        raise reader.fail(at + "load_timeout", f"{timeout:g}s is below start_timeout {engine.start_timeout_s:g}s:"
+                                              " the daemon would kill the worker while it still waits for its engine")
+    return timeout
 
 
 def _prefix_cache(reader: Reader, table: dict[str, Any], at: str, backend: str) -> dict[str, Any]:
@@ -139,7 +160,7 @@ def _model_path(reader: Reader, table: dict[str, Any], at: str, backend: str, ba
     path = reader.string(table, "path", at + "path")
     if BACKENDS[backend].needs_path and not path:
         raise reader.fail(at + "path", f"backend {backend} needs the model directory ('@demo' or '@mlx-demo' for the demo models)")
-    if path is None or path in (paths.DEMO_MODEL_REF, paths.MLX_DEMO_MODEL_REF):
+    if path is None or path in paths.DEMO_MODEL_REFS:
         return path
     return str(base_dir / pathlib.Path(path).expanduser())
 

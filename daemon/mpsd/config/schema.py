@@ -113,6 +113,20 @@ class MemoryConfig:
     min_residency_s: float = 30.0  # a worker READY for less is never evicted: the anti-thrash rule
 
 
+DEFAULT_START_TIMEOUT_S = 300.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """backend = "engine": the server the worker starts and how it knows it is up (config/engines.py)."""
+
+    command: tuple[str, ...]
+    health: str = ""        # "" : /health, falling back to /v1/models
+    api: str = "openai"
+    start_timeout_s: float = DEFAULT_START_TIMEOUT_S
+    concurrency: int | None = None  # the default this command implies (llama-server's slots), if any
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     name: str
@@ -140,6 +154,7 @@ class ModelConfig:
     prefix_cache_bytes: int | None = None
     prefix_cache_fraction: float | None = None
     routing: str = "prefix"             # "prefix": to the worker holding the prompt's prefix; "least-loaded"
+    engine: EngineConfig | None = None  # backend "engine" only: the external server its workers run
 
     @property
     def generates(self) -> bool:

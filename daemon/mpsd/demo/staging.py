@@ -29,7 +29,7 @@ def build_once(
     if demo.is_complete(out_dir):
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(_lock_path(out_dir)):
+    with exclusive_lock(_lock_path(out_dir)):
         if demo.is_complete(out_dir):
             progress(f"{demo.label}: already built by another process in {out_dir}")
             return out_dir
@@ -49,8 +49,9 @@ def _temp_prefix(out_dir: pathlib.Path) -> str:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: pathlib.Path) -> Iterator[None]:
-    """flock, because the kernel drops it when a builder dies, so no stale lock ever blocks."""
+def exclusive_lock(path: pathlib.Path) -> Iterator[None]:
+    """flock, because the kernel drops it when a builder dies, so no stale lock ever blocks. Also what the GGUF
+    builder holds while it fetches llama.cpp's converter into the shared cache."""
     # The lock file is never deleted: unlinking it would let two builders lock different inodes.
     with open(path, "a+b") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)

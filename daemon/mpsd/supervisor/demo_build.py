@@ -13,8 +13,9 @@ import logging
 import pathlib
 import sys
 
+from mpsd import paths
 from mpsd.config import Config
-from mpsd.demo import DEMO_MODELS, MLX_DEMO, TORCH_DEMO, DemoModel
+from mpsd.demo import DEMO_MODELS, GGUF_DEMO, MLX_DEMO, TORCH_DEMO, DemoModel
 from mpsd.demo.chat_template import install_chat_template
 
 log = logging.getLogger("mpsd.demo")
@@ -25,23 +26,28 @@ class DemoBuildFailed(RuntimeError):
 
 
 def resolve_demo_paths(config: Config, data_dir: pathlib.Path) -> tuple[Config, list[str]]:
-    """Replaces '@demo' / '@mlx-demo' with the built models' directories; returns the references used."""
+    """Replaces '@demo' / '@mlx-demo' with the built models' directories ('@gguf-demo' with its .gguf file);
+    returns the references used."""
     used = sorted({m.path for m in config.models if m.path in DEMO_MODELS})
     models = tuple(
-        dataclasses.replace(m, path=str(DEMO_MODELS[m.path].model_dir(data_dir))) if m.path in DEMO_MODELS else m
+        dataclasses.replace(m, path=str(DEMO_MODELS[m.path].served_path(data_dir))) if m.path in DEMO_MODELS else m
         for m in config.models
     )
     return dataclasses.replace(config, models=models), used
 
 
 async def ensure_demos(refs: list[str], data_dir: pathlib.Path, env: dict[str, str]) -> None:
-    """The torch demo whenever any demo is used: the MLX demo borrows its tokenizer."""
+    """The torch demo whenever any demo is used: the MLX demo borrows its tokenizer, the GGUF demo is it converted
+    (with llama.cpp's converter, fetched once from llama-cpp-python's sdist)."""
     if not refs:
         return
     torch_dir = TORCH_DEMO.model_dir(data_dir)
     await _ensure(TORCH_DEMO, torch_dir, [], env)
     if MLX_DEMO.ref in refs:
         await _ensure(MLX_DEMO, MLX_DEMO.model_dir(data_dir), ["--tokenizer-dir", str(torch_dir)], env)
+    if GGUF_DEMO.ref in refs:
+        await _ensure(GGUF_DEMO, GGUF_DEMO.model_dir(data_dir),
+                      ["--source-dir", str(torch_dir), "--cache-dir", str(paths.cache_dir(data_dir))], env)
 
 
 async def _ensure(demo: DemoModel, model_dir: pathlib.Path, options: list[str], env: dict[str, str]) -> None:
@@ -50,7 +56,7 @@ async def _ensure(demo: DemoModel, model_dir: pathlib.Path, options: list[str], 
         await _run_builder(demo, [str(model_dir), *options], env)
         if not demo.is_complete(model_dir):
             raise DemoBuildFailed(f"building the {demo.label} left no complete model")
-    if install_chat_template(model_dir):
+    if not demo.served_file and install_chat_template(model_dir):  # a GGUF carries its template inside
         log.info("installed the demo chat template in %s", model_dir)
 
 

@@ -76,7 +76,7 @@ class DaemonStatus(_message.Message):
     def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., listen: _Optional[str] = ..., state_dir: _Optional[str] = ..., config_path: _Optional[str] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "backend", "replicas", "ready", "queued", "queue_limit", "concurrency", "device", "context_length", "footprint_bytes", "footprint_source", "min_replicas", "max_replicas", "live", "desired", "last_change", "priority")
+    __slots__ = ("name", "backend", "replicas", "ready", "queued", "queue_limit", "concurrency", "device", "context_length", "footprint_bytes", "footprint_source", "min_replicas", "max_replicas", "live", "desired", "last_change", "priority", "shared_bytes", "shared_by")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,8 @@ class ModelStatus(_message.Message):
     DESIRED_FIELD_NUMBER: _ClassVar[int]
     LAST_CHANGE_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    SHARED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_BY_FIELD_NUMBER: _ClassVar[int]
     name: str
     backend: str
     replicas: int
@@ -111,7 +113,9 @@ class ModelStatus(_message.Message):
     desired: int
     last_change: str
     priority: int
-    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., replicas: _Optional[int] = ..., ready: _Optional[int] = ..., queued: _Optional[int] = ..., queue_limit: _Optional[int] = ..., concurrency: _Optional[int] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., footprint_bytes: _Optional[int] = ..., footprint_source: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., live: _Optional[int] = ..., desired: _Optional[int] = ..., last_change: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
+    shared_bytes: int
+    shared_by: int
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., replicas: _Optional[int] = ..., ready: _Optional[int] = ..., queued: _Optional[int] = ..., queue_limit: _Optional[int] = ..., concurrency: _Optional[int] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., footprint_bytes: _Optional[int] = ..., footprint_source: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., live: _Optional[int] = ..., desired: _Optional[int] = ..., last_change: _Optional[str] = ..., priority: _Optional[int] = ..., shared_bytes: _Optional[int] = ..., shared_by: _Optional[int] = ...) -> None: ...
 
 class MemoryStatus(_message.Message):
     __slots__ = ("probe", "budget_bytes", "used_bytes", "available_bytes", "headroom_bytes", "detail", "free_for_workers_bytes")
@@ -132,7 +136,7 @@ class MemoryStatus(_message.Message):
     def __init__(self, probe: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., headroom_bytes: _Optional[int] = ..., detail: _Optional[str] = ..., free_for_workers_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("id", "model", "pid", "state", "reason", "state_age_s", "uptime_s", "restarts", "inflight", "tokens", "requests", "memory_bytes", "backend_memory", "backend_memory_note", "device", "last_exit", "stderr_tail", "oom_events", "running_sequences", "kv_bytes", "prefix_cache", "prefix_cache_note")
+    __slots__ = ("id", "model", "pid", "state", "reason", "state_age_s", "uptime_s", "restarts", "inflight", "tokens", "requests", "memory_bytes", "backend_memory", "backend_memory_note", "device", "last_exit", "stderr_tail", "oom_events", "running_sequences", "kv_bytes", "prefix_cache", "prefix_cache_note", "process_memory")
     class BackendMemoryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +166,7 @@ class WorkerStatus(_message.Message):
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_NOTE_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_MEMORY_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     pid: int
@@ -184,7 +189,24 @@ class WorkerStatus(_message.Message):
     kv_bytes: int
     prefix_cache: _worker_pb2.PrefixCacheStats
     prefix_cache_note: str
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., state_age_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., restarts: _Optional[int] = ..., inflight: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., device: _Optional[str] = ..., last_exit: _Optional[str] = ..., stderr_tail: _Optional[_Iterable[str]] = ..., oom_events: _Optional[int] = ..., running_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., prefix_cache: _Optional[_Union[_worker_pb2.PrefixCacheStats, _Mapping]] = ..., prefix_cache_note: _Optional[str] = ...) -> None: ...
+    process_memory: ProcessMemory
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., state_age_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., restarts: _Optional[int] = ..., inflight: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., device: _Optional[str] = ..., last_exit: _Optional[str] = ..., stderr_tail: _Optional[_Iterable[str]] = ..., oom_events: _Optional[int] = ..., running_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., prefix_cache: _Optional[_Union[_worker_pb2.PrefixCacheStats, _Mapping]] = ..., prefix_cache_note: _Optional[str] = ..., process_memory: _Optional[_Union[ProcessMemory, _Mapping]] = ...) -> None: ...
+
+class ProcessMemory(_message.Message):
+    __slots__ = ("footprint_bytes", "rss_bytes", "uss_bytes", "pss_bytes", "clean_bytes", "processes")
+    FOOTPRINT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CLEAN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    footprint_bytes: int
+    rss_bytes: int
+    uss_bytes: int
+    pss_bytes: int
+    clean_bytes: int
+    processes: int
+    def __init__(self, footprint_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., uss_bytes: _Optional[int] = ..., pss_bytes: _Optional[int] = ..., clean_bytes: _Optional[int] = ..., processes: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("daemon", "models", "memory", "workers")

@@ -79,6 +79,8 @@ def _start_decoding(spec: WorkerSpec, model):
     if not BACKENDS[spec.backend].generates:
         model.warm_up()
         return None
+    if BACKENDS[spec.backend].runs_engine:
+        return model  # the engine batches by itself and answered its health path: it stands for the decode loop
     from mpsd.generate_params import GenerateParams
     from mpsd.worker.scheduler import DecodeScheduler
 

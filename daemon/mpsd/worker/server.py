@@ -74,10 +74,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def Chat(self, request, context):
         """Renders the conversation with the model's chat template on this handler thread (backends/chat.py says
-        why that is safe there and better than on the decode thread), then decodes the prompt as Generate does."""
+        why that is safe there and better than on the decode thread), then decodes the prompt as Generate does.
+        An engine renders it with its own template: the messages go to it as they are."""
         self._refuse_unless_generating(context)
         try:
             chat = parse_chat_request(request)
+        except InvalidRequest as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if hasattr(self._scheduler, "submit_chat"):
+            yield from self._run(lambda deadline: self._scheduler.submit_chat(chat, deadline), context)
+            return
+        try:
             prompt = render_prompt(getattr(self._model, "chat_template", None), self._model_name, chat)
         except NoChatTemplate as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
@@ -90,8 +97,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model of backend {self._backend_name} does not generate; use Predict")
 
     def _decode(self, params: GenerateParams, context):
+        yield from self._run(lambda deadline: self._scheduler.submit(params, deadline), context)
+
+    def _run(self, submit, context):
         remaining = context.time_remaining()
-        submission = self._scheduler.submit(params, None if remaining is None else time.monotonic() + remaining)
+        submission = submit(None if remaining is None else time.monotonic() + remaining)
         context.add_callback(submission.cancel)
         with self._serving(context):
             yield from self._stream(submission)
@@ -152,6 +162,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         """Also where the daemon sets the prefix cache's budget (shrinking it to make room, giving it back)."""
         if self._scheduler is not None and request.HasField("prefix_cache_budget"):
             self._scheduler.set_prefix_cache_budget(request.prefix_cache_budget)
+        if problem := getattr(self._model, "check_health", lambda: "")():  # an engine that died or hangs
+            context.abort(grpc.StatusCode.UNAVAILABLE, problem)
         report = self._model.memory_report()
         return worker_pb2.WorkerStats(
             worker_id=self._worker_id,

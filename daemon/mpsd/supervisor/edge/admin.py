@@ -21,6 +21,7 @@ from mpsd.supervisor.fleet.commands import ControlError
 from mpsd.supervisor.fleet.fleet import Fleet
 from mpsd.supervisor.fleet.snapshot import MemoryReading, ModelView, WorkerView
 from mpsd.supervisor.fleet.states import WorkerState
+from mpsd.supervisor.memory.process_memory import ProcessMemory
 from mpsd.supervisor.routing.pool import ModelPool
 from mpsd.v1 import admin_pb2, admin_pb2_grpc
 
@@ -109,6 +110,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             footprint_bytes=view.footprint_bytes, footprint_source=view.footprint_source,
             min_replicas=model.min_replicas, max_replicas=model.max_replicas, priority=model.priority,
             live=view.live, desired=view.desired, last_change=view.last_change,
+            shared_bytes=view.shared_bytes, shared_by=view.shared_by,
         )
 
     def _worker_status(self, worker: WorkerView) -> admin_pb2.WorkerStatus:
@@ -127,8 +129,14 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             stderr_tail=worker.stderr_tail, oom_events=stats.oom_events if stats else 0,
             running_sequences=stats.running_sequences if stats else 0, kv_bytes=stats.kv_bytes if stats else 0,
             prefix_cache=stats.prefix_cache if stats else None,
-            prefix_cache_note=worker.prefix_cache_note,
+            prefix_cache_note=worker.prefix_cache_note, process_memory=_process_memory(worker.process_memory),
         )
+
+
+def _process_memory(memory: ProcessMemory) -> admin_pb2.ProcessMemory:
+    return admin_pb2.ProcessMemory(
+        footprint_bytes=memory.footprint, rss_bytes=memory.rss, uss_bytes=memory.uss, pss_bytes=memory.pss,
+        clean_bytes=memory.clean_bytes, processes=memory.processes)
 
 
 def _memory_status(memory: MemoryReading) -> admin_pb2.MemoryStatus:

@@ -142,6 +142,8 @@ def _workers(snapshot: FleetSnapshot) -> Iterator[Metric]:
     footprints = GaugeMetricFamily("mpsd_model_footprint_bytes", "Memory admission expects one more worker "
                                    "of the model to hold, and where that figure comes from.",
                                    labels=["model", "source"])
+    shared = GaugeMetricFamily("mpsd_model_shared_memory_bytes", "Clean file-backed pages a model's workers map "
+                               "(mostly its weights), counted once: the most any one of them maps.", labels=["model"])
     loads = CounterMetricFamily("mpsd_demand_loads", "Workers started because requests waited.", labels=["model"])
     stops = CounterMetricFamily("mpsd_demand_stops", "Workers demand stopped: idle past keep_alive, or evicted to make "
                                 "room for another model.", labels=["model", "reason"])
@@ -157,12 +159,21 @@ def _workers(snapshot: FleetSnapshot) -> Iterator[Metric]:
         ooms.add_metric([model.name, "in_request"], model.counts.request_ooms)
         if model.config is not None:
             footprints.add_metric([model.name, model.footprint_source], model.footprint_bytes)
-    measured = GaugeMetricFamily("mpsd_worker_footprint_bytes", "Memory each live worker process holds as the "
-                                 "OS sees it (what status shows as its memory).", labels=["model", "worker"])
+            shared.add_metric([model.name], model.shared_bytes)
+    measured = GaugeMetricFamily("mpsd_worker_footprint_bytes", "Memory each live worker's process tree holds as the "
+                                 "OS sees it, clean file-backed pages left out (what status shows as its memory).",
+                                 labels=["model", "worker"])
+    kinds = GaugeMetricFamily("mpsd_worker_memory_bytes", "Each live worker's process tree by kind: footprint (as "
+                              "mpsd_worker_footprint_bytes), rss, uss, pss (0 on macOS) and clean (resident clean "
+                              "pages, mostly mapped weights).", labels=["model", "worker", "kind"])
     for worker in snapshot.workers:
         if worker.pid:
             measured.add_metric([worker.model, worker.id], worker.memory_bytes)
-    yield from (by_state, restarts, ooms, footprints, measured, loads, stops)
+            memory = worker.process_memory
+            for kind, value in (("footprint", memory.footprint), ("rss", memory.rss), ("uss", memory.uss),
+                                ("pss", memory.pss), ("clean", memory.clean_bytes)):
+                kinds.add_metric([worker.model, worker.id, kind], value)
+    yield from (by_state, restarts, ooms, footprints, shared, measured, kinds, loads, stops)
 
 
 def _prefix_caches(snapshot: FleetSnapshot) -> Iterator[Metric]:

@@ -13,7 +13,7 @@ import signal
 from typing import Sequence
 
 from mpsd.exitcodes import EXIT_BOOT_FAILURE
-from mpsd.oom import find_oom_signature
+from mpsd.oom import find_oom_signature, find_oom_warning
 
 
 class ExitKind(str, enum.Enum):
@@ -39,6 +39,9 @@ def classify_exit(returncode: int, stderr_tail: Sequence[str], *, stop_requested
     oom = find_oom_signature(stderr_tail)
     if oom:
         return ExitVerdict(ExitKind.OOM, f"out of memory ({oom}), {_status_text(returncode)}")
+    warned = find_oom_warning(stderr_tail)
+    if warned and not (stop_requested and returncode < 0):
+        return ExitVerdict(ExitKind.OOM, f"probably out of memory ({warned}), {_status_text(returncode)}")
     if returncode < 0 and -returncode == signal.SIGKILL:
         cause = "stop timeout" if stop_requested else "SIGKILL from outside: often the kernel's OOM killer or an operator"
         return ExitVerdict(ExitKind.KILLED, f"killed by SIGKILL ({cause})")

@@ -24,7 +24,6 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-import os
 import pathlib
 import signal
 import time
@@ -41,8 +40,9 @@ from mpsd.supervisor.fleet.process import WorkerProcess
 from mpsd.supervisor.fleet.records import CONFIGURED, AfterStop, ModelCounts, WorkerRecord
 from mpsd.supervisor.fleet.snapshot import FleetSnapshot, MemoryReading, view_models, view_worker
 from mpsd.supervisor.fleet.states import PROCESS_STATES, WorkerState, check_transition
-from mpsd.supervisor.memory import admission
-from mpsd.supervisor.memory.footprint import Footprint, estimate_bytes, estimate_cache_bytes, process_footprint_bytes
+from mpsd.supervisor.fleet.worker_env import worker_spec
+from mpsd.supervisor.memory import admission, process_memory
+from mpsd.supervisor.memory.footprint import Footprint, estimate_bytes, estimate_cache_bytes
 from mpsd.supervisor.memory.probes import MemorySnapshot, apply_overrides
 from mpsd.units import format_bytes
 from mpsd.worker_spec import WorkerSpec
@@ -65,7 +65,8 @@ class Fleet:
         listener: Listener,
         probe,
         clock: Callable[[], float] = time.monotonic,
-        footprint_of_pid: Callable[[int], int] = process_footprint_bytes,
+        footprint_of_pid: Callable[[int], int] | None = None,  # default: memory_of_pid's footprint
+        memory_of_pid: Callable[[int], process_memory.ProcessMemory] | None = None,  # default: a MemoryReader
         report_working_set: Callable[[int], None] = lambda value: None,
         launch: Launcher = WorkerProcess,
         load_of: Callable[[str], ModelLoad | None] = lambda name: None,
@@ -77,7 +78,7 @@ class Fleet:
         self.probe = probe
         self._policy = RestartPolicy.from_config(config.daemon)
         self._clock = clock
-        self._footprint_of_pid = footprint_of_pid
+        footprint_of_pid, self._memory_of_pid = process_memory.pid_readers(footprint_of_pid, memory_of_pid)
         self._launch = launch
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
@@ -133,10 +134,9 @@ class Fleet:
         free = max(admission.free_bytes(view, self.live_footprints()), 0) if view else 0
         reading = MemoryReading(self.probe.name, self.config.memory.headroom_bytes, memory, self._memory_error, free)
         now = self._clock()
-        workers = tuple(view_worker(w, now, self._footprint_of_pid(w.pid) if w.pid else 0)
-                        for w in self.workers.values())
+        workers = tuple(view_worker(w, now, self._memory_of_pid(w.pid)) for w in self.workers.values())
         models = view_models(self.models, self._footprints, self._counts, list(self.workers.values()),
-                             self.demand.last_changes)
+                             self.demand.last_changes, workers)
         return FleetSnapshot(reading, models, workers)
 
     def apply_config(self, new: Config) -> str:
@@ -265,15 +265,8 @@ class Fleet:
         self._background(self._start_and_reap(worker, worker.process))
 
     def _spec_for(self, worker: WorkerRecord) -> WorkerSpec:
-        model = worker.model
-        return WorkerSpec(
-            worker_id=worker.id, model=model.name, socket=str(self._run_dir / f"{next(self._socket_numbers)}.sock"),
-            backend=model.backend, parent_pid=os.getpid(), path=model.path, factory=model.factory,
-            device=model.device, threads=model.threads, concurrency=model.concurrency,
-            stop_grace_s=self.config.daemon.drain_grace_s, mlx_memory_limit=model.memory_limit_bytes,
-            mlx_wired_limit=model.wired_limit_bytes, mlx_cache_limit=model.cache_limit_bytes,
-            prefix_cache_bytes=model.prefix_cache_bytes, prefix_cache_fraction=model.prefix_cache_fraction,
-        )
+        socket = self._run_dir / f"{next(self._socket_numbers)}.sock"
+        return worker_spec(worker.id, worker.model, socket, self.config.daemon.drain_grace_s)
 
     async def _start_and_reap(self, worker: WorkerRecord, process: WorkerProcess) -> None:
         try:

@@ -1,4 +1,4 @@
-"""What a worker process is launched with: its share of the cores and its environment."""
+"""What a worker process is launched with: its spec, its share of the cores and its environment."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import pathlib
 
 import mpsd
 from mpsd.config import ModelConfig
+from mpsd.paths import ensure_private_dir
+from mpsd.worker_spec import WorkerSpec
 
 PACKAGE_PARENT = str(pathlib.Path(mpsd.__file__).resolve().parent.parent)
 
@@ -38,3 +40,25 @@ def worker_env(model: ModelConfig) -> dict[str, str]:
     env["HF_HUB_OFFLINE"] = env.get("HF_HUB_OFFLINE", "1")
     env.update(model.env)
     return env
+
+
+def worker_spec(worker_id: str, model: ModelConfig, socket: pathlib.Path, stop_grace_s: float) -> WorkerSpec:
+    """What the worker is to be; its socket sits in the private run directory."""
+    return WorkerSpec(
+        worker_id=worker_id, model=model.name, socket=str(socket), backend=model.backend, parent_pid=os.getpid(),
+        path=model.path, factory=model.factory, device=model.device, threads=model.threads,
+        concurrency=model.concurrency, stop_grace_s=stop_grace_s, mlx_memory_limit=model.memory_limit_bytes,
+        mlx_wired_limit=model.wired_limit_bytes, mlx_cache_limit=model.cache_limit_bytes,
+        prefix_cache_bytes=model.prefix_cache_bytes, prefix_cache_fraction=model.prefix_cache_fraction,
+        replica=int(worker_id.rpartition("-")[2] or 0), **_engine_spec(worker_id, model, socket.parent.parent),
+    )
+
+
+def _engine_spec(worker_id: str, model: ModelConfig, state_dir: pathlib.Path) -> dict:
+    """An engine worker's command and its {state}: STATE_DIR/engines/WORKER_ID, private, kept across restarts."""
+    engine = model.engine
+    if engine is None:
+        return {}
+    state = ensure_private_dir(state_dir / "engines" / worker_id)
+    return dict(engine_command=list(engine.command), engine_health=engine.health,
+                engine_start_timeout_s=engine.start_timeout_s, engine_state_dir=str(state))

@@ -1,6 +1,6 @@
-"""How much memory a worker holds now, and one more worker of a model will hold.
+"""How much memory one more worker of a model will hold (what a live one holds now: process_memory.py).
 
-The second figure (the model's footprint, which admission counts) is
+That figure (the model's footprint, which admission counts) is
 configured, learned or estimated. A configured footprint is the operator's word and wins. Without one, what
 running workers reported wins over the estimate from the model's file size.
 An out-of-memory death proves the model needs more than was believed, so the
@@ -13,16 +13,9 @@ admission may shrink to make room, and that an OOM raise leaves as it is.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import functools
 import os
 import pathlib
-import struct
-import sys
-from collections.abc import Callable
-
-import psutil
 
 from mpsd.backend_memory import DEVICE_PEAK_KEYS
 
@@ -30,10 +23,6 @@ FILE_SIZE_FACTOR = 1.2             # weights plus activations and allocator slac
 PROCESS_OVERHEAD_BYTES = 256 << 20  # interpreter, torch and gRPC before any weights
 DEFAULT_MODULE_ESTIMATE_BYTES = 512 << 20
 OOM_RAISE_FACTOR = 1.25
-LIBPROC = "/usr/lib/libproc.dylib"
-RUSAGE_INFO_V4 = 4
-RUSAGE_BUFFER_SIZE = 512  # rusage_info_v4 is ~300 bytes; room for growth
-PHYS_FOOTPRINT_OFFSET = 72  # ri_phys_footprint in rusage_info_v4
 
 
 @dataclasses.dataclass
@@ -111,55 +100,3 @@ def _tree_size(path: pathlib.Path) -> int:
             except OSError:
                 pass
     return total
-
-
-# --- what a live process holds, as the OS sees it ---------------------------
-
-
-def parse_phys_footprint(buffer: bytes) -> int:
-    """ri_phys_footprint from a raw rusage_info_v4 (little-endian uint64)."""
-    if len(buffer) < PHYS_FOOTPRINT_OFFSET + 8:
-        raise ValueError(f"rusage_info_v4 buffer too short: {len(buffer)} bytes")
-    return struct.unpack_from("<Q", buffer, PHYS_FOOTPRINT_OFFSET)[0]
-
-
-@functools.cache
-def _libproc_rusage() -> Callable[..., int] | None:
-    try:
-        fn = ctypes.CDLL(LIBPROC, use_errno=True).proc_pid_rusage
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def mac_phys_footprint(pid: int, *, proc_pid_rusage: Callable[..., int] | None = None) -> int | None:
-    """What Activity Monitor shows, Metal allocations included (RSS omits
-    them); None when libproc is missing or refuses (gone, other user)."""
-    fn = proc_pid_rusage or _libproc_rusage()
-    if fn is None:
-        return None
-    buffer = ctypes.create_string_buffer(RUSAGE_BUFFER_SIZE)
-    if fn(pid, RUSAGE_INFO_V4, ctypes.cast(buffer, ctypes.c_void_p)) != 0:
-        return None
-    return parse_phys_footprint(buffer.raw)
-
-
-def process_footprint_bytes(
-    pid: int,
-    *,
-    platform: str = sys.platform,
-    phys_footprint: Callable[[int], int | None] = mac_phys_footprint,
-) -> int:
-    """Memory a worker holds as the OS sees it; 0 if it is gone or hidden."""
-    if not pid:
-        return 0
-    if platform == "darwin":
-        footprint = phys_footprint(pid)
-        if footprint is not None:
-            return footprint
-    try:
-        return psutil.Process(pid).memory_info().rss
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return 0

@@ -86,7 +86,10 @@ function renderMemory(status) {
   const legend = document.getElementById("memory-legend");
   legend.replaceChildren();
   for (const m of status.models) {
-    const item = el("span", {}, `${m.name} (${bytes(m.footprint_bytes)} each, ${m.footprint_source})`);
+    // Clean pages its workers map (mostly the weights), shown once: replicas of one file share them.
+    const shared = Number(m.shared_bytes) ? `; clean shared pages ${bytes(m.shared_bytes)}, mapped by ` +
+      `${m.shared_by} worker${m.shared_by == 1 ? "" : "s"}, counted once` : "";
+    const item = el("span", {}, `${m.name} (${bytes(m.footprint_bytes)} each, ${m.footprint_source}${shared})`);
     const swatch = el("i");
     swatch.style.background = colourOf(m.name);
     item.prepend(swatch);
@@ -114,11 +117,16 @@ function renderWorkers(status) {
     const cells = [
       [w.id], [w.model], [w.state, "state state-" + w.state], [w.pid ? duration(w.uptime_s) : "-", "num"],
       [String(w.restarts), "num"], [String(w.inflight), "num"], [String(w.tokens), "num"],
-      [w.memory_bytes ? bytes(w.memory_bytes) : "-", "num"], [cache, "num cache"], [hits, "num hits"],
+      [w.memory_bytes ? bytes(w.memory_bytes) : "-", "num memory"], [cache, "num cache"], [hits, "num hits"],
       [[w.reason, note].filter(Boolean).join(" · "), "reason"],
     ];
     for (const [text, cls] of cells) row.appendChild(el("td", cls ? {class: cls} : {}, text));
     row.querySelector("td.cache").title = cacheTitle;
+    const pm = w.process_memory || {};
+    if (Number(pm.processes)) row.querySelector("td.memory").title =
+      `footprint ${bytes(pm.footprint_bytes)} (${pm.processes} process${pm.processes == 1 ? "" : "es"}): ` +
+      `rss ${bytes(pm.rss_bytes)}, uss ${bytes(pm.uss_bytes)}, pss ${bytes(pm.pss_bytes)}, ` +
+      `clean ${bytes(pm.clean_bytes)}`;
     if (w.last_exit) row.lastChild.title = "last exit: " + w.last_exit;
     row.children[1].style.borderLeft = "4px solid " + colourOf(w.model);
     body.appendChild(row);

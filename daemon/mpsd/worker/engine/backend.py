@@ -1,0 +1,242 @@
+"""The engine backend as the worker's gRPC service sees it: started and healthy at load, then a pass-through.
+
+load() runs the engine's command with this replica's {port}, {path},
+{state} and {replica}, and returns once its health path answers 200 within
+start_timeout (a command that is not there, exits, or never answers on its
+port is a boot failure naming the command and its last lines, so the model
+goes FATAL instead of looping). The engine batches by itself, so this stands
+where the decode loop stands for mpsd's own backends: submit() and
+submit_chat() turn one request into one streamed HTTP call. A thread watches
+the engine: if it dies, the worker exits with the engine's last lines in its
+stderr, and the daemon reads that death like any worker's (out of memory
+included). Health keeps being checked on every Stats probe, so a hung engine
+is killed as a hung worker is.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import sys
+import threading
+import time
+from typing import Callable
+
+from mpsd.chat_params import ChatParams
+from mpsd.config.engines import fill_command
+from mpsd.exitcodes import EXIT_BOOT_FAILURE
+from mpsd.generate_params import GenerateParams
+from mpsd.oom import find_oom_signature
+from mpsd.worker.backends.base import BootFailure, MemoryReport
+from mpsd.worker.engine.openai_client import EngineCall, EngineError, chat_body, completions_body
+from mpsd.worker.engine.process import EngineProcess, EngineStartError, free_port, status_text, wait_until
+from mpsd.worker.prefix_store import PrefixCacheFigures
+from mpsd.worker_spec import WorkerSpec
+
+DEFAULT_HEALTH_PATHS = ("/health", "/v1/models")
+HEALTH_PROBE_TIMEOUT_S = 2.0
+HEALTH_RECHECK_S = 2.0
+ENGINE_EXIT_WAIT_S = 1.0
+WORKER_EXIT_WAIT_S = 10.0
+STOP_GRACE_S = 10.0
+EXIT_ENGINE_GONE = 1  # the worker's exit code when its engine ended by itself with code 0 or 78 (reserved)
+
+
+class EngineModel:
+    """What WorkerService and the worker's main call: the decode loop's face, served by an external engine."""
+
+    context_length = 0  # the engine's own; it refuses what does not fit
+    kv_bytes = 0
+    kv_reserve_bytes = 0
+    weights_bytes = 0
+
+    def __init__(self, spec: WorkerSpec, process: EngineProcess, port: int, health_path: str) -> None:
+        self._spec = spec
+        self.process = process
+        self.port = port
+        self.health_path = health_path
+        self.device = f"engine {engine_name(process.argv)}"
+        self._running = 0
+        self._lock = threading.Lock()
+        self._healthy_at = time.monotonic()
+
+    # -- the decode loop's face ---------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def submit(self, params: GenerateParams, deadline: float | None = None):
+        return self._call("/v1/completions", completions_body(params), deadline, chat=False)
+
+    def submit_chat(self, chat: ChatParams, deadline: float | None = None):
+        return self._call("/v1/chat/completions", chat_body(chat), deadline, chat=True)
+
+    def _call(self, path: str, body: dict, deadline: float | None, *, chat: bool):
+        return _Counted(EngineCall(self.port, path, body, deadline, chat=chat), self._count, self._engine_ended)
+
+    def _engine_ended(self) -> bool:
+        """Whether the engine has died (waiting a moment: a broken stream comes before the exit is seen)."""
+        return wait_until(lambda: self.process.poll() is not None, ENGINE_EXIT_WAIT_S)
+
+    def _count(self, delta: int) -> None:
+        with self._lock:
+            self._running += delta
+
+    def set_prefix_cache_budget(self, budget: int) -> None:
+        """The daemon sends every worker a budget; an engine keeps no mpsd prefix cache to apply it to."""
+
+    @property
+    def prefix_cache(self) -> PrefixCacheFigures:
+        """None kept: the engine's own prompt cache is its business (it reports cached_tokens in usage)."""
+        return PrefixCacheFigures()
+
+    def stop(self) -> None:
+        self.process.stop(STOP_GRACE_S)
+
+    # -- health and memory ----------------------------------------------------
+
+    def check_health(self) -> str:
+        """'' while the engine runs and answers its health path; otherwise why not (the probe then fails).
+        Asked at most every HEALTH_RECHECK_S: the daemon probes twice a second, the engine need not hear it all."""
+        if self.process.poll() is not None:
+            return f"engine {self.process.command} has ended"
+        now = time.monotonic()
+        if now - self._healthy_at < HEALTH_RECHECK_S:
+            return ""
+        status = probe(self.port, self.health_path, HEALTH_PROBE_TIMEOUT_S)
+        if status != 200:
+            return f"engine health {self.health_path} answered {status or 'nothing'} within {HEALTH_PROBE_TIMEOUT_S:g}s"
+        self._healthy_at = now
+        return ""
+
+    def memory_report(self) -> MemoryReport:
+        return MemoryReport({}, note=f"{self.device}: the daemon measures its process tree "
+                                     f"(worker, engine pid {self.process.pid} and what it started)")
+
+
+class _Counted:
+    """An EngineCall counted as running while it is iterated, so Stats shows the requests in the engine.
+
+    A stream the engine's death broke is not this request's failure: the worker
+    is about to exit (the watch thread), and that death ends the stream the way a
+    dead worker's does (UNAVAILABLE, retried elsewhere before its first token)."""
+
+    def __init__(self, call: EngineCall, count: Callable[[int], None], engine_ended: Callable[[], bool]) -> None:
+        self._call = call
+        self._count = count
+        self._engine_ended = engine_ended
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def __iter__(self):
+        self._count(1)
+        try:
+            yield from self._call
+        except EngineError:
+            if self._engine_ended():
+                time.sleep(WORKER_EXIT_WAIT_S)  # the watch thread ends this process meanwhile
+            raise
+        finally:
+            self._count(-1)
+
+
+def engine_name(argv: list[str]) -> str:
+    """What status calls the engine: the module of `python -m X`, else the program's file name."""
+    if "-m" in argv[:-1]:
+        return argv[argv.index("-m") + 1]
+    return os.path.basename(argv[0])
+
+
+def health_access_line(paths: tuple[str, ...]) -> Callable[[str], bool]:
+    """Whether a line is the engine's access log of a health probe that succeeded: one every probe would bury
+    the lines that say why an engine died (the stderr tail the daemon classifies is 50 lines)."""
+    needles = tuple(f"GET {path} HTTP/1.1\" 200" for path in paths)
+    return lambda line: any(needle in line for needle in needles)
+
+
+def probe(port: int, path: str, timeout_s: float) -> int:
+    """The HTTP status of GET path, 0 when nothing answered."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    except (OSError, http.client.HTTPException):
+        return 0
+    finally:
+        connection.close()
+
+
+def load(spec: WorkerSpec, log: Callable[[str], None]) -> EngineModel:
+    if not spec.engine_command:
+        raise BootFailure("backend engine needs a command (engine_command in the spec)")
+    port = free_port()
+    argv = fill_command(tuple(spec.engine_command), port=port, path=spec.path, state=spec.engine_state_dir,
+                        replica=spec.replica)
+    paths = (spec.engine_health,) if spec.engine_health else DEFAULT_HEALTH_PATHS
+    process = EngineProcess(argv, cwd=spec.engine_state_dir or None, quiet=health_access_line(paths))
+    log(f"starting engine on port {port}: {process.command}")
+    try:
+        process.start()
+    except EngineStartError as exc:
+        raise BootFailure(str(exc)) from None
+    health = _wait_healthy(process, port, spec)
+    model = EngineModel(spec, process, port, health)
+    log(f"engine pid {process.pid} healthy at http://127.0.0.1:{port}{health}")
+    threading.Thread(target=_exit_with_engine, args=(process, log), name="engine-watch", daemon=True).start()
+    return model
+
+
+def _wait_healthy(process: EngineProcess, port: int, spec: WorkerSpec) -> str:
+    """The health path that answered 200; a boot failure (or, for an engine that died of memory, a crash the
+    daemon classifies as OOM) otherwise."""
+    paths = (spec.engine_health,) if spec.engine_health else DEFAULT_HEALTH_PATHS
+    answered: list[str] = []
+
+    def healthy() -> bool:
+        for path in paths:
+            if probe(port, path, HEALTH_PROBE_TIMEOUT_S) == 200:
+                answered.append(path)
+                return True
+        return False
+
+    if wait_until(healthy, spec.engine_start_timeout_s, gave_up=lambda: process.poll() is not None):
+        return answered[0]
+    if process.poll() is not None:
+        returncode = process.wait()
+        _fail_start(process, f"engine exited before it was healthy ({status_text(returncode)})")
+    process.stop(STOP_GRACE_S)
+    _fail_start(process, f"engine never answered {' or '.join(paths)} on port {port} within "
+                         f"start_timeout {spec.engine_start_timeout_s:g}s (is it listening on {{port}}?)")
+    raise AssertionError("unreachable")
+
+
+def _fail_start(process: EngineProcess, what: str) -> None:
+    """A boot failure, unless the engine ran out of memory: that is not a bad config, and must not go FATAL."""
+    reason = process.failure(what)
+    if find_oom_signature(process.tail()):
+        _log_line(f"engine ran out of memory while starting: {reason}")
+        os._exit(EXIT_ENGINE_GONE)
+    raise BootFailure(reason)
+
+
+def _exit_with_engine(process: EngineProcess, log: Callable[[str], None]) -> None:
+    """The worker lives as long as its engine: a dead engine means a dead worker, restarted by the daemon."""
+    returncode = process.wait()
+    if process.stopping.is_set():
+        return
+    log(process.failure(f"engine pid {process.pid} ended: {status_text(returncode)}"))
+    if returncode < 0:
+        code = 128 + -returncode
+    else:
+        code = EXIT_ENGINE_GONE if returncode in (0, EXIT_BOOT_FAILURE) else returncode
+    os._exit(code)
+
+
+def _log_line(message: str) -> None:
+    sys.stderr.write(f"mpsd worker {os.getpid()}: {message}\n")
+    sys.stderr.flush()
+
