@@ -22,7 +22,7 @@ from mpsd.config.schema import DEFAULT_START_TIMEOUT_S, EngineConfig
 ENGINE_KEYS = ("command", "health", "api", "start_timeout")
 ENGINE_APIS = ("openai",)
 PLACEHOLDERS = ("port", "path", "state", "replica")
-PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+PLACEHOLDER = re.compile(r"\{(\w+)\}")  # a name in braces; other braces (a JSON argument) pass as they are
 BOOT_ALLOWANCE_S = 30.0  # the worker's own start before it runs the engine: load_timeout covers both
 GGUF_SUFFIX = ".gguf"
 GGUF_DEMO_REF = paths.GGUF_DEMO_MODEL_REF

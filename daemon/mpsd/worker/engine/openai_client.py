@@ -63,33 +63,40 @@ class EngineCall:
         self._deadline = deadline
         self._chat = chat
         self._lock = threading.Lock()
-        self._connection: http.client.HTTPConnection | None = None
+        self._sock: socket.socket | None = None
         self.cancelled = threading.Event()
 
     def cancel(self) -> None:
         self.cancelled.set()
         with self._lock:
-            connection = self._connection
-        if connection is not None and connection.sock is not None:
+            sock = self._sock
+        if sock is not None:
             try:
-                connection.sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
     def __iter__(self) -> Iterator[TokenEvent | Finished]:
         connection = http.client.HTTPConnection("127.0.0.1", self._port, timeout=self._remaining())
-        with self._lock:
-            self._connection = connection
         try:
-            yield from self._stream(connection)
-        except (OSError, http.client.HTTPException) as exc:
-            if self.cancelled.is_set():
+            connection.connect()
+            with self._lock:  # kept here: http.client drops connection.sock once a close-delimited response owns it
+                self._sock = connection.sock
+            if self.cancelled.is_set():  # cancel() came before there was a socket to shut
                 return
+            yield from self._stream(connection)
+        except (OSError, http.client.HTTPException, EngineError) as exc:
+            if self.cancelled.is_set():
+                return  # the shut socket ends the read as an error or as a plain end of stream: either way, asked for
+            if isinstance(exc, EngineError):
+                raise
             if isinstance(exc, TimeoutError) and self._deadline is not None and time.monotonic() >= self._deadline:
                 raise DeadlinePassed("deadline passed while the engine was answering") from None
             raise EngineError(f"engine connection failed: {type(exc).__name__}: {exc}") from None
         finally:
             connection.close()
+            if self._sock is not None:
+                self._sock.close()
 
     def _remaining(self) -> float | None:
         """The socket's timeout: the client's deadline, if it gave one a socket can take (gRPC's "none" is huge)."""
@@ -100,11 +107,16 @@ class EngineCall:
     def _stream(self, connection: http.client.HTTPConnection) -> Iterator[TokenEvent | Finished]:
         connection.request("POST", self._path, body=self._body,
                            headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
-        response = connection.getresponse()
+        with connection.getresponse() as response:
+            yield from self._events(response)
+
+    def _events(self, response: http.client.HTTPResponse) -> Iterator[TokenEvent | Finished]:
         if response.status != 200:
             raise _http_failure(response.status, response.read(64 << 10).decode("utf-8", "replace"))
         index, reason, usage = 0, None, None
         for chunk in sse_events(response):
+            if self.cancelled.is_set():
+                return
             if self._deadline is not None and time.monotonic() > self._deadline:
                 raise DeadlinePassed("deadline passed while the engine was answering")
             if "error" in chunk:
