@@ -14,6 +14,7 @@ from mpsd.generate_params import GenerateParams, InvalidRequest
 from mpsd.worker.backends.base import Finished, TokenEvent
 from mpsd.worker.engine.openai_client import (EngineCall, EngineError, chat_body, completions_body, finished,
                                               sse_events)
+from mpsd.worker.engine.prompt_count import PromptCounter
 from mpsd.worker.scheduler import DeadlinePassed, OutOfMemory
 
 
@@ -321,3 +322,53 @@ def test_a_deadline_already_passed_between_events_is_deadline_passed(engine):
     time.sleep(0.25)
     with pytest.raises(DeadlinePassed):
         next(iterator)
+
+
+# -- prompt tokens for engines whose streams carry no usage (llama-cpp-python) ----------------------------------------
+
+def test_a_stream_without_prompt_tokens_asks_count_prompt_and_one_with_them_does_not(engine):
+    asked = []
+    engine.answer = stream([piece("a"), piece("b", "stop"), "data: [DONE]"])
+    events = list(EngineCall(engine.port, "/v1/completions", completions_body(params()), None, chat=False,
+                             count_prompt=lambda: asked.append(1) or 5))
+    assert events[-1] == Finished("stop", 5, 2, 0) and asked == [1]
+    engine.answer = stream([piece("a", "stop"), USAGE, "data: [DONE]"])
+    events = list(EngineCall(engine.port, "/v1/completions", completions_body(params()), None, chat=False,
+                             count_prompt=lambda: asked.append(1) or 5))
+    assert events[-1] == Finished("stop", 4, 3, 2) and asked == [1]
+
+
+def tokenizer(paths: dict[str, dict]):
+    """An engine that answers POST path with paths[path] as JSON, and 404 to any other path."""
+    def answer(handler: Handler) -> None:
+        status(200, json.dumps(paths[handler.path]))(handler) if handler.path in paths else status(404, "{}")(handler)
+    return answer
+
+
+def test_prompt_counter_finds_llama_servers_tokenize_and_asks_only_it_from_then_on(engine):
+    engine.answer = tokenizer({"/tokenize": {"tokens": [1, 2, 3, 4]}})
+    counter = PromptCounter(engine.port)
+    assert counter.count("The module provides") == 4
+    assert [(path, body) for path, _, body in engine.requests] == [
+        ("/extras/tokenize/count", {"input": "The module provides", "add_special": True}),
+        ("/tokenize", {"content": "The module provides", "add_special": True})]
+    assert counter.count("again") == 4 and [path for path, _, _ in engine.requests[2:]] == ["/tokenize"]
+
+
+def test_prompt_counter_reads_llama_cpp_pythons_count(engine):
+    engine.answer = tokenizer({"/extras/tokenize/count": {"count": 3}})
+    assert PromptCounter(engine.port).count("The module provides") == 3 and len(engine.requests) == 1
+
+
+def test_prompt_counter_gives_0_and_stops_asking_an_engine_without_a_tokenize_endpoint(engine):
+    engine.answer = tokenizer({})
+    counter = PromptCounter(engine.port)
+    assert counter.count("x") == 0 and counter.count("y") == 0 and len(engine.requests) == 2
+
+
+def test_prompt_counter_gives_0_without_forgetting_when_the_engine_does_not_answer():
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    counter = PromptCounter(port)
+    assert counter.count("x") == 0 and len(counter._endpoints) == 2  # no answer is no verdict: asked again next time

@@ -30,6 +30,7 @@ from mpsd.oom import find_oom_signature
 from mpsd.worker.backends.base import BootFailure, MemoryReport
 from mpsd.worker.engine.openai_client import EngineCall, EngineError, chat_body, completions_body
 from mpsd.worker.engine.process import EngineProcess, EngineStartError, free_port, status_text, wait_until
+from mpsd.worker.engine.prompt_count import PromptCounter
 from mpsd.worker.prefix_store import PrefixCacheFigures
 from mpsd.worker_spec import WorkerSpec
 
@@ -59,6 +60,7 @@ class EngineModel:
         self._running = 0
         self._lock = threading.Lock()
         self._healthy_at = time.monotonic()
+        self._prompts = PromptCounter(port)  # for engines whose streams carry no usage (llama-cpp-python)
 
     # -- the decode loop's face ---------------------------------------------
 
@@ -67,13 +69,14 @@ class EngineModel:
         return self._running
 
     def submit(self, params: GenerateParams, deadline: float | None = None):
-        return self._call("/v1/completions", completions_body(params), deadline, chat=False)
+        return self._call(EngineCall(self.port, "/v1/completions", completions_body(params), deadline, chat=False,
+                                     count_prompt=lambda: self._prompts.count(params.prompt)))
 
     def submit_chat(self, chat: ChatParams, deadline: float | None = None):
-        return self._call("/v1/chat/completions", chat_body(chat), deadline, chat=True)
+        return self._call(EngineCall(self.port, "/v1/chat/completions", chat_body(chat), deadline, chat=True))
 
-    def _call(self, path: str, body: dict, deadline: float | None, *, chat: bool):
-        return _Counted(EngineCall(self.port, path, body, deadline, chat=chat), self._count, self._engine_ended)
+    def _call(self, call: EngineCall):
+        return _Counted(call, self._count, self._engine_ended)
 
     def _engine_ended(self) -> bool:
         """Whether the engine has died (waiting a moment: a broken stream comes before the exit is seen)."""

@@ -16,7 +16,7 @@ import json
 import socket
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 from mpsd.chat_params import ChatParams
 from mpsd.generate_params import GenerateParams, InvalidRequest
@@ -56,8 +56,10 @@ def _sampling(params: GenerateParams) -> dict:
 class EngineCall:
     """One request: iterate for its events (TokenEvents, then one Finished); cancel() from any thread."""
 
-    def __init__(self, port: int, path: str, body: dict, deadline: float | None, *, chat: bool) -> None:
+    def __init__(self, port: int, path: str, body: dict, deadline: float | None, *, chat: bool,
+                 count_prompt: Callable[[], int] | None = None) -> None:
         self._port = port
+        self._count_prompt = count_prompt  # asked only when the engine's stream ends without prompt_tokens
         self._path = path
         self._body = json.dumps(body).encode()
         self._deadline = deadline
@@ -130,6 +132,8 @@ class EngineCall:
                 reason = choice.get("finish_reason") or reason
         if reason is None:
             raise EngineError("the engine ended its stream without a finish reason")
+        if not (usage or {}).get("prompt_tokens") and self._count_prompt is not None:
+            usage = {**(usage or {}), "prompt_tokens": self._count_prompt()}
         yield finished(reason, usage, index)
 
 
