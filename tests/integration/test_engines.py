@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import signal
 import sys
 
@@ -52,6 +53,8 @@ env = {{ OMP_NUM_THREADS = "1" }}
 MLX_ENGINE = engine_model("mlxe", [PY, "-m", "mlx_lm.server", "--model", "{path}", "--port", "{port}"],
                           path="@mlx-demo", extra='start_timeout = "90s"')
 FAKE = engine_model("fake", [PY, str(FAKE_ENGINE), "--port", "{port}"])
+ON_DEMAND = engine_model("lazy", [PY, str(FAKE_ENGINE), "--port", "{port}"], replicas=0,
+                         extra='min_replicas = 0\nmax_replicas = 1\nkeep_alive = "2s"')
 BAD = (
     engine_model("missing", ["/nonexistent/llama-server", "--port", "{port}"])
     + engine_model("exits", ["sh", "-c", "echo 'error: unknown model format' >&2; exit 3", "sh", "{port}"])
@@ -66,7 +69,7 @@ BAD = (
 
 @pytest.fixture(scope="module")
 def engines(mlx_demo_model, tmp_path_factory):
-    with running_daemon(tmp_path_factory.mktemp("engines"), DAEMON + MLX_ENGINE + FAKE + BAD, 2) as daemon:
+    with running_daemon(tmp_path_factory.mktemp("engines"), DAEMON + MLX_ENGINE + FAKE + ON_DEMAND + BAD, 2) as daemon:
         yield daemon
 
 
@@ -220,3 +223,15 @@ def test_admission_refuses_the_engine_that_does_not_fit_and_kill_9_of_the_daemon
     daemon.process.send_signal(signal.SIGKILL)
     daemon.process.wait(10)
     wait_for(lambda: all(gone(pid) for pid in pids), 10, "no worker, engine or guard left")
+
+
+def test_an_engine_loads_on_a_request_and_goes_after_keep_alive_with_its_engine(engines):
+    assert not [w for w in engines.status()["workers"] if w["model"] == "lazy" and w["state"] == "READY"]
+    messages = stream(engines, "lazy", "one two three four", max_tokens=3)  # waits in the queue while it loads
+    assert "".join(m.text for m in messages[:-1]).split() == ["one", "two", "three"]
+    worker = next(w for w in engines.status()["workers"] if w["model"] == "lazy")
+    engine = engine_of(worker["pid"], "fake_engine.py")
+    wait_for(lambda: all(w["state"] == "STOPPED" for w in engines.status()["workers"] if w["model"] == "lazy"), 30,
+             "lazy stopped after keep_alive 2s")
+    wait_for(lambda: gone(engine.pid) and gone(worker["pid"]), 10, "its worker and engine gone")
+    assert re.search(r"lazy-0 pid=\d+ \w+ -> \w+: stopped: idle", engines.log()), engines.log()[-1500:]
