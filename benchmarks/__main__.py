@@ -4,7 +4,10 @@
 `python -m benchmarks http_edge [--rounds N] [--out DIR]`: the HTTP edge's h11 server against aiohttp.web and
 uvicorn+starlette (RSS, SSE tokens/s, small-request latency);
 `python -m benchmarks multi_turn [--model demo|25m] [--quick] [--out DIR]`: prefix reuse under multi-turn
-conversations, mpsd's cache on and off, prefix-aware routing, and peers with prompt caches of their own."""
+conversations, mpsd's cache on and off, prefix-aware routing, and peers with prompt caches of their own;
+`python -m benchmarks engines [--model demo|25m] [--quick] [--engines mlx,llama-cpp] [--out DIR]`: an external engine
+(mlx_lm.server, llama.cpp's server) through mpsd's `backend = "engine"` against the same engine called directly, at 1
+and 8 streams, and 2 replicas against 1."""
 
 from __future__ import annotations
 
@@ -52,7 +55,18 @@ def main(argv: list[str] | None = None) -> int:
                        help="prefix_cache of the cache-on mpsd systems (default: mpsd's own, 25%%)")
     turns.add_argument("--peers", default=",".join(multi_turn_peers.PEERS),
                        help=f"peers to run, comma-separated, '' for none (default: {','.join(multi_turn_peers.PEERS)})")
+    engine = commands.add_parser("engines", help="an engine through mpsd (backend engine) against it called directly")
+    engine.add_argument("--model", choices=models.MODEL_CHOICES, default="demo")
+    engine.add_argument("--quick", action="store_true", help="two rounds, fewer requests per cell")
+    engine.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's smoke run
+    engine.add_argument("--rounds", type=int, default=None, help="rounds of every cell (4)")
+    engine.add_argument("--max-tokens", type=int, default=None, help="tokens per request (64)")
+    engine.add_argument("--engines", default="mlx,llama-cpp", help="engines to run, comma-separated (mlx: "
+                        "mlx_lm.server; llama-cpp: what mpsd runs for a GGUF)")
+    engine.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/engines"))
     args = parser.parse_args(argv)
+    if args.command == "engines":
+        return _engines(args, argv)
     if args.command == "multi_turn":
         return _multi_turn(args, argv)
     if args.command == "equality":
@@ -137,6 +151,30 @@ def _multi_turn(args, argv: list[str] | None) -> int:
     command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
     results = multi_turn.run(sizes, model, progress, args.out, peers, command)
     print(multi_turn_report.markdown(results))
+    print(f"\nwritten: {args.out / 'results.json'}, {args.out / 'results.md'} ({results['elapsed_s']}s)",
+          file=sys.stderr)
+    return 0
+
+
+def _engines(args, argv: list[str] | None) -> int:
+    import dataclasses
+
+    from benchmarks import engines, engines_report
+
+    started = time.perf_counter()
+    progress = lambda line: print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)  # noqa: E731
+    sizes = engines.Sizes.tiny() if args.tiny else engines.Sizes.quick() if args.quick else engines.Sizes()
+    sizes = dataclasses.replace(sizes, **{k: v for k, v in (("rounds", args.rounds), ("max_tokens", args.max_tokens))
+                                         if v})
+    chosen = tuple(name for name in args.engines.split(",") if name)
+    unknown = set(chosen) - set(engines.ENGINES)
+    if unknown:
+        print(f"--engines: unknown {', '.join(sorted(unknown))}; known: {', '.join(engines.ENGINES)}", file=sys.stderr)
+        return 2
+    model = models.resolve(args.model, progress)
+    command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
+    results = engines.run(sizes, model, progress, args.out, chosen, command)
+    print(engines_report.markdown(results))
     print(f"\nwritten: {args.out / 'results.json'}, {args.out / 'results.md'} ({results['elapsed_s']}s)",
           file=sys.stderr)
     return 0

@@ -28,8 +28,9 @@ ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class ServerProcess:
-    """command gets the port appended as `--port P`, and "{temp_dir}" in it replaced by a directory of its own
-    (removed at stop); ready once GET health_path answers 200 (and ready_line is logged)."""
+    """command gets the port appended as `--port P` (or put where it says "{port}", as mpsd's engine commands do),
+    and "{temp_dir}" in it replaced by a directory of its own (removed at stop); ready once GET health_path answers
+    200 (and ready_line is logged)."""
 
     def __init__(self, name: str, command: Sequence[str], log_path: pathlib.Path, env: dict[str, str] | None = None,
                  ready_line: bytes | None = None, cleanup: Sequence[str] = (), health_path: str = "/health",
@@ -51,8 +52,10 @@ class ServerProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "wb")
         started = time.perf_counter()
-        command = [part.replace("{temp_dir}", str(self.temp_dir)) for part in command]
-        self.process = subprocess.Popen([*command, "--port", str(self.port)], stdin=subprocess.DEVNULL,
+        placed = any("{port}" in part for part in command)
+        command = [part.replace("{temp_dir}", str(self.temp_dir)).replace("{port}", str(self.port)) for part in command]
+        self.process = subprocess.Popen(command if placed else [*command, "--port", str(self.port)],
+                                        stdin=subprocess.DEVNULL,
                                         stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
                                         cwd=str(self.temp_dir), start_new_session=True)
         try:
