@@ -135,7 +135,8 @@ def test_llama_cpp_command_prefers_llama_server_on_path():
 
 def test_llama_cpp_command_falls_back_to_llama_cpp_python_one_request_at_a_time():
     command, concurrency = llama_cpp_command(which=found(None), python="/py")
-    assert command == ("/py", "-m", "llama_cpp.server", "--model", "{path}", "--host", "127.0.0.1", "--port", "{port}")
+    assert command == ("/py", "-m", "llama_cpp.server", "--model", "{path}", "--host", "127.0.0.1", "--port", "{port}",
+                       "--interrupt_requests", "False")
     assert concurrency == 1
     assert llama_cpp_command(which=found(None))[0][0] == sys.executable, "the daemon's own Python by default"
 

@@ -42,7 +42,9 @@ def llama_cpp_command(which=shutil.which, python: str = sys.executable) -> tuple
     server = which(LLAMA_SERVER)
     if server:
         return (server, *common, "--parallel", str(LLAMA_SERVER_SLOTS)), LLAMA_SERVER_SLOTS
-    return (python, "-m", "llama_cpp.server", *common), 1
+    # Its default --interrupt_requests True ends a running stream whenever another request (or the prompt count
+    # after a stream, worker/engine/prompt_count.py) arrives: such a stream ends with no finish reason.
+    return (python, "-m", "llama_cpp.server", *common, "--interrupt_requests", "False"), 1
 
 
 def read_engine(reader: Reader, table: dict[str, Any], at: str, backend: str, *, gguf: bool,
