@@ -152,10 +152,14 @@ def engine_name(argv: list[str]) -> str:
     return os.path.basename(argv[0])
 
 
-def health_access_line(paths: tuple[str, ...]) -> Callable[[str], bool]:
-    """Whether a line is the engine's access log of a health probe that succeeded: one every probe would bury
-    the lines that say why an engine died (the stderr tail the daemon classifies is 50 lines)."""
-    needles = tuple(f"GET {path} HTTP/1.1\" 200" for path in paths)
+CALLED_PATHS = ("POST /v1/completions", "POST /v1/chat/completions", "POST /extras/tokenize/count", "POST /tokenize")
+
+
+def quiet_access_line(health_paths: tuple[str, ...]) -> Callable[[str], bool]:
+    """Whether a line is the engine's access log of a call of the worker's own that succeeded (a health probe, a
+    request, a prompt count): one a request would bury the lines that say why an engine died (the stderr tail the
+    daemon classifies is 50 lines) and fill mpsd's log. Failed calls (any status but 200) are kept."""
+    needles = tuple(f'{call} HTTP/1.1" 200' for call in (*(f"GET {path}" for path in health_paths), *CALLED_PATHS))
     return lambda line: any(needle in line for needle in needles)
 
 
@@ -180,7 +184,7 @@ def load(spec: WorkerSpec, log: Callable[[str], None]) -> EngineModel:
     argv = fill_command(tuple(spec.engine_command), port=port, path=spec.path, state=spec.engine_state_dir,
                         replica=spec.replica)
     paths = (spec.engine_health,) if spec.engine_health else DEFAULT_HEALTH_PATHS
-    process = EngineProcess(argv, cwd=spec.engine_state_dir or None, quiet=health_access_line(paths))
+    process = EngineProcess(argv, cwd=spec.engine_state_dir or None, quiet=quiet_access_line(paths))
     log(f"starting engine on port {port}: {process.command}")
     try:
         process.start()
