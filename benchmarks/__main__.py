@@ -5,9 +5,11 @@
 uvicorn+starlette (RSS, SSE tokens/s, small-request latency);
 `python -m benchmarks multi_turn [--model demo|25m] [--quick] [--out DIR]`: prefix reuse under multi-turn
 conversations, mpsd's cache on and off, prefix-aware routing, and peers with prompt caches of their own;
-`python -m benchmarks engines [--model demo|25m] [--quick] [--engines mlx,llama-cpp] [--out DIR]`: an external engine
-(mlx_lm.server, llama.cpp's server) through mpsd's `backend = "engine"` against the same engine called directly, at 1
-and 8 streams, and 2 replicas against 1."""
+`python -m benchmarks engines [--model demo|25m] [--quick] [--engines mlx,llama-cpp] [--jitter-ms MS] [--out DIR]`: an
+external engine (mlx_lm.server, llama.cpp's server) through mpsd's `backend = "engine"` against the same engine called
+directly, at 1 and 8 streams, and 2 replicas against 1;
+`python -m benchmarks engine_memory [--model 25m|demo] [--out DIR]`: two replicas of one GGUF under mpsd, each
+one's footprint against its RSS, USS and PSS, and the shared part shown once."""
 
 from __future__ import annotations
 
@@ -63,10 +65,22 @@ def main(argv: list[str] | None = None) -> int:
     engine.add_argument("--max-tokens", type=int, default=None, help="tokens per request (64)")
     engine.add_argument("--engines", default="mlx,llama-cpp", help="engines to run, comma-separated (mlx: "
                         "mlx_lm.server; llama-cpp: what mpsd runs for a GGUF)")
+    engine.add_argument("--jitter-ms", type=float, default=None, help="a random pause of 0 to this many ms before "
+                        "each request, the same pauses for every system: arrivals not in lockstep (0)")
     engine.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/engines"))
+    memory = commands.add_parser("engine_memory", help="two replicas of one GGUF: footprint against RSS, USS, PSS")
+    memory.add_argument("--model", choices=models.MODEL_CHOICES, default="25m",
+                        help="25m: the 25M GPT-2 as a 100 MiB GGUF (default); demo: the 3 MiB GGUF demo")
+    memory.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/engine-memory"))
     args = parser.parse_args(argv)
     if args.command == "engines":
         return _engines(args, argv)
+    if args.command == "engine_memory":
+        from benchmarks import engine_memory
+
+        command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
+        print(engine_memory.run(args.model, args.out, command, lambda line: print(line, file=sys.stderr)))
+        return 0
     if args.command == "multi_turn":
         return _multi_turn(args, argv)
     if args.command == "equality":
@@ -164,8 +178,8 @@ def _engines(args, argv: list[str] | None) -> int:
     started = time.perf_counter()
     progress = lambda line: print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)  # noqa: E731
     sizes = engines.Sizes.tiny() if args.tiny else engines.Sizes.quick() if args.quick else engines.Sizes()
-    sizes = dataclasses.replace(sizes, **{k: v for k, v in (("rounds", args.rounds), ("max_tokens", args.max_tokens))
-                                         if v})
+    sizes = dataclasses.replace(sizes, **{k: v for k, v in (("rounds", args.rounds), ("max_tokens", args.max_tokens),
+                                                              ("jitter_ms", args.jitter_ms)) if v})
     chosen = tuple(name for name in args.engines.split(",") if name)
     unknown = set(chosen) - set(engines.ENGINES)
     if unknown:

@@ -35,6 +35,7 @@ import dataclasses
 import json
 import pathlib
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -80,6 +81,7 @@ class Sizes:
     requests_n: int = 6                  # in a cell of more streams
     warm_tokens: int = 8
     replicas_2x: bool = True             # the 2-replica daemon
+    jitter_ms: float = 0.0               # a pause of 0 to this before each request (seeded: alike for every system)
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -125,9 +127,8 @@ def mlx_engine(model: BenchModel, concurrency: int) -> Engine | str:
 
 def llama_cpp_engine(model: BenchModel, progress: Progress) -> Engine | str:
     """What mpsd runs for a GGUF (mpsd.config.engines.llama_cpp_command) with the threads mpsd gives one worker and
-    the model's context; llama-cpp-python's server also gets --interrupt_requests False, or each request that
-    arrives while another runs ends that one early (mpsd sends it one at a time, its concurrency 1, so mpsd's own
-    default command does not need it; the direct 8-stream cells do)."""
+    the model's context (mpsd's command for llama-cpp-python's server already has --interrupt_requests False,
+    which the direct 8-stream cells need too: without it each request arriving ends the running one early)."""
     from mpsd.config.engines import llama_cpp_command
 
     command, concurrency = llama_cpp_command()
@@ -144,8 +145,7 @@ def llama_cpp_engine(model: BenchModel, progress: Progress) -> Engine | str:
     threads = str(worker_threads(1, cores()))
     context = str(_context_length(model.torch_dir))
     if command[0] == sys.executable:
-        extra = ("--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", context,
-                 "--interrupt_requests", "False")
+        extra = ("--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", context)
     else:
         extra = ("--threads", threads, "--ctx-size", str(int(context) * concurrency))
     return Engine("llama-cpp", name, (*command, *extra), path, {"OMP_NUM_THREADS": threads}, concurrency,
@@ -333,7 +333,7 @@ def cpu_seconds(roles: dict[int, str]) -> dict[int, tuple[str, float]]:
     return found
 
 
-def run_cell(system: System, streams: int, requests: int, max_tokens: int) -> dict:
+def run_cell(system: System, streams: int, requests: int, max_tokens: int, jitter_ms: float = 0.0) -> dict:
     """streams at once, each sending `requests` requests one after another (stream i: PROMPTS[i % 8])."""
     roles = system.roots()
     me = psutil.Process()
@@ -343,7 +343,12 @@ def run_cell(system: System, streams: int, requests: int, max_tokens: int) -> di
 
     def stream(index: int) -> list[Request]:
         time.sleep(index * STAGGER_S)
-        return [one_request(system, PROMPTS[index % len(PROMPTS)], max_tokens) for _ in range(requests)]
+        pauses = random.Random(index)  # the same pauses for every system and round
+        done = []
+        for _ in range(requests):
+            time.sleep(pauses.uniform(0, jitter_ms) / 1000)
+            done.append(one_request(system, PROMPTS[index % len(PROMPTS)], max_tokens))
+        return done
 
     with concurrent.futures.ThreadPoolExecutor(streams) as pool:
         done = [r for future in [pool.submit(stream, i) for i in range(streams)] for r in future.result()]
@@ -381,7 +386,7 @@ def measure_group(engine: Engine, sizes: Sizes, progress: Progress) -> dict:
                 shift = (round_index + level_index) % len(systems)
                 for system in systems[shift:] + systems[:shift]:
                     cells[system.name][streams].append(run_cell(system, streams, sizes.requests(streams),
-                                                                sizes.max_tokens))
+                                                                sizes.max_tokens, sizes.jitter_ms))
             progress(f"{engine.key}: round {round_index + 1}/{sizes.rounds}: " + ", ".join(
                 f"{s.name} {cells[s.name][n][-1]['tokens'] / cells[s.name][n][-1]['wall_s']:.0f}"
                 for n in sizes.levels for s in systems) + " tok/s")
