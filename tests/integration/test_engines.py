@@ -53,6 +53,10 @@ env = {{ OMP_NUM_THREADS = "1" }}
 MLX_ENGINE = engine_model("mlxe", [PY, "-m", "mlx_lm.server", "--model", "{path}", "--port", "{port}"],
                           path="@mlx-demo", extra='start_timeout = "90s"')
 FAKE = engine_model("fake", [PY, str(FAKE_ENGINE), "--port", "{port}"])
+# Its first start says what an engine says when its port was taken between mpsd's pick and its bind, then exits.
+PORT_TAKEN = engine_model("port-taken", ["sh", "-c", "if [ ! -e taken-once ]; then touch taken-once; echo 'OSError: "
+                          "[Errno 98] Address already in use' >&2; exit 1; fi; exec $0 $1 --port $2",
+                          PY, str(FAKE_ENGINE), "{port}"])
 ON_DEMAND = engine_model("lazy", [PY, str(FAKE_ENGINE), "--port", "{port}"], replicas=0,
                          extra='min_replicas = 0\nmax_replicas = 1\nkeep_alive = "2s"')
 BAD = (
@@ -69,7 +73,7 @@ BAD = (
 
 @pytest.fixture(scope="module")
 def engines(mlx_demo_model, tmp_path_factory):
-    with running_daemon(tmp_path_factory.mktemp("engines"), DAEMON + MLX_ENGINE + FAKE + ON_DEMAND + BAD, 2) as daemon:
+    with running_daemon(tmp_path_factory.mktemp("engines"), DAEMON + MLX_ENGINE + FAKE + ON_DEMAND + PORT_TAKEN + BAD, 2) as daemon:
         yield daemon
 
 
@@ -235,3 +239,11 @@ def test_an_engine_loads_on_a_request_and_goes_after_keep_alive_with_its_engine(
              "lazy stopped after keep_alive 2s")
     wait_for(lambda: gone(engine.pid) and gone(worker["pid"]), 10, "its worker and engine gone")
     assert re.search(r"lazy-0 pid=\d+ \w+ -> \w+: stopped: idle", engines.log()), engines.log()[-1500:]
+
+
+def test_a_port_taken_before_the_engine_binds_it_is_tried_again_on_another_not_fatal(engines):
+    worker = ready_worker(engines, "port-taken-0", 60)
+    assert worker["restarts"] == 0 and not worker["last_exit"]
+    assert re.search(r"engine could not bind port \d+, taken since it was picked: trying another \(1 of 3\)",
+                     engines.log())
+    assert stream(engines, "port-taken", "one two three", max_tokens=2)[-1].finish.usage.completion_tokens == 2

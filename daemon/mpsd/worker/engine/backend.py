@@ -4,7 +4,9 @@ load() runs the engine's command with this replica's {port}, {path},
 {state} and {replica}, and returns once its health path answers 200 within
 start_timeout (a command that is not there, exits, or never answers on its
 port is a boot failure naming the command and its last lines, so the model
-goes FATAL instead of looping). The engine batches by itself, so this stands
+goes FATAL instead of looping; an engine that exits saying its port was taken,
+which another process can do between the pick and the bind, is started again
+on another port, up to PORT_ATTEMPTS times). The engine batches by itself, so this stands
 where the decode loop stands for mpsd's own backends: submit() and
 submit_chat() turn one request into one streamed HTTP call. A thread watches
 the engine: if it dies, the worker exits with the engine's last lines in its
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import sys
 import threading
 import time
@@ -40,6 +43,9 @@ HEALTH_RECHECK_S = 2.0
 ENGINE_EXIT_WAIT_S = 1.0
 WORKER_EXIT_WAIT_S = 10.0
 STOP_GRACE_S = 10.0
+PORT_ATTEMPTS = 3  # a port free when picked can be taken before the engine binds it: a fresh one, not FATAL
+# How engines say their port was taken: Python's OSError (mlx_lm.server, uvicorn), llama-server's words.
+PORT_TAKEN = re.compile(r"address already in use|EADDRINUSE|couldn't bind HTTP server socket", re.IGNORECASE)
 EXIT_ENGINE_GONE = 1  # the worker's exit code when its engine ended by itself with code 0 or 78 (reserved)
 
 
@@ -180,26 +186,31 @@ def probe(port: int, path: str, timeout_s: float) -> int:
 def load(spec: WorkerSpec, log: Callable[[str], None]) -> EngineModel:
     if not spec.engine_command:
         raise BootFailure("backend engine needs a command (engine_command in the spec)")
-    port = free_port()
-    argv = fill_command(tuple(spec.engine_command), port=port, path=spec.path, state=spec.engine_state_dir,
-                        replica=spec.replica)
     paths = (spec.engine_health,) if spec.engine_health else DEFAULT_HEALTH_PATHS
-    process = EngineProcess(argv, cwd=spec.engine_state_dir or None, quiet=quiet_access_line(paths))
-    log(f"starting engine on port {port}: {process.command}")
-    try:
-        process.start()
-    except EngineStartError as exc:
-        raise BootFailure(str(exc)) from None
-    health = _wait_healthy(process, port, spec)
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        port = free_port()
+        argv = fill_command(tuple(spec.engine_command), port=port, path=spec.path, state=spec.engine_state_dir,
+                            replica=spec.replica)
+        process = EngineProcess(argv, cwd=spec.engine_state_dir or None, quiet=quiet_access_line(paths))
+        log(f"starting engine on port {port}: {process.command}")
+        try:
+            process.start()
+        except EngineStartError as exc:
+            raise BootFailure(str(exc)) from None
+        health = _wait_healthy(process, port, spec, last_try=attempt == PORT_ATTEMPTS)
+        if health:
+            break
+        log(f"engine could not bind port {port}, taken since it was picked: trying another "
+            f"({attempt} of {PORT_ATTEMPTS})")
     model = EngineModel(spec, process, port, health)
     log(f"engine pid {process.pid} healthy at http://127.0.0.1:{port}{health}")
     threading.Thread(target=_exit_with_engine, args=(process, log), name="engine-watch", daemon=True).start()
     return model
 
 
-def _wait_healthy(process: EngineProcess, port: int, spec: WorkerSpec) -> str:
-    """The health path that answered 200; a boot failure (or, for an engine that died of memory, a crash the
-    daemon classifies as OOM) otherwise."""
+def _wait_healthy(process: EngineProcess, port: int, spec: WorkerSpec, *, last_try: bool = True) -> str:
+    """The health path that answered 200; "" when the engine exited because its port was taken (not on the last
+    try); a boot failure (or, for an engine that died of memory, a crash the daemon classifies as OOM) otherwise."""
     paths = (spec.engine_health,) if spec.engine_health else DEFAULT_HEALTH_PATHS
     answered: list[str] = []
 
@@ -214,6 +225,8 @@ def _wait_healthy(process: EngineProcess, port: int, spec: WorkerSpec) -> str:
         return answered[0]
     if process.poll() is not None:
         returncode = process.wait()
+        if not last_try and PORT_TAKEN.search("\n".join(process.tail())):
+            return ""
         _fail_start(process, f"engine exited before it was healthy ({status_text(returncode)})")
     process.stop(STOP_GRACE_S)
     _fail_start(process, f"engine never answered {' or '.join(paths)} on port {port} within "

@@ -48,8 +48,8 @@ class EngineStartError(RuntimeError):
 
 
 def free_port() -> int:
-    """A loopback port nobody holds now; the engine binds it a moment later (it may lose a race: then it never
-    answers its health path on this port, and the start fails saying so)."""
+    """A loopback port nobody holds now; the engine binds it a moment later (it may lose a race: an engine that
+    then says its port was taken is started again on another, backend.PORT_ATTEMPTS)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
