@@ -43,6 +43,11 @@ def line(name: str, level: str, f: dict) -> str:
             f"{f['ttft_ms']['p50']:.1f} ms, {f['failures']} failed")
 
 
+def _pause(sizes: dict) -> str:
+    jitter = sizes.get("jitter_ms") or 0
+    return f", each after a random pause of 0-{jitter:g} ms (seeded: the same for every system)" if jitter else ""
+
+
 def markdown(r: dict) -> str:
     sizes, model, machine = r["sizes"], r["model"], r["machine"]
     head = (f"Model: **{model['name']}** (MLX: `{model['mlx_dir'] or 'none'}`; torch, as GGUF for llama.cpp: "
@@ -51,7 +56,8 @@ def markdown(r: dict) -> str:
             f"Every system of an engine up at once; streamed `/v1/completions` (direct and mpsd-http: the same client "
             f"and body) or gRPC Generate, greedy, {sizes['max_tokens']} max tokens, 8 fixed prompts (stream i sends "
             f"prompt i mod 8); a cell is N streams at once, each sending {sizes['requests_1']} (1 stream) or "
-            f"{sizes['requests_n']} (more) requests one after another; warmed first, then {sizes['rounds']} round(s), "
+            f"{sizes['requests_n']} (more) requests one after another"
+            f"{_pause(sizes)}; warmed first, then {sizes['rounds']} round(s), "
             f"the systems' order rotated each round. tok/s: completion tokens (usage) over the cell's wall time, "
             f"median round; per-stream: median request's tokens after the first over the time after its first token; "
             f"vs direct: median over rounds of the paired ratio. CPU: each process role's CPU time during the cells "
