@@ -18,6 +18,7 @@ import os
 import pathlib
 import time
 
+from benchmarks import multi_turn_peers
 from benchmarks.daemon_run import RunningDaemon
 from mpsd import paths
 from mpsd.demo import gguf_model
@@ -29,20 +30,16 @@ KINDS = ("footprint_bytes", "rss_bytes", "uss_bytes", "pss_bytes", "clean_bytes"
 
 
 def gguf_file(model: str, progress) -> pathlib.Path:
-    """The GGUF to measure: the demo's, or the 25M GPT-2 converted once (llama.cpp's converter, as for the demo)."""
+    """The GGUF to measure: the demo's, or the 25M GPT-2 converted once, as multi_turn's llama-cpp peer has it."""
     if model == "demo":
         out = paths.gguf_demo_model_dir()
         gguf_model.build_gguf_demo_model(out, progress=progress)
-        return out / GGUF_DEMO_FILE
-    from mpsd.demo.gpt2_25m import build_gpt2_25m
+        file = out / GGUF_DEMO_FILE
+    else:
+        from mpsd.demo.gpt2_25m import build_gpt2_25m
 
-    source = build_gpt2_25m(tokenizer_dir=paths.demo_model_dir(), progress=progress)
-    file = paths.default_data_dir() / "models" / "gpt2-25m-gguf" / "gpt2-25m-f32.gguf"
-    if not file.exists():
-        file.parent.mkdir(parents=True, exist_ok=True)
-        partial = file.with_suffix(".partial")
-        gguf_model.convert(source, partial, gguf_model.ensure_converter(paths.cache_dir(), progress))
-        partial.rename(file)
+        source = build_gpt2_25m(tokenizer_dir=paths.demo_model_dir(), progress=progress)
+        file = multi_turn_peers.gguf_file(str(source), progress)
     os.sync()  # a file just written is dirty in the page cache, and dirty mapped pages count as held until written
     return file
 
