@@ -32,7 +32,7 @@ class Process:
     """Answers stats() with `reply`, or raises ConnectionError when `reply` is None."""
 
     def __init__(self, pid: int = 4242) -> None:
-        self.pid, self.stub = pid, object()
+        self.pid, self.link = pid, object()
         self.reply: worker_pb2.WorkerStats | None = worker_pb2.WorkerStats(device="cpu")
         self.signals: list[signal.Signals] = []
         self.budgets: list[int | None] = []  # the prefix cache budget each Stats request carried
@@ -190,15 +190,15 @@ async def test_refresh_stats_asks_only_ready_workers_and_keeps_the_last_figures_
 async def test_explain_loss_says_how_the_process_behind_a_broken_stream_ended():
     part = Part()
     worker = part.worker(WorkerState.READY)
-    stub = worker.process.stub
-    assert await part.health.explain_loss("lm-0", stub, 0) == "", "still serving: the stream broke otherwise"
-    assert await part.health.explain_loss("nobody", stub, 1) == ""
+    link = worker.process.link
+    assert await part.health.explain_loss("lm-0", link, 0) == "", "still serving: the stream broke otherwise"
+    assert await part.health.explain_loss("nobody", link, 1) == ""
 
-    waiting = asyncio.create_task(part.health.explain_loss("lm-0", stub, 5))
+    waiting = asyncio.create_task(part.health.explain_loss("lm-0", link, 5))
     await asyncio.sleep(0.05)
     assert not waiting.done(), "the exit is reaped a moment after the socket closes: it waits for it"
     worker.state, worker.last_exit = WorkerState.BACKOFF, "crash: exit code 1"
     assert await asyncio.wait_for(waiting, 1) == "crash: exit code 1"
 
     worker.state, worker.process = WorkerState.READY, Process(pid=9)
-    assert await part.health.explain_loss("lm-0", stub, 5) == "crash: exit code 1", "a new process: the old ended"
+    assert await part.health.explain_loss("lm-0", link, 5) == "crash: exit code 1", "a new process: the old ended"

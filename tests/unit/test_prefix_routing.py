@@ -282,7 +282,9 @@ async def test_a_prefix_every_request_shares_does_not_pile_them_all_on_one_worke
 
 # --- the edge -------------------------------------------------------------------------------------------------------
 
-class FakeCall:
+class FakeStream:
+    """A TokenStream (fleet/worker_link.py) as the edge uses it: iterated, then closed."""
+
     def __init__(self, worker_id: str, pieces: list[str]) -> None:
         self._messages = [inference_pb2.GenerateResponse(index=i, text=p) for i, p in enumerate(pieces)]
         self._messages.append(inference_pb2.GenerateResponse(finish=inference_pb2.Finish(reason="stop",
@@ -295,7 +297,7 @@ class FakeCall:
         for message in self._messages:
             yield message
 
-    def cancel(self) -> None:
+    def close(self) -> None:
         pass
 
 
@@ -304,14 +306,14 @@ SHORT = text(100)
 
 
 class FakeWorker:
+    """A WorkerLink: every request answered with the same twenty pieces."""
+
     def __init__(self, worker_id: str) -> None:
         self.worker_id, self.requests = worker_id, []
 
-    def Generate(self, request, timeout=None):
+    def open(self, method, request, timeout_s, limit):
         self.requests.append(request)
-        return FakeCall(self.worker_id, ["the answer "] * 20)
-
-    Chat = Generate
+        return FakeStream(self.worker_id, ["the answer "] * 20)
 
 
 class FakeContext:

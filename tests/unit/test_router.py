@@ -75,7 +75,7 @@ async def test_a_new_worker_serves_the_queue():
     waiter = asyncio.create_task(pool.acquire(5))
     await asyncio.sleep(0)
     pool.add_worker("w0", "stub-w0", 0)
-    assert (await waiter).stub == "stub-w0"
+    assert (await waiter).link == "stub-w0"
 
 
 @scenario

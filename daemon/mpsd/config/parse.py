@@ -60,7 +60,7 @@ def _daemon(reader: Reader, table: dict[str, Any], base_dir: pathlib.Path) -> Da
         "listen", "state_dir", "drain_grace", "stop_timeout", "health_interval", "health_timeout", "log_format",
         "restart_delay", "restart_max_delay", "restart_reset_after", "fatal_failures", "fatal_window",
         "log_file", "log_max_size", "log_backups", "tls_cert", "tls_key", "token_file", "metrics_listen",
-        "http_listen", *HTTP_TIMEOUT_KEYS, "http_max_connections", "http_max_body", *ROUTING_KEYS,
+        "http_listen", *HTTP_TIMEOUT_KEYS, "http_max_connections", "http_max_body", *ROUTING_KEYS, "stream_buffer",
     )
     reader.only_keys(table, "daemon.", fields)
     defaults = DaemonConfig()
@@ -98,6 +98,7 @@ def _daemon(reader: Reader, table: dict[str, Any], base_dir: pathlib.Path) -> Da
         log_file=optional_path(reader.string(table, "log_file", "daemon.log_file"), base_dir),
         log_max_bytes=reader.size(table, "log_max_size", "daemon.log_max_size") or defaults.log_max_bytes,
         log_backups=reader.integer(table, "log_backups", "daemon.log_backups", defaults.log_backups, 0),
+        stream_buffer=reader.integer(table, "stream_buffer", "daemon.stream_buffer", defaults.stream_buffer, 1),
     )
 
 

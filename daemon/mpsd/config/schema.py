@@ -103,6 +103,7 @@ class DaemonConfig:
     log_file: pathlib.Path | None = None
     log_max_bytes: int = 10 << 20
     log_backups: int = 5
+    stream_buffer: int = 4096  # tokens one client stream may fall behind its worker before it alone is cut
 
 
 @dataclasses.dataclass(frozen=True)

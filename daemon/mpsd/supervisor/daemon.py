@@ -99,7 +99,8 @@ class Daemon:
         self._sync_pools()
         watch_daemon(self.metrics.registry, self.fleet, self.pools)
         self._inference = InferenceService(
-            self.pools, lambda name: self.fleet.models[name].generates, self.fleet.health.explain_loss, self.metrics)
+            self.pools, lambda name: self.fleet.models[name].generates, self.fleet.health.explain_loss, self.metrics,
+            self.config.daemon.stream_buffer)
         public, self.listen = await start_public(self.listen, self.config.daemon.access, self._inference,
                                                  self._health, self.config.models)
         self._publish_health(list(self.pools))
@@ -204,7 +205,7 @@ class Daemon:
         if new == WorkerState.READY:
             self.metrics.time_to_ready.labels(worker.model.name).observe(worker.ready_at - worker.started_at)
             context_length = worker.stats.context_length if worker.stats else 0
-            pool.add_worker(worker.id, worker.process.stub, context_length)
+            pool.add_worker(worker.id, worker.process.link, context_length)
         elif old == WorkerState.READY:
             pool.remove_worker(worker.id)
         elif new not in HOPEFUL_STATES:

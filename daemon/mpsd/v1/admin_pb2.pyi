@@ -136,7 +136,7 @@ class MemoryStatus(_message.Message):
     def __init__(self, probe: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., headroom_bytes: _Optional[int] = ..., detail: _Optional[str] = ..., free_for_workers_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("id", "model", "pid", "state", "reason", "state_age_s", "uptime_s", "restarts", "inflight", "tokens", "requests", "memory_bytes", "backend_memory", "backend_memory_note", "device", "last_exit", "stderr_tail", "oom_events", "running_sequences", "kv_bytes", "prefix_cache", "prefix_cache_note", "process_memory")
+    __slots__ = ("id", "model", "pid", "state", "reason", "state_age_s", "uptime_s", "restarts", "inflight", "tokens", "requests", "memory_bytes", "backend_memory", "backend_memory_note", "device", "last_exit", "stderr_tail", "oom_events", "running_sequences", "kv_bytes", "prefix_cache", "prefix_cache_note", "process_memory", "step_messages")
     class BackendMemoryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +167,7 @@ class WorkerStatus(_message.Message):
     PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_NOTE_FIELD_NUMBER: _ClassVar[int]
     PROCESS_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    STEP_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     pid: int
@@ -190,7 +191,8 @@ class WorkerStatus(_message.Message):
     prefix_cache: _worker_pb2.PrefixCacheStats
     prefix_cache_note: str
     process_memory: ProcessMemory
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., state_age_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., restarts: _Optional[int] = ..., inflight: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., device: _Optional[str] = ..., last_exit: _Optional[str] = ..., stderr_tail: _Optional[_Iterable[str]] = ..., oom_events: _Optional[int] = ..., running_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., prefix_cache: _Optional[_Union[_worker_pb2.PrefixCacheStats, _Mapping]] = ..., prefix_cache_note: _Optional[str] = ..., process_memory: _Optional[_Union[ProcessMemory, _Mapping]] = ...) -> None: ...
+    step_messages: int
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., state_age_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., restarts: _Optional[int] = ..., inflight: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., device: _Optional[str] = ..., last_exit: _Optional[str] = ..., stderr_tail: _Optional[_Iterable[str]] = ..., oom_events: _Optional[int] = ..., running_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., prefix_cache: _Optional[_Union[_worker_pb2.PrefixCacheStats, _Mapping]] = ..., prefix_cache_note: _Optional[str] = ..., process_memory: _Optional[_Union[ProcessMemory, _Mapping]] = ..., step_messages: _Optional[int] = ...) -> None: ...
 
 class ProcessMemory(_message.Message):
     __slots__ = ("footprint_bytes", "rss_bytes", "uss_bytes", "pss_bytes", "clean_bytes", "processes")

@@ -2,10 +2,42 @@ from mpsd.v1 import inference_pb2 as _inference_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class StepRequest(_message.Message):
+    __slots__ = ("id", "generate", "chat", "cancel", "timeout_s")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    generate: _inference_pb2.GenerateRequest
+    chat: _inference_pb2.ChatRequest
+    cancel: bool
+    timeout_s: float
+    def __init__(self, id: _Optional[int] = ..., generate: _Optional[_Union[_inference_pb2.GenerateRequest, _Mapping]] = ..., chat: _Optional[_Union[_inference_pb2.ChatRequest, _Mapping]] = ..., cancel: _Optional[bool] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class StepEvent(_message.Message):
+    __slots__ = ("id", "response", "code", "details")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    response: _inference_pb2.GenerateResponse
+    code: int
+    details: str
+    def __init__(self, id: _Optional[int] = ..., response: _Optional[_Union[_inference_pb2.GenerateResponse, _Mapping]] = ..., code: _Optional[int] = ..., details: _Optional[str] = ...) -> None: ...
+
+class StepEvents(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[StepEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[StepEvent, _Mapping]]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("prefix_cache_budget",)
@@ -32,7 +64,7 @@ class PrefixCacheStats(_message.Message):
     def __init__(self, bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., configured_bytes: _Optional[int] = ..., entries: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "pid", "backend", "device", "context_length", "tokens", "requests", "inflight", "backend_memory", "backend_memory_note", "oom_events", "last_oom", "running_sequences", "kv_bytes", "kv_reserve_bytes", "prefix_cache")
+    __slots__ = ("worker_id", "pid", "backend", "device", "context_length", "tokens", "requests", "inflight", "backend_memory", "backend_memory_note", "oom_events", "last_oom", "running_sequences", "kv_bytes", "kv_reserve_bytes", "prefix_cache", "step_messages")
     class BackendMemoryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +88,7 @@ class WorkerStats(_message.Message):
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_RESERVE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
+    STEP_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     pid: int
     backend: str
@@ -72,4 +105,5 @@ class WorkerStats(_message.Message):
     kv_bytes: int
     kv_reserve_bytes: int
     prefix_cache: PrefixCacheStats
-    def __init__(self, worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., inflight: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., oom_events: _Optional[int] = ..., last_oom: _Optional[str] = ..., running_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_reserve_bytes: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ...) -> None: ...
+    step_messages: int
+    def __init__(self, worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., inflight: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., oom_events: _Optional[int] = ..., last_oom: _Optional[str] = ..., running_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_reserve_bytes: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ..., step_messages: _Optional[int] = ...) -> None: ...

@@ -35,15 +35,10 @@ class WorkerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Generate = channel.unary_stream(
-                '/mpsd.v1.Worker/Generate',
-                request_serializer=mpsd_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=mpsd_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
-                _registered_method=True)
-        self.Chat = channel.unary_stream(
-                '/mpsd.v1.Worker/Chat',
-                request_serializer=mpsd_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
-                response_deserializer=mpsd_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+        self.Steps = channel.stream_stream(
+                '/mpsd.v1.Worker/Steps',
+                request_serializer=mpsd_dot_v1_dot_worker__pb2.StepRequest.SerializeToString,
+                response_deserializer=mpsd_dot_v1_dot_worker__pb2.StepEvents.FromString,
                 _registered_method=True)
         self.Predict = channel.unary_unary(
                 '/mpsd.v1.Worker/Predict',
@@ -60,14 +55,12 @@ class WorkerStub:
 class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Generate(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Chat(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def Steps(self, request_iterator, context):
+        """The daemon's one long-lived stream to the worker (docs/design.md, "The hop"): requests and cancels go in, and
+        each message out carries every request's new tokens of a decode step (or of whatever is ready when the last
+        message has gone), so a step of 16 rows is one message, not 16. A request's events end with its Finish or
+        its failure; a cancelled request gets nothing more. The stream breaking ends every request on it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -88,15 +81,10 @@ class WorkerServicer:
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Generate': grpc.unary_stream_rpc_method_handler(
-                    servicer.Generate,
-                    request_deserializer=mpsd_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
-                    response_serializer=mpsd_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
-            ),
-            'Chat': grpc.unary_stream_rpc_method_handler(
-                    servicer.Chat,
-                    request_deserializer=mpsd_dot_v1_dot_inference__pb2.ChatRequest.FromString,
-                    response_serializer=mpsd_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            'Steps': grpc.stream_stream_rpc_method_handler(
+                    servicer.Steps,
+                    request_deserializer=mpsd_dot_v1_dot_worker__pb2.StepRequest.FromString,
+                    response_serializer=mpsd_dot_v1_dot_worker__pb2.StepEvents.SerializeToString,
             ),
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
@@ -120,7 +108,7 @@ class Worker:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Generate(request,
+    def Steps(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -130,39 +118,12 @@ class Worker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
-            '/mpsd.v1.Worker/Generate',
-            mpsd_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
-            mpsd_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Chat(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/mpsd.v1.Worker/Chat',
-            mpsd_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
-            mpsd_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            '/mpsd.v1.Worker/Steps',
+            mpsd_dot_v1_dot_worker__pb2.StepRequest.SerializeToString,
+            mpsd_dot_v1_dot_worker__pb2.StepEvents.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 
 from mpsd.backends import BACKENDS
@@ -120,7 +121,8 @@ def _serve(spec: WorkerSpec, model, scheduler) -> int:
 
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=spec.concurrency + 4)
     server = grpc.server(executor, options=[("grpc.so_reuseport", 0)])
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(spec.worker_id, spec.backend, model, scheduler, spec.model), server)
+    service = WorkerService(spec.worker_id, spec.backend, model, scheduler, spec.model)
+    worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
     socket_path = spec.socket
     if os.path.exists(socket_path):
         os.unlink(socket_path)
@@ -132,7 +134,9 @@ def _serve(spec: WorkerSpec, model, scheduler) -> int:
     _log(f"ready on {socket_path}")
     stopping.wait()
     _log("stopping: finishing in-flight requests")
-    server.stop(grace=spec.stop_grace_s).wait()
+    started = time.monotonic()
+    service.finish_streams(spec.stop_grace_s)
+    server.stop(grace=max(0.0, spec.stop_grace_s - (time.monotonic() - started))).wait()
     return 0
 
 

@@ -1,9 +1,11 @@
 """The decode loop: one thread owns the model and the device, however many clients there are.
 
-RPC handler threads only hand requests in (`submit`) and read events out of
-their own queue. Each pass of the loop takes in new requests, lets go of
-the ones whose client left or whose deadline passed, and asks the engine for
-one step: a prefill chunk for joining prompts and one token for every running
+Other threads only hand requests in (`submit`); each request's events go to
+its sink (sinks.py), flushed once per pass so that a step's tokens for every
+sequence reach the daemon as one message (step_outbox.py).
+
+Each pass of the loop takes in new requests, lets go of the ones whose client
+left or whose deadline passed, and asks the engine for one step: a prefill chunk for joining prompts and one token for every running
 sequence. Each token goes through that request's own SequenceStream (end of
 text, stop sequences, budget); a finished sequence leaves the engine at once,
 which frees its KV cache. One thread touching the device is also what makes
@@ -17,7 +19,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import queue
 import threading
 import time
 import traceback
@@ -28,6 +29,7 @@ from mpsd.oom import exception_oom
 from mpsd.worker.backends.base import BatchEngine, Finished, StepOutput, TokenEvent
 from mpsd.worker.backends.streaming import SequenceStream, check_prompt
 from mpsd.worker.prefix_store import PrefixCacheFigures
+from mpsd.worker.sinks import EventSink, QueueSink
 
 IDLE_WAIT_S = 0.5
 STEP_HISTORY = 4096  # recent steps kept for tests and status: what each step did
@@ -41,38 +43,26 @@ class OutOfMemory(Exception):
     """This sequence could not be given memory; the others in the batch go on."""
 
 
-class _Closed:
-    """Ends a request's event queue without a Finished: the client left."""
-
-
 @dataclasses.dataclass(eq=False)
 class Submission:
-    """One request, shared by its RPC thread (reads events) and the scheduler thread (writes them)."""
+    """One request, shared by the thread that hands it in and the scheduler thread (which puts its events)."""
 
     params: GenerateParams
     deadline: float | None  # time.monotonic() seconds
     wake: Callable[[], None]
-    events: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
+    sink: EventSink = dataclasses.field(default_factory=QueueSink)  # where its events go (sinks.py)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def cancel(self) -> None:
         """From any thread: the scheduler drops the sequence before its next step."""
         if not self.cancelled.is_set():
             self.cancelled.set()
-            self.events.put(_Closed())
+            self.sink.closed_early()
             self.wake()
 
     def __iter__(self) -> Iterator[TokenEvent | Finished]:
-        """TokenEvents then one Finished; raises the request's failure; ends early if cancelled."""
-        while True:
-            event = self.events.get()
-            if isinstance(event, _Closed):
-                return
-            if isinstance(event, BaseException):
-                raise event
-            yield event
-            if isinstance(event, Finished):
-                return
+        """A QueueSink's events: TokenEvents then one Finished; raises the request's failure; ends if cancelled."""
+        return iter(self.sink)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +94,7 @@ class DecodeScheduler:
         self.prefix_cache = PrefixCacheFigures()  # replaced whole by the scheduler thread; read by Stats
         self._prefix_budget: int | None = None  # a new budget for the prefix cache, applied by the scheduler thread
         self._configured_budget: int | None = None  # configure_prefix_cache's, likewise
+        self._touched: set[EventSink] = set()  # sinks given events since the last flush (scheduler thread only)
         self._thread = threading.Thread(target=self._loop, name="mpsd-decode", daemon=True)
 
     @property
@@ -142,8 +133,9 @@ class DecodeScheduler:
             self._prefix_budget = budget_bytes
             self._wakeup.notify()
 
-    def submit(self, params: GenerateParams, deadline: float | None = None) -> Submission:
-        submission = Submission(params, deadline, self._wake)
+    def submit(self, params: GenerateParams, deadline: float | None = None, sink: EventSink | None = None) -> Submission:
+        """sink: where the request's events go (default: the Submission's own queue, read by iterating it)."""
+        submission = Submission(params, deadline, self._wake, sink or QueueSink())
         with self._wakeup:
             self._inbox.append(submission)
             self._wakeup.notify()
@@ -182,6 +174,7 @@ class DecodeScheduler:
             self._let_go()
             if self._running:
                 self._step()
+            self._flush()
 
     def _take_joining(self) -> list[Submission]:
         room = self._max_sequences - len(self._running)
@@ -199,7 +192,7 @@ class DecodeScheduler:
             prompt_ids = engine.encode(params.prompt)
             check_prompt(prompt_ids, params, engine.context_length)
         except InvalidRequest as exc:
-            submission.events.put(exc)
+            self._emit(submission, exc)
             return
         budget = min(params.max_tokens, engine.context_length - len(prompt_ids))
         seq_id = next(self._ids)
@@ -210,7 +203,7 @@ class DecodeScheduler:
                 raise
             engine.remove(seq_id)
             self._free_prefix_cache()
-            submission.events.put(_as_failure(exc))
+            self._emit(submission, _as_failure(exc))
             return
         self._count_prefix_cache(hit=cached, miss=len(prompt_ids) - cached)
         stream = SequenceStream(prompt_ids=prompt_ids, params=params, budget=budget,
@@ -248,7 +241,7 @@ class DecodeScheduler:
         if running is None:
             return
         for event in running.stream.push(token_id):
-            running.submission.events.put(event)
+            self._emit(running.submission, event)
         if running.stream.finished:
             self._leave(seq_id)
 
@@ -272,10 +265,20 @@ class DecodeScheduler:
         self._count_prefix_cache()
         del self._running[seq_id]  # after its KV is gone, so Stats never shows KV for no sequence
         if failure is not None:
-            running.submission.events.put(failure)
+            self._emit(running.submission, failure)
         elif not running.stream.finished:
-            running.submission.events.put(_Closed())
+            running.submission.sink.closed_early()
 
+    def _emit(self, submission: Submission, event) -> None:
+        submission.sink.put(event)
+        self._touched.add(submission.sink)
+
+    def _flush(self) -> None:
+        """Once per pass of the loop: every event of a step becomes visible together (one message to the daemon)."""
+        if self._touched:
+            for sink in self._touched:
+                sink.flush()
+            self._touched.clear()
 
     def _free_prefix_cache(self) -> None:
         """Out of memory: the prefix cache gives everything back first; it is only ever a saving."""

@@ -1,10 +1,10 @@
 """The worker's internal gRPC service: one loaded model behind a unix socket.
 
-Handlers run on grpc's thread pool, one per stream; a language model's
-handlers only hand requests to the decode loop (scheduler.py) and relay its
-events, so the one thread that owns the model decodes for all of them. The
-daemon already limits how many requests a worker gets at once (its
-concurrency), so the pool is sized for that with a little room for probes.
+The daemon sends every Generate and Chat on one long-lived Steps stream: a
+thread reads it and hands each request to the decode loop (scheduler.py),
+the one thread that owns the model, and the stream's gRPC thread sends each
+step's events for all of them as one message (step_outbox.py, step_session.py).
+Predict and Stats are plain calls on grpc's thread pool.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from typing import Iterator
 import grpc
 
 from mpsd.chat_params import parse_chat_request
-from mpsd.generate_params import GenerateParams, InvalidRequest, parse_generate_request
+from mpsd.generate_params import InvalidRequest, parse_generate_request
 from mpsd.oom import exception_oom
 from mpsd.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
-from mpsd.worker.backends.base import Finished
 from mpsd.worker.backends.chat import NoChatTemplate, render_prompt
-from mpsd.worker.scheduler import DeadlinePassed, DecodeScheduler, OutOfMemory, Submission
+from mpsd.worker.scheduler import DeadlinePassed, DecodeScheduler, OutOfMemory
+from mpsd.worker.step_outbox import encode
+from mpsd.worker.step_session import StepSession
 from mpsd.worker.tensors import to_array, to_tensor
 
 
@@ -39,12 +40,14 @@ class Counters:
         self.inflight = 0
         self.oom_events = 0
         self.last_oom = ""
+        self.step_messages = 0
 
-    def add(self, *, tokens: int = 0, requests: int = 0, inflight: int = 0) -> None:
+    def add(self, *, tokens: int = 0, requests: int = 0, inflight: int = 0, messages: int = 0) -> None:
         with self._lock:
             self.tokens += tokens
             self.requests += requests
             self.inflight += inflight
+            self.step_messages += messages
 
     def record_oom(self, text: str) -> None:
         with self._lock:
@@ -62,91 +65,98 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._scheduler = scheduler  # language models: the one thread that decodes; None for tensor models
         self._counters = Counters()
         self._pid = os.getpid()
+        self._sessions: set[StepSession] = set()
+        self._sessions_lock = threading.Lock()
 
-    def Generate(self, request, context):
-        """Hands the request to the decode loop and relays its events; leaving or a deadline drops it there."""
-        self._refuse_unless_generating(context)
-        try:
-            params = parse_generate_request(request)
-        except InvalidRequest as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        yield from self._decode(params, context)
+    # -- the hop: one stream per daemon connection -----------------------------
 
-    def Chat(self, request, context):
-        """Renders the conversation with the model's chat template on this handler thread (backends/chat.py says
-        why that is safe there and better than on the decode thread), then decodes the prompt as Generate does.
-        An engine renders it with its own template: the messages go to it as they are."""
+    def Steps(self, request_iterator, context):
+        """Reads the daemon's requests on a thread of its own and sends each batch of their events as one message."""
         self._refuse_unless_generating(context)
+        session = StepSession(self._submit, self._count)
+        with self._sessions_lock:
+            self._sessions.add(session)
+        context.add_callback(session.end)  # the daemon went away: nothing decodes for it
+        threading.Thread(target=session.read, args=(request_iterator,), name="mpsd-steps-in", daemon=True).start()
         try:
-            chat = parse_chat_request(request)
-        except InvalidRequest as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            while (batch := session.outbox.take()) is not None:
+                yield encode(batch, self._worker_id, self._pid, self._failure_status)
+                self._counters.add(messages=1)
+                session.sent(batch)
+        finally:
+            session.end()
+            with self._sessions_lock:
+                self._sessions.discard(session)
+
+    def finish_streams(self, grace_s: float) -> None:
+        """Stopping: each stream ends once its requests have finished (or grace_s passed), so that the daemon's
+        stream closes cleanly and the server's own grace is not spent waiting on a stream that never ends."""
+        deadline = time.monotonic() + grace_s
+        with self._sessions_lock:
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.wait_idle(max(0.0, deadline - time.monotonic()))
+            session.end()
+
+    def _submit(self, request, deadline: float | None, sink):
+        """A Generate or a Chat into the decode loop (or the engine); raises what refuses it (InvalidRequest...).
+        A Chat is rendered with the model's chat template here, on the stream's reading thread (backends/chat.py
+        says why that is better than on the decode thread); an engine renders it with its own template."""
+        if request.WhichOneof("action") == "generate":
+            return self._scheduler.submit(parse_generate_request(request.generate), deadline, sink)
+        chat = parse_chat_request(request.chat)
         if hasattr(self._scheduler, "submit_chat"):
-            yield from self._run(lambda deadline: self._scheduler.submit_chat(chat, deadline), context)
-            return
-        try:
-            prompt = render_prompt(getattr(self._model, "chat_template", None), self._model_name, chat)
-        except NoChatTemplate as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except InvalidRequest as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        yield from self._decode(dataclasses.replace(chat.sampling, prompt=prompt, prompt_field="messages"), context)
+            return self._scheduler.submit_chat(chat, deadline, sink)
+        prompt = render_prompt(getattr(self._model, "chat_template", None), self._model_name, chat)
+        return self._scheduler.submit(dataclasses.replace(chat.sampling, prompt=prompt, prompt_field="messages"),
+                                      deadline, sink)
+
+    def _count(self, inflight: int, requests: int, tokens: int) -> None:
+        self._counters.add(inflight=inflight, requests=requests, tokens=tokens)
+
+    def _failure_status(self, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+        """How a request's failure reaches the daemon: a status it passes on, or UNKNOWN for a bug in the model
+        (which the daemon reports as INTERNAL naming this worker). An OOM fails that request only and is counted."""
+        if isinstance(exc, InvalidRequest):
+            return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        if isinstance(exc, NoChatTemplate):
+            return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+        if isinstance(exc, DeadlinePassed):
+            return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+        if text := self._oom_text(exc):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, text
+        return grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}"
 
     def _refuse_unless_generating(self, context) -> None:
         if self._scheduler is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model of backend {self._backend_name} does not generate; use Predict")
 
-    def _decode(self, params: GenerateParams, context):
-        yield from self._run(lambda deadline: self._scheduler.submit(params, deadline), context)
-
-    def _run(self, submit, context):
-        remaining = context.time_remaining()
-        submission = submit(None if remaining is None else time.monotonic() + remaining)
-        context.add_callback(submission.cancel)
-        with self._serving(context):
-            yield from self._stream(submission)
-
     @contextlib.contextmanager
     def _serving(self, context) -> Iterator[None]:
-        """One request in flight: counted while it runs, its failures turned into the status the daemon relays."""
+        """A Predict in flight: counted while it runs, its failures turned into the status the daemon relays."""
         self._counters.add(inflight=1)
         try:
             yield
         except InvalidRequest as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except DeadlinePassed as exc:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
         except Exception as exc:
-            self._abort_if_oom(exc, context)
+            if text := self._oom_text(exc):
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, text)
             raise
         finally:
             self._counters.add(inflight=-1, requests=1)
 
-    def _abort_if_oom(self, exc: Exception, context) -> None:
-        """An OOM inside a request fails that request only; the daemon learns of it from Stats."""
+    def _oom_text(self, exc: BaseException) -> str:
+        """'' unless `exc` is an out-of-memory error; then it is counted, logged, and this says what ran out."""
         if isinstance(exc, OutOfMemory):
             text = str(exc)  # the scheduler already named it
         elif meaning := exception_oom(exc):
             text = f"out of memory ({meaning}): {exc}"
         else:
-            return
+            return ""
         self._counters.record_oom(text)
         sys.stderr.write(f"mpsd worker {self._pid}: {text}\n")
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, text)
-
-    def _stream(self, submission: Submission):
-        for event in submission:
-            if isinstance(event, Finished):
-                yield inference_pb2.GenerateResponse(finish=inference_pb2.Finish(
-                    reason=event.reason,
-                    usage=inference_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                                              cached_tokens=event.cached_tokens),
-                    worker_id=self._worker_id,
-                    worker_pid=self._pid,
-                ))
-                return
-            self._counters.add(tokens=1)
-            yield inference_pb2.GenerateResponse(index=event.index, text=event.text, token_id=max(event.token_id, 0))
+        return text
 
     def Predict(self, request, context):
         if not hasattr(self._model, "predict"):
@@ -178,6 +188,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             backend_memory_note=report.note,
             oom_events=self._counters.oom_events,
             last_oom=self._counters.last_oom,
+            step_messages=self._counters.step_messages,
             **self._batch_figures(),
         )
 

@@ -130,6 +130,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             running_sequences=stats.running_sequences if stats else 0, kv_bytes=stats.kv_bytes if stats else 0,
             prefix_cache=stats.prefix_cache if stats else None,
             prefix_cache_note=worker.prefix_cache_note, process_memory=_process_memory(worker.process_memory),
+            step_messages=stats.step_messages if stats else 0,
         )
 
 

@@ -28,8 +28,11 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from mpsd.chat_params import parse_chat_request
+from mpsd.config.schema import DaemonConfig
 from mpsd.generate_params import InvalidRequest, check_against_model, parse_generate_request
 from mpsd.supervisor.edge.metrics import UNKNOWN_MODEL, RequestMetrics, RequestTimer
+from mpsd.supervisor.fleet.worker_link import DeadlinePassed as StreamDeadline
+from mpsd.supervisor.fleet.worker_link import StreamLost, StreamOverrun, WorkerAnswered
 from mpsd.supervisor.routing.pool import Lease, ModelPool, NoWorkers, QueueFull, Slot
 from mpsd.supervisor.routing.prefix_policy import chat_answer_suffix, chat_routing_key
 from mpsd.v1 import inference_pb2, inference_pb2_grpc
@@ -75,8 +78,10 @@ async def _unexplained(worker_id: str, stub: object, wait_s: float) -> str:
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
     def __init__(self, pools: dict[str, ModelPool], generates: Callable[[str], bool],
-                 explain_loss: ExplainLoss = _unexplained, metrics: RequestMetrics | None = None) -> None:
+                 explain_loss: ExplainLoss = _unexplained, metrics: RequestMetrics | None = None,
+                 stream_buffer: int = DaemonConfig.stream_buffer) -> None:
         self._pools = pools
+        self._stream_buffer = stream_buffer
         self._generates = generates
         self._explain_loss = explain_loss
         self._metrics = metrics or RequestMetrics()
@@ -166,7 +171,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         pool = await self._pool_for(request, context, verb="Predict")
         lease = await self._acquire(pool, context, frozenset(), None)
         try:
-            return await lease.stub.Predict(request, timeout=context.time_remaining())
+            return await lease.link.stub.Predict(request, timeout=context.time_remaining())
         except grpc.aio.AioRpcError as exc:
             await self._abort_for_worker_error(context, lease, exc)
         finally:
@@ -174,19 +179,26 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def _why(self, exc: WorkerLost, lease: Lease) -> str:
         """The loss, with the worker's exit when it died (OOM, crash, killed as hung)."""
-        exit_description = await self._explain_loss(lease.worker_id, lease.stub, LOSS_EXPLAIN_WAIT_S)
+        exit_description = await self._explain_loss(lease.worker_id, lease.link, LOSS_EXPLAIN_WAIT_S)
         return f"{exc}; the worker exited: {exit_description}" if exit_description else str(exc)
 
     async def _forward_stream(self, lease: Lease, request, context, method: str):
-        call = getattr(lease.stub, method)(request, timeout=context.time_remaining())
+        """The worker's answer, from its one Steps stream (fleet/worker_link.py): the hop's unit is a step."""
+        stream = lease.link.open(method, request, context.time_remaining(), self._stream_buffer)
         try:
-            async for message in call:
+            async for message in stream:
                 yield message
-        except grpc.aio.AioRpcError as exc:
-            await self._abort_if_worker_answered(context, lease, exc)
-            raise WorkerLost(f"worker {lease.worker_id} went away mid-stream ({exc.code().name}: {exc.details()})") from None
+        except WorkerAnswered as exc:
+            await self._abort_if_worker_answered(context, lease, exc.code, exc.details)
+            raise WorkerLost(f"worker {lease.worker_id} ended the request ({exc})") from None
+        except StreamLost as exc:
+            raise WorkerLost(f"worker {lease.worker_id} went away mid-stream ({exc})") from None
+        except StreamOverrun as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except StreamDeadline as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
         finally:
-            call.cancel()  # the client left or the stream ended: stop the worker's generation
+            stream.close()  # the client left or the stream ended: the worker stops generating for it
 
     def _model_name(self, request) -> str:
         """The model a request means: the one it names, or the only one configured when it names none."""
@@ -230,15 +242,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                                     f"model {pool.name!r}: deadline passed waiting for memory: {why}")
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"model {pool.name!r}: deadline passed while queued for a worker")
 
-    async def _abort_if_worker_answered(self, context, lease: Lease, exc: grpc.aio.AioRpcError) -> None:
+    async def _abort_if_worker_answered(self, context, lease: Lease, code: grpc.StatusCode, details: str) -> None:
         """A live worker's own answer ends the call; only a vanished worker (any other code) is a loss."""
-        if exc.code() in PASS_THROUGH_CODES:
-            await context.abort(exc.code(), exc.details())
-        if exc.code() == grpc.StatusCode.UNKNOWN:  # the model raised: another worker would raise too
-            await context.abort(grpc.StatusCode.INTERNAL, f"worker {lease.worker_id} failed: {exc.details()}")
+        if code in PASS_THROUGH_CODES:
+            await context.abort(code, details)
+        if code == grpc.StatusCode.UNKNOWN:  # the model raised: another worker would raise too
+            await context.abort(grpc.StatusCode.INTERNAL, f"worker {lease.worker_id} failed: {details}")
 
     async def _abort_for_worker_error(self, context, lease: Lease, exc: grpc.aio.AioRpcError) -> None:
-        await self._abort_if_worker_answered(context, lease, exc)
+        await self._abort_if_worker_answered(context, lease, exc.code(), exc.details())
         lost = WorkerLost(f"worker {lease.worker_id} failed: {exc.code().name}: {exc.details()}")
         await context.abort(grpc.StatusCode.UNAVAILABLE, await self._why(lost, lease))
 

@@ -148,8 +148,8 @@ class WorkerHealth:
             log.warning("worker %s: out of memory inside a request (%s); %s footprint raised to %s",
                         worker.id, stats.last_oom, worker.model.name, format_bytes(footprint.bytes))
 
-    async def explain_loss(self, worker_id: str, stub, wait_s: float) -> str:
-        """How the worker process behind `stub` ended, for the clients whose streams it broke.
+    async def explain_loss(self, worker_id: str, link, wait_s: float) -> str:
+        """How the worker process behind `link` ended, for the clients whose streams it broke.
 
         A stream breaks the moment the socket closes; the exit is reaped a
         moment later, so this waits up to wait_s for it. '' when the process
@@ -160,7 +160,7 @@ class WorkerHealth:
             worker = self._workers.get(worker_id)
             if worker is None or worker.process is None:
                 return ""
-            if worker.process.stub is not stub or worker.state not in PROCESS_STATES:
+            if worker.process.link is not link or worker.state not in PROCESS_STATES:
                 return worker.last_exit
             if self._clock() >= deadline:
                 return ""

@@ -1,4 +1,4 @@
-"""One worker OS process: exec, output capture, signals, and its gRPC channel.
+"""One worker OS process: exec, output capture, signals, and its gRPC channel (and the link requests use).
 
 This is the only place that touches the process; the fleet decides, this
 carries out. Workers get their own session (process group) so a signal to the
@@ -18,6 +18,7 @@ from typing import Callable
 
 import grpc
 
+from mpsd.supervisor.fleet.worker_link import WorkerLink
 from mpsd.v1 import worker_pb2, worker_pb2_grpc
 from mpsd.worker_spec import WorkerSpec
 
@@ -37,6 +38,7 @@ class WorkerProcess:
         self.stderr_count = 0  # lines ever read, so a follower knows what it has not seen
         self._channel: grpc.aio.Channel | None = None
         self.stub: worker_pb2_grpc.WorkerStub | None = None
+        self.link: WorkerLink | None = None  # what requests reach it by (worker_link.py)
         self._pumps: list[asyncio.Task] = []
 
     @property
@@ -60,6 +62,7 @@ class WorkerProcess:
         ]
         self._channel = grpc.aio.insecure_channel(f"unix:{self.socket_path}")
         self.stub = worker_pb2_grpc.WorkerStub(self._channel)
+        self.link = WorkerLink(self.stub, self.worker_id)
 
     async def stats(self, timeout_s: float, prefix_cache_budget: int | None = None) -> worker_pb2.WorkerStats:
         """The worker's counters; ConnectionError while it cannot answer (not listening yet, busy, gone).
@@ -114,6 +117,8 @@ class WorkerProcess:
 
     async def close_channel(self) -> None:
         """Only once no call can be using it: closing cancels calls, which hides the real error."""
+        if self.link is not None:
+            await self.link.close()
         if self._channel is not None:
             await self._channel.close()
             self._channel = None

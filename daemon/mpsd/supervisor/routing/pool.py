@@ -43,7 +43,7 @@ class Slot:
     """One READY worker process; a restarted worker gets a new Slot."""
 
     worker_id: str
-    stub: Any
+    link: Any  # fleet/worker_link.WorkerLink: what requests reach the worker by
     inflight: int = 0
     last_assigned: int = 0
     idle_since: float = dataclasses.field(default_factory=time.monotonic)  # when its last request ended
@@ -65,8 +65,8 @@ class Lease:
         return self.slot.worker_id
 
     @property
-    def stub(self) -> Any:
-        return self.slot.stub
+    def link(self) -> Any:
+        return self.slot.link
 
 
 class _Request(NamedTuple):
@@ -138,8 +138,8 @@ class ModelPool:
         slot = self._slots.get(worker_id)
         return slot.idle_since if slot and not slot.inflight else None
 
-    def add_worker(self, worker_id: str, stub: Any, context_length: int) -> None:
-        self._slots[worker_id] = Slot(worker_id, stub)
+    def add_worker(self, worker_id: str, link: Any, context_length: int) -> None:
+        self._slots[worker_id] = Slot(worker_id, link)
         self._forget(worker_id)  # a new process: its cache is empty
         self.context_length = context_length or self.context_length
         self._hand_out()

@@ -8,7 +8,8 @@ goes FATAL instead of looping; an engine that exits saying its port was taken,
 which another process can do between the pick and the bind, is started again
 on another port, up to PORT_ATTEMPTS times). The engine batches by itself, so this stands
 where the decode loop stands for mpsd's own backends: submit() and
-submit_chat() turn one request into one streamed HTTP call. A thread watches
+submit_chat() turn one request into one streamed HTTP call, read on a thread
+of its own that pushes its events to the daemon's stream. A thread watches
 the engine: if it dies, the worker exits with the engine's last lines in its
 stderr, and the daemon reads that death like any worker's (out of memory
 included). Health keeps being checked on every Stats probe, so a hung engine
@@ -35,6 +36,7 @@ from mpsd.worker.engine.openai_client import EngineCall, EngineError, chat_body,
 from mpsd.worker.engine.process import EngineProcess, EngineStartError, free_port, status_text, wait_until
 from mpsd.worker.engine.prompt_count import PromptCounter
 from mpsd.worker.prefix_store import PrefixCacheFigures
+from mpsd.worker.sinks import EventSink, relay
 from mpsd.worker_spec import WorkerSpec
 
 DEFAULT_HEALTH_PATHS = ("/health", "/v1/models")
@@ -74,15 +76,20 @@ class EngineModel:
     def running(self) -> int:
         return self._running
 
-    def submit(self, params: GenerateParams, deadline: float | None = None):
+    def submit(self, params: GenerateParams, deadline: float | None = None, sink: EventSink | None = None):
         return self._call(EngineCall(self.port, "/v1/completions", completions_body(params), deadline, chat=False,
-                                     count_prompt=lambda: self._prompts.count(params.prompt)))
+                                     count_prompt=lambda: self._prompts.count(params.prompt)), sink)
 
-    def submit_chat(self, chat: ChatParams, deadline: float | None = None):
-        return self._call(EngineCall(self.port, "/v1/chat/completions", chat_body(chat), deadline, chat=True))
+    def submit_chat(self, chat: ChatParams, deadline: float | None = None, sink: EventSink | None = None):
+        return self._call(EngineCall(self.port, "/v1/chat/completions", chat_body(chat), deadline, chat=True), sink)
 
-    def _call(self, call: EngineCall):
-        return _Counted(call, self._count, self._engine_ended)
+    def _call(self, call: EngineCall, sink: EventSink | None):
+        """Without a sink: the events, pulled by iterating. With one (the daemon's stream): a thread reads the
+        engine's HTTP stream and pushes each event as it comes, as the decode loop pushes its steps'."""
+        counted = _Counted(call, self._count, self._engine_ended)
+        if sink is not None:
+            threading.Thread(target=relay, args=(counted, sink), name="mpsd-engine-call", daemon=True).start()
+        return counted
 
     def _engine_ended(self) -> bool:
         """Whether the engine has died (waiting a moment: a broken stream comes before the exit is seen)."""
