@@ -4,8 +4,8 @@ Each cell streams transport_tokens tokens in all over 1, 8 and 16 streams on
 one worker (concurrency 16), and reads the CPU time the daemon, the worker and
 this process (the clients) spent, per 1,000 tokens. In-process, the same
 NullLM under the same DecodeScheduler shows what the worker's loop alone
-could give: the gap between the two is the cost of the hop (one gRPC
-message per token per stream, worker to daemon and daemon to client).
+could give: the gap between the two is the cost of the hop (one message
+per decode step worker to daemon, one per token per stream daemon to client).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import pytest
 from mpsd.v1 import inference_pb2, inference_pb2_grpc
 from support import Stream, metric, running_daemon, wait_for
 
-STREAM_BUFFER = 32
+STREAM_BUFFER = 256  # a message carries about 16 tokens per stream here: far below it
 CONFIG = f"""
 [daemon]
 stream_buffer = {STREAM_BUFFER}

@@ -9,7 +9,8 @@ import grpc
 from mpsd.generate_params import InvalidRequest
 from mpsd.v1 import inference_pb2, worker_pb2
 from mpsd.worker.backends.base import Finished, TokenEvent
-from mpsd.worker.step_outbox import StepOutbox, encode
+from mpsd.worker import step_outbox
+from mpsd.worker.step_outbox import ClientTooSlow, OutboxSink, StepOutbox, encode
 from mpsd.worker.step_session import StepSession
 
 
@@ -122,3 +123,27 @@ def _until_counted(worker: Worker, counts: list[int]) -> None:
             return
         threading.Event().wait(0.01)
     raise AssertionError(f"counts {worker.counts}, not {counts}")
+
+
+def test_a_request_sends_at_most_its_window_beyond_what_the_daemon_took_and_a_stalled_one_is_cut_alone(monkeypatch):
+    outbox, cuts = StepOutbox(), []
+    sink = OutboxSink(outbox, 1, window=4, stream_buffer=3, cut=lambda request_id, exc: cuts.append((request_id, exc)))
+    other = OutboxSink(outbox, 2, window=4, stream_buffer=3, cut=lambda request_id, exc: cuts.append((request_id, exc)))
+    for index in range(6):
+        sink.put(TokenEvent(index, index, "x"))
+        other.put(TokenEvent(index, index, "y"))
+        if index < 2:
+            other.take(index + 1)  # the other client reads as it goes
+    sink.flush()
+    sent = outbox.take()
+    assert [e.index for r, e in sent if r == 1] == [0, 1, 2, 3], "four sent, two held"
+    assert [e.index for r, e in sent if r == 2] == [0, 1, 2, 3, 4, 5]
+    sink.take(2)  # the daemon handed two to its client: two more may go, in order
+    assert [e.index for _, e in outbox.take()] == [4, 5]
+    monkeypatch.setattr(step_outbox, "STALL_S", 0.0)
+    for index in range(6, 12):
+        sink.put(TokenEvent(index, index, "x"))
+    assert len(cuts) == 1 and cuts[0][0] == 1 and isinstance(cuts[0][1], ClientTooSlow)
+    assert "stream_buffer" in str(cuts[0][1])
+    sink.put(TokenEvent(12, 12, "x"))
+    assert len(cuts) == 1, "cut once; nothing more of it is kept"

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mpsd.v1 import inference_pb2 as mpsd_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14mpsd/v1/worker.proto\x12\x07mpsd.v1\x1a\x17mpsd/v1/inference.proto\"\x9c\x01\n\x0bStepRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12,\n\x08generate\x18\x02 \x01(\x0b\x32\x18.mpsd.v1.GenerateRequestH\x00\x12$\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x14.mpsd.v1.ChatRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x04 \x01(\x08H\x00\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x42\x08\n\x06\x61\x63tion\"c\n\tStepEvent\x12\n\n\x02id\x18\x01 \x01(\x04\x12+\n\x08response\x18\x02 \x01(\x0b\x32\x19.mpsd.v1.GenerateResponse\x12\x0c\n\x04\x63ode\x18\x03 \x01(\r\x12\x0f\n\x07\x64\x65tails\x18\x04 \x01(\t\"0\n\nStepEvents\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.mpsd.v1.StepEvent\"H\n\x0cStatsRequest\x12 \n\x13prefix_cache_budget\x18\x01 \x01(\x04H\x00\x88\x01\x01\x42\x16\n\x14_prefix_cache_budget\"\x9e\x01\n\x10PrefixCacheStats\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x02 \x01(\x04\x12\x18\n\x10\x63onfigured_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x04 \x01(\r\x12\x12\n\nhit_tokens\x18\x05 \x01(\x04\x12\x13\n\x0bmiss_tokens\x18\x06 \x01(\x04\x12\x11\n\tevictions\x18\x07 \x01(\x04\"\xe3\x03\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x0e\n\x06tokens\x18\x06 \x01(\x04\x12\x10\n\x08requests\x18\x07 \x01(\x04\x12\x10\n\x08inflight\x18\x08 \x01(\r\x12?\n\x0e\x62\x61\x63kend_memory\x18\t \x03(\x0b\x32\'.mpsd.v1.WorkerStats.BackendMemoryEntry\x12\x1b\n\x13\x62\x61\x63kend_memory_note\x18\n \x01(\t\x12\x12\n\noom_events\x18\x0b \x01(\x04\x12\x10\n\x08last_oom\x18\x0c \x01(\t\x12\x19\n\x11running_sequences\x18\r \x01(\r\x12\x10\n\x08kv_bytes\x18\x0e \x01(\x04\x12\x18\n\x10kv_reserve_bytes\x18\x0f \x01(\x04\x12/\n\x0cprefix_cache\x18\x10 \x01(\x0b\x32\x19.mpsd.v1.PrefixCacheStats\x12\x15\n\rstep_messages\x18\x11 \x01(\x04\x1a\x34\n\x12\x42\x61\x63kendMemoryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xb4\x01\n\x06Worker\x12\x36\n\x05Steps\x12\x14.mpsd.v1.StepRequest\x1a\x13.mpsd.v1.StepEvents(\x01\x30\x01\x12<\n\x07Predict\x12\x17.mpsd.v1.PredictRequest\x1a\x18.mpsd.v1.PredictResponse\x12\x34\n\x05Stats\x12\x15.mpsd.v1.StatsRequest\x1a\x14.mpsd.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14mpsd/v1/worker.proto\x12\x07mpsd.v1\x1a\x17mpsd/v1/inference.proto\"\xd4\x01\n\x0bStepRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12,\n\x08generate\x18\x02 \x01(\x0b\x32\x18.mpsd.v1.GenerateRequestH\x00\x12$\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x14.mpsd.v1.ChatRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x04 \x01(\x08H\x00\x12\x0f\n\x05taken\x18\x06 \x01(\x04H\x00\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x0e\n\x06window\x18\x07 \x01(\r\x12\x15\n\rstream_buffer\x18\x08 \x01(\rB\x08\n\x06\x61\x63tion\"c\n\tStepEvent\x12\n\n\x02id\x18\x01 \x01(\x04\x12+\n\x08response\x18\x02 \x01(\x0b\x32\x19.mpsd.v1.GenerateResponse\x12\x0c\n\x04\x63ode\x18\x03 \x01(\r\x12\x0f\n\x07\x64\x65tails\x18\x04 \x01(\t\"0\n\nStepEvents\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.mpsd.v1.StepEvent\"H\n\x0cStatsRequest\x12 \n\x13prefix_cache_budget\x18\x01 \x01(\x04H\x00\x88\x01\x01\x42\x16\n\x14_prefix_cache_budget\"\x9e\x01\n\x10PrefixCacheStats\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x02 \x01(\x04\x12\x18\n\x10\x63onfigured_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x04 \x01(\r\x12\x12\n\nhit_tokens\x18\x05 \x01(\x04\x12\x13\n\x0bmiss_tokens\x18\x06 \x01(\x04\x12\x11\n\tevictions\x18\x07 \x01(\x04\"\xe3\x03\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x0e\n\x06tokens\x18\x06 \x01(\x04\x12\x10\n\x08requests\x18\x07 \x01(\x04\x12\x10\n\x08inflight\x18\x08 \x01(\r\x12?\n\x0e\x62\x61\x63kend_memory\x18\t \x03(\x0b\x32\'.mpsd.v1.WorkerStats.BackendMemoryEntry\x12\x1b\n\x13\x62\x61\x63kend_memory_note\x18\n \x01(\t\x12\x12\n\noom_events\x18\x0b \x01(\x04\x12\x10\n\x08last_oom\x18\x0c \x01(\t\x12\x19\n\x11running_sequences\x18\r \x01(\r\x12\x10\n\x08kv_bytes\x18\x0e \x01(\x04\x12\x18\n\x10kv_reserve_bytes\x18\x0f \x01(\x04\x12/\n\x0cprefix_cache\x18\x10 \x01(\x0b\x32\x19.mpsd.v1.PrefixCacheStats\x12\x15\n\rstep_messages\x18\x11 \x01(\x04\x1a\x34\n\x12\x42\x61\x63kendMemoryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xb4\x01\n\x06Worker\x12\x36\n\x05Steps\x12\x14.mpsd.v1.StepRequest\x1a\x13.mpsd.v1.StepEvents(\x01\x30\x01\x12<\n\x07Predict\x12\x17.mpsd.v1.PredictRequest\x1a\x18.mpsd.v1.PredictResponse\x12\x34\n\x05Stats\x12\x15.mpsd.v1.StatsRequest\x1a\x14.mpsd.v1.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERSTATS_BACKENDMEMORYENTRY']._loaded_options = None
   _globals['_WORKERSTATS_BACKENDMEMORYENTRY']._serialized_options = b'8\001'
   _globals['_STEPREQUEST']._serialized_start=59
-  _globals['_STEPREQUEST']._serialized_end=215
-  _globals['_STEPEVENT']._serialized_start=217
-  _globals['_STEPEVENT']._serialized_end=316
-  _globals['_STEPEVENTS']._serialized_start=318
-  _globals['_STEPEVENTS']._serialized_end=366
-  _globals['_STATSREQUEST']._serialized_start=368
-  _globals['_STATSREQUEST']._serialized_end=440
-  _globals['_PREFIXCACHESTATS']._serialized_start=443
-  _globals['_PREFIXCACHESTATS']._serialized_end=601
-  _globals['_WORKERSTATS']._serialized_start=604
-  _globals['_WORKERSTATS']._serialized_end=1087
-  _globals['_WORKERSTATS_BACKENDMEMORYENTRY']._serialized_start=1035
-  _globals['_WORKERSTATS_BACKENDMEMORYENTRY']._serialized_end=1087
-  _globals['_WORKER']._serialized_start=1090
-  _globals['_WORKER']._serialized_end=1270
+  _globals['_STEPREQUEST']._serialized_end=271
+  _globals['_STEPEVENT']._serialized_start=273
+  _globals['_STEPEVENT']._serialized_end=372
+  _globals['_STEPEVENTS']._serialized_start=374
+  _globals['_STEPEVENTS']._serialized_end=422
+  _globals['_STATSREQUEST']._serialized_start=424
+  _globals['_STATSREQUEST']._serialized_end=496
+  _globals['_PREFIXCACHESTATS']._serialized_start=499
+  _globals['_PREFIXCACHESTATS']._serialized_end=657
+  _globals['_WORKERSTATS']._serialized_start=660
+  _globals['_WORKERSTATS']._serialized_end=1143
+  _globals['_WORKERSTATS_BACKENDMEMORYENTRY']._serialized_start=1091
+  _globals['_WORKERSTATS_BACKENDMEMORYENTRY']._serialized_end=1143
+  _globals['_WORKER']._serialized_start=1146
+  _globals['_WORKER']._serialized_end=1326
 # @@protoc_insertion_point(module_scope)

@@ -8,18 +8,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StepRequest(_message.Message):
-    __slots__ = ("id", "generate", "chat", "cancel", "timeout_s")
+    __slots__ = ("id", "generate", "chat", "cancel", "taken", "timeout_s", "window", "stream_buffer")
     ID_FIELD_NUMBER: _ClassVar[int]
     GENERATE_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    TAKEN_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    STREAM_BUFFER_FIELD_NUMBER: _ClassVar[int]
     id: int
     generate: _inference_pb2.GenerateRequest
     chat: _inference_pb2.ChatRequest
     cancel: bool
+    taken: int
     timeout_s: float
-    def __init__(self, id: _Optional[int] = ..., generate: _Optional[_Union[_inference_pb2.GenerateRequest, _Mapping]] = ..., chat: _Optional[_Union[_inference_pb2.ChatRequest, _Mapping]] = ..., cancel: _Optional[bool] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+    window: int
+    stream_buffer: int
+    def __init__(self, id: _Optional[int] = ..., generate: _Optional[_Union[_inference_pb2.GenerateRequest, _Mapping]] = ..., chat: _Optional[_Union[_inference_pb2.ChatRequest, _Mapping]] = ..., cancel: _Optional[bool] = ..., taken: _Optional[int] = ..., timeout_s: _Optional[float] = ..., window: _Optional[int] = ..., stream_buffer: _Optional[int] = ...) -> None: ...
 
 class StepEvent(_message.Message):
     __slots__ = ("id", "response", "code", "details")

@@ -59,7 +59,8 @@ class WorkerServicer:
         """The daemon's one long-lived stream to the worker (docs/design.md, "The hop"): requests and cancels go in, and
         each message out carries every request's new tokens of a decode step (or of whatever is ready when the last
         message has gone), so a step of 16 rows is one message, not 16. A request's events end with its Finish or
-        its failure; a cancelled request gets nothing more. The stream breaking ends every request on it.
+        its failure; a cancelled request gets nothing more. The stream breaking ends every request on it. Each
+        request has a window of its own (StepRequest.window, .taken), so a slow client holds up no other request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -25,7 +25,7 @@ from mpsd.oom import exception_oom
 from mpsd.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
 from mpsd.worker.backends.chat import NoChatTemplate, render_prompt
 from mpsd.worker.scheduler import DeadlinePassed, DecodeScheduler, OutOfMemory
-from mpsd.worker.step_outbox import encode
+from mpsd.worker.step_outbox import ClientTooSlow, encode
 from mpsd.worker.step_session import StepSession
 from mpsd.worker.tensors import to_array, to_tensor
 
@@ -123,6 +123,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
         if isinstance(exc, DeadlinePassed):
             return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+        if isinstance(exc, ClientTooSlow):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
         if text := self._oom_text(exc):
             return grpc.StatusCode.RESOURCE_EXHAUSTED, text
         return grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}"

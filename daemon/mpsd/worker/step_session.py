@@ -38,6 +38,7 @@ class StepSession:
         self.outbox = StepOutbox()
         self._lock = threading.Lock()
         self._running: dict[int, Cancellable | None] = {}  # None: arrived, not yet handed to the decode loop
+        self._sinks: dict[int, OutboxSink] = {}  # the same requests' sinks, which the daemon's `taken` reaches
         self._idle = threading.Event()  # set while nothing runs: what a stopping worker waits for
         self._idle.set()
 
@@ -47,7 +48,11 @@ class StepSession:
         """Until the daemon's side ends or breaks; then every request still running is cancelled."""
         try:
             for request in requests:
-                if request.WhichOneof("action") == "cancel":
+                action = request.WhichOneof("action")
+                if action == "taken":
+                    if (sink := self._sinks.get(request.id)) is not None:
+                        sink.take(request.taken)
+                elif action == "cancel":
                     self._cancel(request.id)
                 else:
                     self._start(request)
@@ -58,9 +63,10 @@ class StepSession:
 
     def _start(self, request: worker_pb2.StepRequest) -> None:
         deadline = time.monotonic() + request.timeout_s if request.timeout_s > 0 else None
-        sink = OutboxSink(self.outbox, request.id)
+        sink = OutboxSink(self.outbox, request.id, request.window, request.stream_buffer, self._cut)
         with self._lock:
             self._running[request.id] = None
+            self._sinks[request.id] = sink
             self._idle.clear()
         self._count(1, 0, 0)
         try:
@@ -80,11 +86,18 @@ class StepSession:
         if handle is not None:
             handle.cancel()
 
+    def _cut(self, request_id: int, failure: BaseException) -> None:
+        """Its client stopped reading (OutboxSink): the generation stops, and the failure goes past the window."""
+        self._cancel(request_id)
+        self.outbox.put(request_id, failure)
+        self.outbox.flush()
+
     def _forget(self, request_id: int) -> Cancellable | None:
         with self._lock:
             if request_id not in self._running:
                 return None
             handle = self._running.pop(request_id)
+            self._sinks.pop(request_id, None)
             if not self._running:
                 self._idle.set()
         self._count(-1, 1, 0)

@@ -32,7 +32,7 @@ from mpsd.config.schema import DaemonConfig
 from mpsd.generate_params import InvalidRequest, check_against_model, parse_generate_request
 from mpsd.supervisor.edge.metrics import UNKNOWN_MODEL, RequestMetrics, RequestTimer
 from mpsd.supervisor.fleet.worker_link import DeadlinePassed as StreamDeadline
-from mpsd.supervisor.fleet.worker_link import StreamLost, StreamOverrun, WorkerAnswered
+from mpsd.supervisor.fleet.worker_link import StreamLost, WorkerAnswered
 from mpsd.supervisor.routing.pool import Lease, ModelPool, NoWorkers, QueueFull, Slot
 from mpsd.supervisor.routing.prefix_policy import chat_answer_suffix, chat_routing_key
 from mpsd.v1 import inference_pb2, inference_pb2_grpc
@@ -193,8 +193,6 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             raise WorkerLost(f"worker {lease.worker_id} ended the request ({exc})") from None
         except StreamLost as exc:
             raise WorkerLost(f"worker {lease.worker_id} went away mid-stream ({exc})") from None
-        except StreamOverrun as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except StreamDeadline as exc:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
         finally:

@@ -7,11 +7,13 @@ to its request's TokenStream. The stream opens with the first request and
 again after it ended. It breaking (the worker died) fails every TokenStream
 on it with StreamLost, which the inference service reports as UNAVAILABLE (or
 retries, before a first token). The reader never waits on a client: a
-request's events wait in its TokenStream until its task writes them out. A
-client that stops reading stops that task; once `limit` events wait and it
-has taken none for STALL_S, its stream alone is cut (StreamOverrun) and the
-worker told to drop it, and the other rows of the batch go on. A client that
-keeps reading is never cut, however far a zero-cost model runs ahead of it.
+request's events wait in its TokenStream until its task writes them out, and
+each request has a window of its own, as an HTTP/2 stream does: the worker
+sends at most WINDOW events beyond what the daemon has taken, and the daemon
+says how many it has taken every WINDOW / 2. So a client that stops reading
+holds at most a window here; the rest wait in the worker, which cuts that
+request alone once `stream_buffer` wait and no word of taking came for a
+while (worker/step_outbox.py), and the other rows of the batch go on.
 """
 
 from __future__ import annotations
@@ -29,15 +31,11 @@ from mpsd.v1 import worker_pb2
 log = logging.getLogger("mpsd.worker")
 CODES = {code.value[0]: code for code in grpc.StatusCode}
 REQUEST_FIELDS = {"Generate": "generate", "Chat": "chat"}
-STALL_S = 1.0  # a stream over its limit is cut once its client has taken nothing for this long
+WINDOW = 256  # events of one request the worker may send beyond what the daemon has handed to its client
 
 
 class StreamLost(Exception):
     """The worker's stream ended under this request: the worker went away."""
-
-
-class StreamOverrun(Exception):
-    """The client fell too far behind its worker: its stream alone is cut."""
 
 
 class WorkerAnswered(Exception):
@@ -56,30 +54,23 @@ class DeadlinePassed(Exception):
 class TokenStream:
     """One request's events, buffered between the link's reader and the task that writes them to the client."""
 
-    __slots__ = ("_connection", "_id", "_limit", "_items", "_waiter", "_end", "_ended_by_worker", "_timer",
-                 "_loop", "_taken_at")
+    __slots__ = ("_connection", "_id", "_items", "_waiter", "_end", "_ended_by_worker", "_timer", "_taken")
 
-    def __init__(self, connection: "_Connection", request_id: int, limit: int, timeout_s: float | None) -> None:
+    def __init__(self, connection: "_Connection", request_id: int, timeout_s: float | None) -> None:
         self._connection = connection
         self._id = request_id
-        self._limit = limit
+        self._taken = 0  # events handed to the request's task: the worker may send WINDOW beyond it
         self._items: collections.deque = collections.deque()
         self._waiter: asyncio.Future | None = None
         self._end: BaseException | None = None   # raised once the buffered events are read
         self._ended_by_worker = False
-        self._loop = loop = asyncio.get_running_loop()
-        self._taken_at = loop.time()  # when its task last took an event (or the stream opened)
+        loop = asyncio.get_running_loop()
         self._timer = loop.call_later(timeout_s, self._expire) if timeout_s is not None else None
 
     # -- the reader's side -----------------------------------------------------
 
     def deliver(self, event: worker_pb2.StepEvent) -> None:
         if self._end is not None:
-            return
-        if len(self._items) >= self._limit and self._loop.time() - self._taken_at > STALL_S:
-            self._stop(StreamOverrun(f"the client read too slowly: {len(self._items)} tokens waited for it "
-                                     f"(stream_buffer is {self._limit}) and it took none for {STALL_S:g}s; its stream "
-                                     "was cut so the other streams of its worker go on"))
             return
         self._items.append(event)
         self._wake()
@@ -118,7 +109,9 @@ class TokenStream:
             await self._waiter
             self._waiter = None
         event = self._items.popleft()
-        self._taken_at = self._loop.time()
+        self._taken += 1
+        if not self._taken % (WINDOW // 2):
+            self._connection.send(worker_pb2.StepRequest(id=self._id, taken=self._taken))
         if event.code:
             self._ended_by_worker = True
             raise WorkerAnswered(CODES.get(event.code, grpc.StatusCode.UNKNOWN), event.details)
@@ -196,17 +189,18 @@ class WorkerLink:
         self._connection: _Connection | None = None
         self._ids = itertools.count(1)
 
-    def open(self, method: str, request, timeout_s: float | None, limit: int) -> TokenStream:
+    def open(self, method: str, request, timeout_s: float | None, stream_buffer: int) -> TokenStream:
         """Sends `request` (a GenerateRequest for "Generate", a ChatRequest for "Chat") and returns its events.
-        timeout_s: what is left of the client's deadline; it is the worker's too, and ends the stream here."""
+        timeout_s: what is left of the client's deadline; it is the worker's too, and ends the stream here.
+        stream_buffer: events the worker may hold for a client that stops reading before it cuts the request."""
         connection = self._connection
         if connection is None or connection.broken:
             connection = self._connection = _Connection(self.stub, self.worker_id)
         request_id = next(self._ids)
-        stream = TokenStream(connection, request_id, limit, timeout_s)
+        stream = TokenStream(connection, request_id, timeout_s)
         connection.streams[request_id] = stream
-        connection.send(worker_pb2.StepRequest(id=request_id, timeout_s=timeout_s or 0.0,
-                                               **{REQUEST_FIELDS[method]: request}))
+        connection.send(worker_pb2.StepRequest(id=request_id, timeout_s=timeout_s or 0.0, window=WINDOW,
+                                               stream_buffer=stream_buffer, **{REQUEST_FIELDS[method]: request}))
         return stream
 
     async def close(self) -> None:

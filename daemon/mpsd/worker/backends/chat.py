@@ -6,8 +6,8 @@ once at load. A Chat is rendered with `add_generation_prompt=True` and
 `tokenize=False`, and the text then goes through the decode loop exactly as
 a Generate prompt does, so batching, stop sequences and limits hold alike.
 
-Where rendering runs: on the worker's gRPC handler thread, before the request
-is submitted. That needs no lock: with tokenize=False, apply_chat_template
+Where rendering runs: on the thread that reads the daemon's Steps stream,
+before the request is submitted. That needs no lock: with tokenize=False, apply_chat_template
 renders a Jinja template that transformers compiled once (cached) in a
 sandboxed environment, with a fresh context per call, reading only the
 tokenizer's special-token strings; it never touches the Rust tokenizer, the

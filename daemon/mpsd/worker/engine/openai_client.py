@@ -2,10 +2,10 @@
 
 Generate goes to /v1/completions, Chat to /v1/chat/completions (the engine
 renders the messages with its own template), both with stream=true and usage
-asked for. The stdlib's http.client on the gRPC handler thread is enough: one
+asked for. The stdlib's http.client on a thread per call is enough: one
 connection per call, read line by line as the engine writes; cancel() shuts
-the socket from the thread gRPC calls it on, which ends the engine's work on
-it as a client disconnect does. The model field is left out: mlx_lm.server
+the socket from the thread the daemon's cancel arrives on, which ends the
+engine's work on it as a client disconnect does. The model field is left out: mlx_lm.server
 takes a model name it was not started with as one to load.
 """
 

@@ -93,6 +93,8 @@ class Exchange:
         if self.writer.is_closing():
             raise ClientGone("the client closed the connection")
         self.writer.write(self._conn.send(event))
+        if not self.writer.transport.get_write_buffer_size():
+            return  # the socket took it all (almost every write on loopback): no drain, no timer to arm
         try:
             async with asyncio.timeout(self._send_timeout_s):
                 await self.writer.drain()  # back-pressure: a slow reader slows its own stream only
