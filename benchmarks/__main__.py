@@ -9,7 +9,9 @@ conversations, mpsd's cache on and off, prefix-aware routing, and peers with pro
 external engine (mlx_lm.server, llama.cpp's server) through mpsd's `backend = "engine"` against the same engine called
 directly, at 1 and 8 streams, and 2 replicas against 1;
 `python -m benchmarks engine_memory [--model 25m|demo] [--out DIR]`: two replicas of one GGUF under mpsd, each
-one's footprint against its RSS, USS and PSS, and the shared part shown once."""
+one's footprint against its RSS, USS and PSS, and the shared part shown once;
+`python -m benchmarks hop [--setups A,B,C] [--seconds N] [--streams N] [--max-tokens N] [--measure-only] [--out DIR]
+[--code-root DIR]`: CPU per 1k tokens in the worker -> daemon -> client hop, and where it goes by py-spy samples."""
 
 from __future__ import annotations
 
@@ -72,7 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     memory.add_argument("--model", choices=models.MODEL_CHOICES, default="25m",
                         help="25m: the 25M GPT-2 as a 100 MiB GGUF (default); demo: the 3 MiB GGUF demo")
     memory.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/engine-memory"))
+    hop = commands.add_parser("hop", help="CPU per token in the worker -> daemon -> client hop, by part (py-spy)")
+    hop.add_argument("--setups", default="A,B,C", help="A: null-lm, B: torch-lm demo GPT-2, C: mlx-lm demo llama")
+    hop.add_argument("--seconds", type=float, default=25.0, help="seconds of load per phase (25)")
+    hop.add_argument("--streams", type=int, default=16, help="streams at once, the model's concurrency too (16)")
+    hop.add_argument("--max-tokens", type=int, default=192, help="tokens per request (192)")
+    hop.add_argument("--measure-only", action="store_true", help="no py-spy: CPU per 1k tokens by process and thread")
+    hop.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/hop"))
+    hop.add_argument("--code-root", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parents[1],
+                     help="the checkout whose mpsd and harness run (another commit's worktree); default: this one")
     args = parser.parse_args(argv)
+    if args.command == "hop":
+        return _hop(args, argv)
     if args.command == "engines":
         return _engines(args, argv)
     if args.command == "engine_memory":
@@ -166,6 +179,25 @@ def _multi_turn(args, argv: list[str] | None) -> int:
     results = multi_turn.run(sizes, model, progress, args.out, peers, command)
     print(multi_turn_report.markdown(results))
     print(f"\nwritten: {args.out / 'results.json'}, {args.out / 'results.md'} ({results['elapsed_s']}s)",
+          file=sys.stderr)
+    return 0
+
+
+def _hop(args, argv: list[str] | None) -> int:
+    from benchmarks import hop
+
+    setups = [name for name in args.setups.split(",") if name]
+    unknown = set(setups) - set(hop.SETUPS)
+    if unknown or not setups:
+        print(f"--setups: unknown {', '.join(sorted(unknown)) or '(none given)'}; known: {','.join(hop.SETUPS)}",
+              file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    progress = lambda line: print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)  # noqa: E731
+    command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
+    print(hop.run(setups, args.seconds, args.streams, args.max_tokens, args.measure_only, args.out, args.code_root,
+                  command, progress))
+    print(f"\nwritten: {args.out / 'results.json'}, {args.out / 'summary.md'} ({time.perf_counter() - started:.0f}s)",
           file=sys.stderr)
     return 0
 

@@ -142,9 +142,9 @@ def encode(batch: list[tuple[int, Event]], worker_id: str, pid: int,
     message = worker_pb2.StepEvents()
     add = message.events.add
     for request_id, event in batch:
-        if type(event) is TokenEvent:
-            add(id=request_id, response=inference_pb2.GenerateResponse(
-                index=event.index, text=event.text, token_id=max(event.token_id, 0)))
+        if type(event) is TokenEvent:  # fields set in place: no message built per token and copied in
+            response = add(id=request_id).response
+            response.index, response.text, response.token_id = event.index, event.text, max(event.token_id, 0)
         elif type(event) is Finished:
             add(id=request_id, response=inference_pb2.GenerateResponse(finish=inference_pb2.Finish(
                 reason=event.reason, worker_id=worker_id, worker_pid=pid,
