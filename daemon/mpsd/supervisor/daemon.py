@@ -205,6 +205,8 @@ class Daemon:
         if new == WorkerState.READY:
             self.metrics.time_to_ready.labels(worker.model.name).observe(worker.ready_at - worker.started_at)
             context_length = worker.stats.context_length if worker.stats else 0
+            if worker.model.generates:
+                worker.process.link.connect()
             pool.add_worker(worker.id, worker.process.link, context_length)
         elif old == WorkerState.READY:
             pool.remove_worker(worker.id)

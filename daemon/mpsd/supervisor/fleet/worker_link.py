@@ -193,15 +193,20 @@ class WorkerLink:
         """Sends `request` (a GenerateRequest for "Generate", a ChatRequest for "Chat") and returns its events.
         timeout_s: what is left of the client's deadline; it is the worker's too, and ends the stream here.
         stream_buffer: events the worker may hold for a client that stops reading before it cuts the request."""
-        connection = self._connection
-        if connection is None or connection.broken:
-            connection = self._connection = _Connection(self.stub, self.worker_id)
+        connection = self.connect()
         request_id = next(self._ids)
         stream = TokenStream(connection, request_id, timeout_s)
         connection.streams[request_id] = stream
         connection.send(worker_pb2.StepRequest(id=request_id, timeout_s=timeout_s or 0.0, window=WINDOW,
                                                stream_buffer=stream_buffer, **{REQUEST_FIELDS[method]: request}))
         return stream
+
+    def connect(self) -> "_Connection":
+        """The stream, opened now if it is not open: when the worker turns READY, so a first request pays nothing."""
+        connection = self._connection
+        if connection is None or connection.broken:
+            connection = self._connection = _Connection(self.stub, self.worker_id)
+        return connection
 
     async def close(self) -> None:
         if self._connection is not None:
