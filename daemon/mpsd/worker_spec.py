@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 import typing
 
 
@@ -35,6 +36,11 @@ class WorkerSpec:
     engine_health: str = ""                     # its health path; "": /health, falling back to /v1/models
     engine_start_timeout_s: float = 300.0       # how long it may take to answer its health path
     engine_state_dir: str = ""                  # {state}: a private directory of this replica, kept across restarts
+
+    @property
+    def steps_socket(self) -> str:
+        """Where the worker serves its Steps stream (worker/step_socket.py), beside its gRPC socket."""
+        return steps_socket(self.socket)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -80,3 +86,9 @@ def spec_help() -> str:
         for field in dataclasses.fields(WorkerSpec)
     )
     return "a JSON object with keys: " + ", ".join(keys)
+
+
+def steps_socket(grpc_socket: str) -> str:
+    """The Steps socket of the worker whose gRPC socket is `grpc_socket`: the same name, suffix .steps."""
+    path = pathlib.PurePath(grpc_socket)
+    return str(path.with_suffix(".steps"))

@@ -35,11 +35,6 @@ class WorkerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Steps = channel.stream_stream(
-                '/mpsd.v1.Worker/Steps',
-                request_serializer=mpsd_dot_v1_dot_worker__pb2.StepRequest.SerializeToString,
-                response_deserializer=mpsd_dot_v1_dot_worker__pb2.StepEvents.FromString,
-                _registered_method=True)
         self.Predict = channel.unary_unary(
                 '/mpsd.v1.Worker/Predict',
                 request_serializer=mpsd_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
@@ -54,17 +49,6 @@ class WorkerStub:
 
 class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
-
-    def Steps(self, request_iterator, context):
-        """The daemon's one long-lived stream to the worker (docs/design.md, "The hop"): requests and cancels go in, and
-        each message out carries every request's new tokens of a decode step (or of whatever is ready when the last
-        message has gone), so a step of 16 rows is one message, not 16. A request's events end with its Finish or
-        its failure; a cancelled request gets nothing more. The stream breaking ends every request on it. Each
-        request has a window of its own (StepRequest.window, .taken), so a slow client holds up no other request.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
 
     def Predict(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -82,11 +66,6 @@ class WorkerServicer:
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Steps': grpc.stream_stream_rpc_method_handler(
-                    servicer.Steps,
-                    request_deserializer=mpsd_dot_v1_dot_worker__pb2.StepRequest.FromString,
-                    response_serializer=mpsd_dot_v1_dot_worker__pb2.StepEvents.SerializeToString,
-            ),
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
                     request_deserializer=mpsd_dot_v1_dot_inference__pb2.PredictRequest.FromString,
@@ -107,33 +86,6 @@ def add_WorkerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Worker:
     """Missing associated documentation comment in .proto file."""
-
-    @staticmethod
-    def Steps(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/mpsd.v1.Worker/Steps',
-            mpsd_dot_v1_dot_worker__pb2.StepRequest.SerializeToString,
-            mpsd_dot_v1_dot_worker__pb2.StepEvents.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def Predict(request,

@@ -117,6 +117,7 @@ def _serve(spec: WorkerSpec, model, scheduler) -> int:
     import grpc
 
     from mpsd.v1 import worker_pb2_grpc
+    from mpsd.worker import step_socket
     from mpsd.worker.server import WorkerService
 
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=spec.concurrency + 4)
@@ -127,6 +128,7 @@ def _serve(spec: WorkerSpec, model, scheduler) -> int:
     if os.path.exists(socket_path):
         os.unlink(socket_path)
     server.add_insecure_port(f"unix:{socket_path}")
+    steps = step_socket.listen(spec.steps_socket, service.serve_steps) if scheduler is not None else None
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
@@ -135,6 +137,8 @@ def _serve(spec: WorkerSpec, model, scheduler) -> int:
     stopping.wait()
     _log("stopping: finishing in-flight requests")
     started = time.monotonic()
+    if steps is not None:
+        steps.close()
     service.finish_streams(spec.stop_grace_s)
     server.stop(grace=max(0.0, spec.stop_grace_s - (time.monotonic() - started))).wait()
     return 0

@@ -1,10 +1,11 @@
 """The worker's internal gRPC service: one loaded model behind a unix socket.
 
-The daemon sends every Generate and Chat on one long-lived Steps stream: a
-thread reads it and hands each request to the decode loop (scheduler.py),
-the one thread that owns the model, and the stream's gRPC thread sends each
-step's events for all of them as one message (step_outbox.py, step_session.py).
-Predict and Stats are plain calls on grpc's thread pool.
+The daemon sends every Generate and Chat on one long-lived Steps stream, on a
+socket beside this one (step_socket.py): a thread reads it and hands each
+request to the decode loop (scheduler.py), the one thread that owns the model,
+and the connection's own thread sends each step's events for all of them as
+one frame (step_outbox.py, step_session.py). Predict and Stats are plain gRPC
+calls on grpc's thread pool.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from mpsd.oom import exception_oom
 from mpsd.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
 from mpsd.worker.backends.chat import NoChatTemplate, render_prompt
 from mpsd.worker.scheduler import DeadlinePassed, DecodeScheduler, OutOfMemory
+from mpsd.step_frames import frame
+from mpsd.worker import step_socket
 from mpsd.worker.step_outbox import ClientTooSlow, encode
 from mpsd.worker.step_session import StepSession
 from mpsd.worker.tensors import to_array, to_tensor
@@ -68,23 +71,27 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._sessions: set[StepSession] = set()
         self._sessions_lock = threading.Lock()
 
-    # -- the hop: one stream per daemon connection -----------------------------
+    # -- the hop: one Steps connection per daemon link ---------------------------
 
-    def Steps(self, request_iterator, context):
-        """Reads the daemon's requests on a thread of its own and sends each batch of their events as one message."""
-        self._refuse_unless_generating(context)
+    def serve_steps(self, connection) -> None:
+        """One connection to the Steps socket (step_socket.py): its requests are read on a thread of their own,
+        and each batch of their events goes out as one frame from here."""
         session = StepSession(self._submit, self._count)
         with self._sessions_lock:
             self._sessions.add(session)
-        context.add_callback(session.end)  # the daemon went away: nothing decodes for it
-        threading.Thread(target=session.read, args=(request_iterator,), name="mpsd-steps-in", daemon=True).start()
+        threading.Thread(target=session.read, args=(step_socket.requests(connection),), name="mpsd-steps-in",
+                         daemon=True).start()
         try:
             while (batch := session.outbox.take()) is not None:
-                yield encode(batch, self._worker_id, self._pid, self._failure_status)
+                message = encode(batch, self._worker_id, self._pid, self._failure_status)
+                connection.sendall(frame(message.SerializeToString()))
                 self._counters.add(messages=1)
                 session.sent(batch)
+        except OSError:
+            pass  # the daemon went away: nothing decodes for it (end() below)
         finally:
             session.end()
+            step_socket.hang_up(connection)
             with self._sessions_lock:
                 self._sessions.discard(session)
 
@@ -128,10 +135,6 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if text := self._oom_text(exc):
             return grpc.StatusCode.RESOURCE_EXHAUSTED, text
         return grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}"
-
-    def _refuse_unless_generating(self, context) -> None:
-        if self._scheduler is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model of backend {self._backend_name} does not generate; use Predict")
 
     @contextlib.contextmanager
     def _serving(self, context) -> Iterator[None]:

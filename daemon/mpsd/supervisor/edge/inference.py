@@ -31,8 +31,7 @@ from mpsd.chat_params import parse_chat_request
 from mpsd.config.schema import DaemonConfig
 from mpsd.generate_params import InvalidRequest, check_against_model, parse_generate_request
 from mpsd.supervisor.edge.metrics import UNKNOWN_MODEL, RequestMetrics, RequestTimer
-from mpsd.supervisor.fleet.worker_link import DeadlinePassed as StreamDeadline
-from mpsd.supervisor.fleet.worker_link import StreamLost, WorkerAnswered
+from mpsd.supervisor.fleet.worker_link import StreamDeadline, StreamLost, WorkerAnswered
 from mpsd.supervisor.routing.pool import Lease, ModelPool, NoWorkers, QueueFull, Slot
 from mpsd.supervisor.routing.prefix_policy import chat_answer_suffix, chat_routing_key
 from mpsd.v1 import inference_pb2, inference_pb2_grpc

@@ -20,7 +20,7 @@ import grpc
 
 from mpsd.supervisor.fleet.worker_link import WorkerLink
 from mpsd.v1 import worker_pb2, worker_pb2_grpc
-from mpsd.worker_spec import WorkerSpec
+from mpsd.worker_spec import WorkerSpec, steps_socket
 
 STDERR_TAIL_LINES = 50     # what exit classification and status read: the lines around a death
 STDERR_KEPT_LINES = 1000   # what `mpsctl logs` can show
@@ -62,7 +62,7 @@ class WorkerProcess:
         ]
         self._channel = grpc.aio.insecure_channel(f"unix:{self.socket_path}")
         self.stub = worker_pb2_grpc.WorkerStub(self._channel)
-        self.link = WorkerLink(self.stub, self.worker_id)
+        self.link = WorkerLink(self.stub, self.worker_id, steps_socket(self.socket_path))
 
     async def stats(self, timeout_s: float, prefix_cache_budget: int | None = None) -> worker_pb2.WorkerStats:
         """The worker's counters; ConnectionError while it cannot answer (not listening yet, busy, gone).

@@ -1,10 +1,10 @@
-"""The daemon's side of the hop: one Steps stream per worker process, fanned out to the requests on it.
+"""The daemon's side of the hop: one Steps connection per worker process, fanned out to the requests on it.
 
 Every Generate and Chat routed to a worker goes in on that worker's one
 stream, numbered; each message back carries a decode step's events for all
 of them (worker/step_outbox.py), and the reader task here hands each event
-to its request's TokenStream. The stream opens with the first request and
-again after it ended. It breaking (the worker died) fails every TokenStream
+to its request's TokenStream. The stream opens when the worker turns READY
+(or with the next request, after it ended). It breaking (the worker died) fails every TokenStream
 on it with StreamLost, which the inference service reports as UNAVAILABLE (or
 retries, before a first token). The reader never waits on a client: a
 request's events wait in its TokenStream until its task writes them out, and
@@ -25,7 +25,9 @@ import logging
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from mpsd.step_frames import HEADER, FrameError, frame, frame_length
 from mpsd.v1 import worker_pb2
 
 log = logging.getLogger("mpsd.worker")
@@ -47,7 +49,7 @@ class WorkerAnswered(Exception):
         self.details = details
 
 
-class DeadlinePassed(Exception):
+class StreamDeadline(Exception):
     """The request's deadline passed before its worker ended it."""
 
 
@@ -81,7 +83,7 @@ class TokenStream:
             self._wake()
 
     def _expire(self) -> None:
-        self._stop(DeadlinePassed("deadline passed while generating"))
+        self._stop(StreamDeadline("deadline passed while generating"))
 
     def _stop(self, exc: BaseException) -> None:
         """Ends the request here and at the worker: the events already buffered are still read first."""
@@ -129,19 +131,25 @@ class TokenStream:
 
 
 class _Connection:
-    """One Steps call and the requests on it; a broken one is replaced, never reused."""
+    """One connection to the worker's Steps socket and the requests on it; a broken one is replaced, never reused."""
 
-    def __init__(self, stub: Any, worker_id: str) -> None:
+    def __init__(self, path: str, worker_id: str) -> None:
         self.worker_id = worker_id
         self.streams: dict[int, TokenStream] = {}
         self.broken = False
-        self._outgoing: asyncio.Queue = asyncio.Queue()
-        self._call = stub.Steps(self._requests())
-        self.reader = asyncio.get_running_loop().create_task(self._read())
+        self._writer: asyncio.StreamWriter | None = None
+        self._unsent: list[bytes] = []  # frames sent before the socket opened
+        self.reader = asyncio.get_running_loop().create_task(self._run(path))
 
     def send(self, request: worker_pb2.StepRequest) -> None:
-        if not self.broken:
-            self._outgoing.put_nowait(request)
+        """Never waits: what the daemon sends is small (requests, cancels, taken) and bounded by the requests."""
+        if self.broken:
+            return
+        data = frame(request.SerializeToString())
+        if self._writer is None:
+            self._unsent.append(data)
+        else:
+            self._writer.write(data)
 
     def cancel(self, request_id: int) -> None:
         self.send(worker_pb2.StepRequest(id=request_id, cancel=True))
@@ -149,43 +157,52 @@ class _Connection:
     def forget(self, request_id: int) -> bool:
         return self.streams.pop(request_id, None) is not None
 
-    async def _requests(self):
-        while True:
-            yield await self._outgoing.get()
-
-    async def _read(self) -> None:
+    async def _run(self, path: str) -> None:
         reason = "the worker closed its stream"
         try:
-            async for message in self._call:
-                streams = self.streams
-                for event in message.events:
-                    stream = streams.get(event.id)
-                    if stream is not None:
-                        stream.deliver(event)
-        except grpc.aio.AioRpcError as exc:
-            reason = f"{exc.code().name}: {exc.details()}"
+            reader, self._writer = await asyncio.open_unix_connection(path)
+            self._writer.writelines(self._unsent)
+            self._unsent.clear()
+            await self._read(reader)
+        except asyncio.IncompleteReadError:
+            pass  # the worker closed it: it exited, or is stopping
+        except (OSError, FrameError, DecodeError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
         except asyncio.CancelledError:
             reason = "mpsd closed the worker's stream"
         finally:
             self.broken = True
-            self._call.cancel()
+            if self._writer is not None:
+                self._writer.close()
             lost = StreamLost(reason)
             for stream in list(self.streams.values()):
                 stream.fail(lost)
             self.streams.clear()
 
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        """Each frame is a step's events; each event goes to its request (none: it was cancelled or has ended)."""
+        streams = self.streams
+        while True:
+            length = frame_length(await reader.readexactly(HEADER.size))
+            message = worker_pb2.StepEvents.FromString(await reader.readexactly(length))
+            for event in message.events:
+                stream = streams.get(event.id)
+                if stream is not None:
+                    stream.deliver(event)
+
     async def close(self) -> None:
-        self._call.cancel()
         self.reader.cancel()
         await asyncio.gather(self.reader, return_exceptions=True)
 
 
 class WorkerLink:
-    """What the daemon calls one worker process by: its stub (Predict), and Steps for Generate and Chat."""
+    """What the daemon calls one worker process by: its gRPC stub (Predict), and its Steps socket for Generate and
+    Chat (step_frames.py says why a socket of its own)."""
 
-    def __init__(self, stub: Any, worker_id: str) -> None:
+    def __init__(self, stub: Any, worker_id: str, steps_path: str) -> None:
         self.stub = stub
         self.worker_id = worker_id
+        self._steps_path = steps_path
         self._connection: _Connection | None = None
         self._ids = itertools.count(1)
 
@@ -205,7 +222,7 @@ class WorkerLink:
         """The stream, opened now if it is not open: when the worker turns READY, so a first request pays nothing."""
         connection = self._connection
         if connection is None or connection.broken:
-            connection = self._connection = _Connection(self.stub, self.worker_id)
+            connection = self._connection = _Connection(self._steps_path, self.worker_id)
         return connection
 
     async def close(self) -> None:
