@@ -59,11 +59,13 @@ EMPTY = "empty stack (py-spy read no Python frame)"
 NO_PY_BUCKET = "grpc.aio Cython, no Python frame (server send to client, completion callbacks)"
 MLX_STREAM = "model step: MLX CPU stream thread (native, no Python frame)"
 
+STEPS_OUT_THREAD = "mpsd-steps-out"  # the thread that sends a Steps connection's frames (worker/step_socket.py)
 STEPS_IN_THREAD = "mpsd-steps-in"  # worker/server.py names the thread that reads the daemon's Steps requests
 LINK = "mpsd/supervisor/fleet/worker_link.py"
 THREAD_START = ("Thread.run", "Thread._bootstrap_inner", "Thread._bootstrap")  # every thread's outer frames
 # A daemon stack holding one of these frames is that task's work, whatever is innermost (grpc, asyncio).
-DAEMON_TASKS = {"_Connection._read": LINK_READER, "_Connection._requests": LINK_WRITER}
+DAEMON_TASKS = {"_Connection._read": LINK_READER, "_Connection._run": LINK_READER,
+                "_Connection._requests": LINK_WRITER, "_Connection.send": LINK_WRITER}
 
 
 def f(file_part=None, funcs=None, func_part=None, lines=None):
@@ -215,8 +217,9 @@ def parse_raw(path: pathlib.Path):
 
 def bucketize(rules: Rules, process: str, path: pathlib.Path) -> dict:
     rows = list(parse_raw(path))
-    senders = {tid for tid, _, frames, _ in rows if process == "worker"
-               and any(func == "WorkerService.Steps" for func, _, _ in frames)}
+    senders = {tid for tid, thread, frames, _ in rows if process == "worker"
+               and (thread == STEPS_OUT_THREAD
+                    or any(func in ("WorkerService.Steps", "WorkerService.serve_steps") for func, _, _ in frames))}
     counts: collections.Counter = collections.Counter()
     threads: collections.Counter = collections.Counter()
     tops: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
