@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import logging
 from typing import Any
 
 import grpc
@@ -30,7 +29,6 @@ from google.protobuf.message import DecodeError
 from mpsd.step_frames import HEADER, FrameError, frame, frame_length
 from mpsd.v1 import worker_pb2
 
-log = logging.getLogger("mpsd.worker")
 CODES = {code.value[0]: code for code in grpc.StatusCode}
 REQUEST_FIELDS = {"Generate": "generate", "Chat": "chat"}
 WINDOW = 256  # events of one request the worker may send beyond what the daemon has handed to its client
