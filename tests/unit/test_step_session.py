@@ -147,3 +147,32 @@ def test_a_request_sends_at_most_its_window_beyond_what_the_daemon_took_and_a_st
     assert "stream_buffer" in str(cuts[0][1])
     sink.put(TokenEvent(12, 12, "x"))
     assert len(cuts) == 1, "cut once; nothing more of it is kept"
+
+
+def test_frames_come_back_whole_however_the_socket_splits_them_and_an_absurd_length_ends_the_stream():
+    import socket
+
+    import pytest
+
+    from mpsd.step_frames import FrameError, HEADER, frame, read_frames
+
+    ours, theirs = socket.socketpair()
+    payloads = [b"", b"x" * 70_000, worker_pb2.StepRequest(id=3, cancel=True).SerializeToString()]
+    data = b"".join(frame(p) for p in payloads)
+    def write() -> None:
+        for start in range(0, len(data), 999):  # in pieces that cut headers and payloads
+            ours.sendall(data[start:start + 999])
+        ours.close()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    assert list(read_frames(theirs)) == payloads
+    writer.join(5)
+    theirs.close()
+
+    ours, theirs = socket.socketpair()
+    ours.sendall(HEADER.pack(1 << 31))
+    with pytest.raises(FrameError):
+        list(read_frames(theirs))
+    ours.close()
+    theirs.close()
