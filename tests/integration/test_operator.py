@@ -79,7 +79,12 @@ def test_admin_socket_is_private(shared_daemon):
     assert stat.S_IMODE(os.stat(shared_daemon.state_dir).st_mode) == 0o700
     run_dir = shared_daemon.state_dir / "run"  # the workers' sockets
     assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700
-    assert sorted(p.suffix for p in run_dir.iterdir()) == [".sock"] * 4
+    entries = list(run_dir.iterdir())
+    assert all(stat.S_ISSOCK(os.stat(p).st_mode) for p in entries)
+    assert sum(p.suffix == ".sock" for p in entries) == 4
+    steps = [p for p in entries if p.suffix == ".steps"]  # a generating worker's Steps socket, beside its own
+    assert steps and all(p.with_suffix(".sock") in entries and stat.S_IMODE(os.stat(p).st_mode) == 0o600 for p in steps)
+    assert len(steps) + 4 == len(entries)
 
 
 def test_mpsctl_says_plainly_when_no_daemon_answers(tmp_path):

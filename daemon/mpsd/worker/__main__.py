@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
 import signal
@@ -139,6 +140,8 @@ def _serve(spec: WorkerSpec, model, scheduler) -> int:
     started = time.monotonic()
     if steps is not None:
         steps.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(spec.steps_socket)
     service.finish_streams(spec.stop_grace_s)
     server.stop(grace=max(0.0, spec.stop_grace_s - (time.monotonic() - started))).wait()
     return 0

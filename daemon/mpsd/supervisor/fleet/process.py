@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -122,3 +123,7 @@ class WorkerProcess:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+        if self._process is not None and self._process.returncode is not None:
+            for path in (self.socket_path, steps_socket(self.socket_path)):  # what a killed worker left behind
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
