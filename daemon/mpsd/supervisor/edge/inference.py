@@ -47,7 +47,7 @@ PASS_THROUGH_CODES = frozenset({
 
 # How long a broken stream waits to learn why its worker died (the exit is reaped just after).
 LOSS_EXPLAIN_WAIT_S = 2.0
-# (worker id, the worker process's stub, seconds to wait) -> how that process ended, or "".
+# (worker id, the worker process's link, seconds to wait) -> how that process ended, or "".
 ExplainLoss = Callable[[str, object, float], Awaitable[str]]
 
 
@@ -71,7 +71,7 @@ class WorkerLost(Exception):
     """The worker went away during the request."""
 
 
-async def _unexplained(worker_id: str, stub: object, wait_s: float) -> str:
+async def _unexplained(worker_id: str, link: object, wait_s: float) -> str:
     return ""
 
 
