@@ -96,8 +96,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 self._sessions.discard(session)
 
     def finish_streams(self, grace_s: float) -> None:
-        """Stopping: each stream ends once its requests have finished (or grace_s passed), so that the daemon's
-        stream closes cleanly and the server's own grace is not spent waiting on a stream that never ends."""
+        """Stopping: each Steps connection ends once its requests have finished (or grace_s passed): the daemon
+        sees it close cleanly, with nothing on it lost."""
         deadline = time.monotonic() + grace_s
         with self._sessions_lock:
             sessions = list(self._sessions)
