@@ -9,15 +9,16 @@ threading. A few buckets need more than the innermost frame: whole threads
 whose every sample is one job (the daemon's grpc.aio poller, the worker's
 steps-in reader), a stack that runs inside the daemon's WorkerLink reader
 task (whatever grpc or asyncio frame is innermost, it is that task's read or
-fan-out), and the worker's Steps sender, a grpc pool thread told apart only by
-the WorkerService.Steps frame some of its samples show. py-spy often shows an
-asyncio task's stack without its outer coroutines, so on a checkout with the
-Steps stream every stream read from a worker counts as the WorkerLink reader's
-(it is the only one). Rules that depend on the code (source lines, which
-transport) read it from the checkout measured, so they follow the code.
-The rules cover both transports: per-request Generate streams (before the
-Steps stream) and the one Steps stream per worker, so one command reads
-either checkout.
+fan-out), and the worker's Steps sender: the thread named mpsd-steps-out on
+the socket transport, or, on the gRPC one, a grpc pool thread told apart only
+by the WorkerService.Steps frame some of its samples show. py-spy often shows
+an asyncio task's stack without its outer coroutines, so on a checkout with
+the Steps stream every stream read from a worker counts as the WorkerLink
+reader's (it is the only one). Rules that depend on the code (source lines,
+which transport) read it from the checkout measured, so they follow the code.
+The rules cover the three transports mpsd has had: per-request Generate
+streams, Steps as a gRPC stream, and Steps on its own socket, so one command
+reads any of those checkouts.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ ADMISSION = "admission (_join: encode, engine.add)"
 MODEL = "model step (engine.step: forward, torch/mlx)"
 BOOKKEEPING = "scheduler bookkeeping (_step/_deliver/_let_go/_leave/loop)"
 OUTBOX = "step outbox/encode (StepEvents construction)"
-SENDER = "Steps sender (grpc send per step message)"
+SENDER = "Steps sender (one send per step message: a socket frame, or a gRPC message)"
 STEPS_IN = "steps-in reader thread"
 PROTOBUF = "protobuf construction (GenerateResponse(...))"
 HANDLER = "worker handler Python (server.py _stream/_run/Counters)"
