@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "engine_memory":
         from benchmarks import engine_memory
 
-        command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
+        command = _command(argv)
         print(engine_memory.run(args.model, args.out, command, lambda line: print(line, file=sys.stderr)))
         return 0
     if args.command == "multi_turn":
@@ -104,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         return _http_edge(args, argv)
     settings = Settings.tiny() if args.tiny else Settings.quick() if args.quick else Settings.full()
     started = time.perf_counter()
-    progress = lambda line: print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)  # noqa: E731
+    progress = _progress(started)
     model = models.resolve(args.model, progress, args.model_dir)
     results = run.run(settings, model, progress, peers=not args.no_peers)
     results["elapsed_s"] = round(time.perf_counter() - started, 1)
-    results["command"] = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
+    results["command"] = _command(argv)
     print(report.write(results, args.out))
     print(f"\nwritten: {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'chart.png'}", file=sys.stderr)
     return 0
@@ -143,10 +143,10 @@ def _http_edge(args, argv: list[str] | None) -> int:
     from benchmarks import http_edge
 
     started = time.perf_counter()
-    progress = lambda line: print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)  # noqa: E731
+    progress = _progress(started)
     sizes = http_edge.Sizes.tiny() if args.tiny else dataclasses.replace(http_edge.Sizes(), rounds=args.rounds)
     servers = (http_edge.BASELINE,) if args.tiny else http_edge.SERVERS
-    command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
+    command = _command(argv)
     results = http_edge.run(sizes, progress, args.out, servers, command)
     print(http_edge.table(results))
     print(f"\nwritten: {args.out / 'results.json'} ({results['elapsed_s']}s)", file=sys.stderr)
@@ -159,7 +159,7 @@ def _multi_turn(args, argv: list[str] | None) -> int:
     from benchmarks import multi_turn, multi_turn_report
 
     started = time.perf_counter()
-    progress = lambda line: print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)  # noqa: E731
+    progress = _progress(started)
     sizes = (multi_turn.Sizes.tiny() if args.tiny else multi_turn.Sizes.quick() if args.quick
              else multi_turn.Sizes())
     sizes = dataclasses.replace(sizes, **{k: v for k, v in (("conversations", args.conversations),
@@ -175,7 +175,7 @@ def _multi_turn(args, argv: list[str] | None) -> int:
               file=sys.stderr)
         return 2
     model = models.resolve(args.model, progress)
-    command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
+    command = _command(argv)
     results = multi_turn.run(sizes, model, progress, args.out, peers, command)
     print(multi_turn_report.markdown(results))
     print(f"\nwritten: {args.out / 'results.json'}, {args.out / 'results.md'} ({results['elapsed_s']}s)",
@@ -193,8 +193,8 @@ def _hop(args, argv: list[str] | None) -> int:
               file=sys.stderr)
         return 2
     started = time.perf_counter()
-    progress = lambda line: print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)  # noqa: E731
-    command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
+    progress = _progress(started)
+    command = _command(argv)
     print(hop.run(setups, args.seconds, args.streams, args.max_tokens, args.measure_only, args.out, args.code_root,
                   command, progress))
     print(f"\nwritten: {args.out / 'results.json'}, {args.out / 'summary.md'} ({time.perf_counter() - started:.0f}s)",
@@ -208,7 +208,7 @@ def _engines(args, argv: list[str] | None) -> int:
     from benchmarks import engines, engines_report
 
     started = time.perf_counter()
-    progress = lambda line: print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)  # noqa: E731
+    progress = _progress(started)
     sizes = engines.Sizes.tiny() if args.tiny else engines.Sizes.quick() if args.quick else engines.Sizes()
     sizes = dataclasses.replace(sizes, **{k: v for k, v in (("rounds", args.rounds), ("max_tokens", args.max_tokens),
                                                               ("jitter_ms", args.jitter_ms)) if v})
@@ -218,12 +218,23 @@ def _engines(args, argv: list[str] | None) -> int:
         print(f"--engines: unknown {', '.join(sorted(unknown))}; known: {', '.join(engines.ENGINES)}", file=sys.stderr)
         return 2
     model = models.resolve(args.model, progress)
-    command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
+    command = _command(argv)
     results = engines.run(sizes, model, progress, args.out, chosen, command)
     print(engines_report.markdown(results))
     print(f"\nwritten: {args.out / 'results.json'}, {args.out / 'results.md'} ({results['elapsed_s']}s)",
           file=sys.stderr)
     return 0
+
+
+
+def _progress(started: float):
+    """A progress line on stderr, stamped with the seconds since `started` (time.perf_counter())."""
+    return lambda line: print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)
+
+
+def _command(argv: list[str] | None) -> str:
+    """The command line as the user typed it, for the reports."""
+    return " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":
