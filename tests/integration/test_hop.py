@@ -8,7 +8,12 @@ test_batching and tests/reliability; cancels and deadlines in test_generate.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 import pytest
@@ -99,3 +104,37 @@ def test_a_cancel_on_the_shared_stream_stops_only_that_sequence(daemon):
     kept.cancel()
     kept.join(10)
     wait_for(lambda: _worker(daemon)["running_sequences"] == 0, 10, "the batch to empty")
+
+
+def test_a_deadline_ends_the_request_in_the_daemon_when_its_worker_cannot_answer(daemon):
+    """An HTTP request with X-Request-Timeout to a worker that is stopped (SIGSTOP, shorter than the health timeout):
+    the daemon's own timer answers 504 at the deadline, without waiting for the worker or its health probe."""
+    pid = _worker(daemon)["pid"]
+    body = json.dumps({"model": "null", "prompt": "The", "max_tokens": 5}).encode()
+    request = urllib.request.Request(f"{daemon.http_url}/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", "X-Request-Timeout": "0.5"})
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        sent = time.monotonic()
+        with pytest.raises(urllib.error.HTTPError) as answered:
+            urllib.request.urlopen(request, timeout=10)
+        waited = time.monotonic() - sent
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert answered.value.code == 504 and "deadline" in answered.value.read().decode()
+    assert waited < 3, f"answered after {waited:.1f}s"
+    wait_for(lambda: (w := _worker(daemon))["state"] == "READY" and w["pid"] == pid and w["inflight"] == 0, 10,
+             "the same worker back, running nothing")
+
+
+def test_a_dead_workers_sockets_are_removed_when_it_is_replaced(daemon):
+    """Runs last: kills null-0. Its gRPC and Steps sockets go with it; the replacement has a pair of its own."""
+    run_dir = daemon.state_dir / "run"
+    before = {p.name for p in run_dir.iterdir()}
+    pid = _worker(daemon)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: (w := _worker(daemon))["state"] == "READY" and w["pid"] != pid, 60, "a replacement for null-0")
+    wait_for(lambda: not before & {p.name for p in run_dir.iterdir()}, 10, "the dead worker's sockets to be removed")
+    after = sorted(p.suffix for p in run_dir.iterdir())
+    assert after == [".sock", ".steps"], after
+    assert daemon.generate("The", model="null", max_tokens=3)[-1].HasField("finish")

@@ -84,6 +84,15 @@ def test_log_rotation_keys(tmp_path):
     assert (config.daemon.log_max_bytes, config.daemon.log_backups) == (1 << 20, 2)
 
 
+def test_stream_buffer_is_a_count_of_tokens_of_at_least_one():
+    models = "[[models]]\nname='a'\nbackend='null-lm'\n"
+    assert parse(models).daemon.stream_buffer == 4096
+    assert parse("[daemon]\nstream_buffer = 64\n" + models).daemon.stream_buffer == 64
+    for bad in ("0", "'lots'", "1.5"):
+        with pytest.raises(ConfigError, match="daemon.stream_buffer"):
+            parse(f"[daemon]\nstream_buffer = {bad}\n" + models)
+
+
 def test_metrics_listen_takes_an_address_or_nothing(tmp_path):
     models = "[[models]]\nname='a'\nbackend='null-lm'\n"
     assert parse("[daemon]\nmetrics_listen = '0.0.0.0:9100'\n" + models).daemon.metrics_listen == "0.0.0.0:9100"
