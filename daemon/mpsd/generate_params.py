@@ -7,7 +7,9 @@ the same values, so the two can never disagree on a default.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from typing import NamedTuple
 
 DEFAULT_MAX_TOKENS = 128
 DEFAULT_TEMPERATURE = 1.0
@@ -20,6 +22,14 @@ class InvalidRequest(ValueError):
     """A sentence naming the field, sent to the client as INVALID_ARGUMENT."""
 
 
+class Constraint(NamedTuple):
+    """A grammar every sampled token must keep the output inside (worker/agents/grammar.py compiles it)."""
+
+    kind: str    # "json_schema" (JSON text) or "lark" (llguidance's Lark syntax)
+    source: str
+    field: str   # the request field it came from, named in errors
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerateParams:
     prompt: str
@@ -29,6 +39,7 @@ class GenerateParams:
     seed: int | None
     stop: tuple[str, ...]
     prompt_field: str = "prompt"  # the request field the prompt came from, named in errors ("messages" for Chat)
+    constraint: Constraint | None = None  # None: free sampling
 
 
 def parse_generate_request(request) -> GenerateParams:
@@ -36,7 +47,31 @@ def parse_generate_request(request) -> GenerateParams:
     if not request.prompt.strip():
         raise InvalidRequest("prompt: must not be empty")
     check_prompt_length(request.prompt, "prompt")
-    return sampling_params(request, request.prompt)
+    return dataclasses.replace(sampling_params(request, request.prompt), constraint=_generate_constraint(request))
+
+
+def _generate_constraint(request) -> Constraint | None:
+    if request.json_schema and request.grammar:
+        raise InvalidRequest("grammar: give json_schema or grammar, not both")
+    if request.json_schema:
+        return Constraint("json_schema", parse_json_schema(request.json_schema, "json_schema"), "json_schema")
+    if request.grammar:
+        if not request.grammar.strip():
+            raise InvalidRequest("grammar: must not be blank")
+        return Constraint("lark", request.grammar, "grammar")
+    return None
+
+
+def parse_json_schema(text: str, field: str) -> str:
+    """The schema's text once it is known to be a JSON object (or true); what it may hold is the grammar engine's
+    to judge, in the worker."""
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        raise InvalidRequest(f"{field}: not valid JSON ({exc})") from None
+    if not isinstance(schema, dict) and schema is not True:
+        raise InvalidRequest(f"{field}: a JSON Schema must be a JSON object")
+    return text
 
 
 def check_prompt_length(text: str, field: str) -> None:

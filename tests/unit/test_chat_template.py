@@ -43,6 +43,7 @@ class Tokenizer:
 
 TOOL_TEMPLATE = ("{% if tools %}Tools: {{ tools | tojson }}\n{% endif %}"
                  "{% for m in messages %}{% if m['role'] == 'tool' %}[tool] {% endif %}{{ m['content'] }}\n{% endfor %}")
+PLAIN_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 STRICT_TEMPLATE = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
                    "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}{{ m['content'] }}{% endfor %}")
 
@@ -73,7 +74,7 @@ def test_bad_chats_are_refused_naming_the_field(request_, sentence):
 def test_the_demo_template_renders_each_turn_and_the_generation_prompt():
     tokenizer = Tokenizer(DEMO_CHAT_TEMPLATE)
     template = template_of(tokenizer)
-    assert not template.takes_tools and not template.takes_tool_role
+    assert template.takes_tools and template.takes_tool_role and template.tool_syntax.name == "hermes"
     prompt = render_prompt(template, "demo", parse_chat_request(chat_request(("system", "Be brief."), ("user", "Hi"))))
     assert prompt == "system: Be brief.</s>user: Hi</s>assistant:"
     assert tokenizer.calls == [(True, False)]  # the generation prompt added, text not tokens
@@ -86,16 +87,27 @@ def test_a_model_without_a_template_is_refused_with_its_name():
 
 
 def test_tools_and_tool_messages_need_a_template_that_takes_them():
-    chat = parse_chat_request(chat_request(("user", "Hi"), ("tool", "12:00"), tools_json='[{"name": "time"}]'))
-    demo = template_of(Tokenizer(DEMO_CHAT_TEMPLATE))
-    with pytest.raises(InvalidRequest, match="^tools: the chat template of model 'demo' does not take tools"):
-        render_prompt(demo, "demo", chat)
-    without_tools = parse_chat_request(chat_request(("user", "Hi"), ("tool", "12:00")))
-    with pytest.raises(InvalidRequest, match=r"^messages\[1\]\.role: the chat template of model 'demo' does not take"):
-        render_prompt(demo, "demo", without_tools)
+    call = inference_pb2.ChatMessage(role="assistant", tool_calls=[inference_pb2.ToolCall(id="c1", name="time")])
+    answer = inference_pb2.ChatMessage(role="tool", content="12:00", tool_call_id="c1")
+    tools = '[{"type": "function", "function": {"name": "time"}}]'
+    chat = parse_chat_request(inference_pb2.ChatRequest(messages=[inference_pb2.ChatMessage(role="user", content="Hi"),
+                                                                  call, answer], tools_json=tools))
+    plain = template_of(Tokenizer(PLAIN_TEMPLATE))
+    with pytest.raises(InvalidRequest, match="^tools: the chat template of model 'plain' does not take tools"):
+        render_prompt(plain, "plain", chat)
+    without_tools = parse_chat_request(inference_pb2.ChatRequest(messages=chat_request(("user", "Hi")).messages[:] +
+                                                                 [call, answer]))
+    with pytest.raises(InvalidRequest, match=r"^messages\[2\]\.role: the chat template of model 'plain' does not take"):
+        render_prompt(plain, "plain", without_tools)
     taking = template_of(Tokenizer(TOOL_TEMPLATE))
-    assert taking.takes_tools and taking.takes_tool_role
-    assert render_prompt(taking, "t", chat) == 'Tools: [{"name": "time"}]\nHi\n[tool] 12:00\n'
+    assert taking.takes_tools and taking.takes_tool_role and taking.tool_syntax is None
+    with pytest.raises(InvalidRequest, match="^tools: mpsd cannot read the tool calls of model 't'"):
+        render_prompt(taking, "t", chat)
+    text_only = parse_chat_request(inference_pb2.ChatRequest(messages=[inference_pb2.ChatMessage(role="user", content="Hi"),
+                                                                       call, answer], tools_json=tools,
+                                                             tool_choice=inference_pb2.ToolChoice(mode="none")))
+    assert render_prompt(taking, "t", text_only) == (  # plain Jinja's tojson sorts keys
+        'Tools: [{"function": {"name": "time"}, "type": "function"}]\nHi\n\n[tool] 12:00\n')
 
 
 def test_a_template_that_raises_refuses_the_messages():

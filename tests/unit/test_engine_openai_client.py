@@ -44,7 +44,7 @@ def test_chat_body_sends_messages_and_tools_with_the_same_sampling():
                       sampling=params(prompt="", seed=7))
     assert chat_body(chat) == {
         "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Time?"}],
-        "tools": [tool], "max_tokens": 12, "temperature": 0.7, "top_p": 0.9, "seed": 7,
+        "tools": [tool], "tool_choice": "auto", "max_tokens": 12, "temperature": 0.7, "top_p": 0.9, "seed": 7,
         "stream": True, "stream_options": {"include_usage": True}}
     no_tools = chat_body(ChatParams(messages=(ChatMessage("user", "hi"),), tools=None, sampling=params(prompt="")))
     assert "tools" not in no_tools and "prompt" not in no_tools

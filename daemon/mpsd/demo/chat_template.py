@@ -2,7 +2,9 @@
 
 Both demo models share one tokenizer with one special token, so one small
 template serves both: each message as "role: content" closed by the end-of-text
-token, then "assistant:" for the reply. Neither model was trained on
+token, then "assistant:" for the reply. With tools it lists them first and
+writes tool calls and results in the Hermes/Qwen form (`<tool_call>` JSON
+`</tool_call>`, `<tool_response>`), so agents can be tested end to end. Neither model was trained on
 conversations; the template is there so the demo and the tests can chat
 through the same path a real instruction-tuned model takes.
 
@@ -22,8 +24,25 @@ import tempfile
 
 TEMPLATE_FILE = "chat_template.jinja"
 DEMO_CHAT_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- 'system: You may call these functions. To call one, answer with <tool_call>\\n"
+    "{\"name\": <function name>, \"arguments\": <arguments object>}\\n</tool_call>\\n' }}"
+    "{%- for tool in tools %}{{- tool | tojson + '\\n' }}{%- endfor %}"
+    "{{- eos_token }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
+    "{%- if message['role'] == 'tool' %}"
+    "{{- 'tool: <tool_response>\\n' + message['content'] + '\\n</tool_response>' + eos_token }}"
+    "{%- elif message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{{- 'assistant: ' + (message['content'] or '') }}"
+    "{%- for call in message['tool_calls'] %}"
+    "{{- '<tool_call>\\n' + {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson"
+    " + '\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- eos_token }}"
+    "{%- else %}"
     "{{- message['role'] + ': ' + message['content'] + eos_token }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- 'assistant:' }}{%- endif %}"
 )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mpsd/v1/inference.proto\x12\x07mpsd.v1\"\xca\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf2\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.mpsd.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\ntools_json\x18\x08 \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"b\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08token_id\x18\x03 \x01(\r\x12\x1f\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x0f.mpsd.v1.Finish\"^\n\x06\x46inish\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x1d\n\x05usage\x18\x02 \x01(\x0b\x32\x0e.mpsd.v1.Usage\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x12\n\nworker_pid\x18\x04 \x01(\r\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x94\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x33\n\x06inputs\x18\x02 \x03(\x0b\x32#.mpsd.v1.PredictRequest.InputsEntry\x1a>\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.mpsd.v1.Tensor:\x02\x38\x01\"\x9d\x01\n\x0fPredictResponse\x12\x36\n\x07outputs\x18\x01 \x03(\x0b\x32%.mpsd.v1.PredictResponse.OutputsEntry\x12\x11\n\tworker_id\x18\x02 \x01(\t\x1a?\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.mpsd.v1.Tensor:\x02\x38\x01\x32\xc7\x01\n\tInference\x12\x41\n\x08Generate\x12\x18.mpsd.v1.GenerateRequest\x1a\x19.mpsd.v1.GenerateResponse0\x01\x12\x39\n\x04\x43hat\x12\x14.mpsd.v1.ChatRequest\x1a\x19.mpsd.v1.GenerateResponse0\x01\x12<\n\x07Predict\x12\x17.mpsd.v1.PredictRequest\x1a\x18.mpsd.v1.PredictResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mpsd/v1/inference.proto\x12\x07mpsd.v1\"\xf0\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x13\n\x0bjson_schema\x18\x08 \x01(\t\x12\x0f\n\x07grammar\x18\t \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"w\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12%\n\ntool_calls\x18\x03 \x03(\x0b\x32\x11.mpsd.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\":\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"Q\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"\x88\x03\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.mpsd.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\ntools_json\x18\x08 \x01(\t\x12(\n\x0btool_choice\x18\t \x01(\x0b\x32\x13.mpsd.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\n \x01(\x08H\x04\x88\x01\x01\x12\x30\n\x0fresponse_format\x18\x0b \x01(\x0b\x32\x17.mpsd.v1.ResponseFormatB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x16\n\x14_parallel_tool_calls\"\x8d\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08token_id\x18\x03 \x01(\r\x12\x1f\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x0f.mpsd.v1.Finish\x12)\n\ttool_call\x18\x05 \x01(\x0b\x32\x16.mpsd.v1.ToolCallDelta\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\x95\x01\n\x06\x46inish\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x1d\n\x05usage\x18\x02 \x01(\x0b\x32\x0e.mpsd.v1.Usage\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x12\n\nworker_pid\x18\x04 \x01(\r\x12%\n\ntool_calls\x18\x05 \x03(\x0b\x32\x11.mpsd.v1.ToolCall\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x94\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x33\n\x06inputs\x18\x02 \x03(\x0b\x32#.mpsd.v1.PredictRequest.InputsEntry\x1a>\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.mpsd.v1.Tensor:\x02\x38\x01\"\x9d\x01\n\x0fPredictResponse\x12\x36\n\x07outputs\x18\x01 \x03(\x0b\x32%.mpsd.v1.PredictResponse.OutputsEntry\x12\x11\n\tworker_id\x18\x02 \x01(\t\x1a?\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.mpsd.v1.Tensor:\x02\x38\x01\x32\xc7\x01\n\tInference\x12\x41\n\x08Generate\x12\x18.mpsd.v1.GenerateRequest\x1a\x19.mpsd.v1.GenerateResponse0\x01\x12\x39\n\x04\x43hat\x12\x14.mpsd.v1.ChatRequest\x1a\x19.mpsd.v1.GenerateResponse0\x01\x12<\n\x07Predict\x12\x17.mpsd.v1.PredictRequest\x1a\x18.mpsd.v1.PredictResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,27 +36,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._loaded_options = None
   _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=37
-  _globals['_GENERATEREQUEST']._serialized_end=239
-  _globals['_CHATMESSAGE']._serialized_start=241
-  _globals['_CHATMESSAGE']._serialized_end=285
-  _globals['_CHATREQUEST']._serialized_start=288
-  _globals['_CHATREQUEST']._serialized_end=530
-  _globals['_GENERATERESPONSE']._serialized_start=532
-  _globals['_GENERATERESPONSE']._serialized_end=630
-  _globals['_FINISH']._serialized_start=632
-  _globals['_FINISH']._serialized_end=726
-  _globals['_USAGE']._serialized_start=728
-  _globals['_USAGE']._serialized_end=808
-  _globals['_TENSOR']._serialized_start=810
-  _globals['_TENSOR']._serialized_end=862
-  _globals['_PREDICTREQUEST']._serialized_start=865
-  _globals['_PREDICTREQUEST']._serialized_end=1013
-  _globals['_PREDICTREQUEST_INPUTSENTRY']._serialized_start=951
-  _globals['_PREDICTREQUEST_INPUTSENTRY']._serialized_end=1013
-  _globals['_PREDICTRESPONSE']._serialized_start=1016
-  _globals['_PREDICTRESPONSE']._serialized_end=1173
-  _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_start=1110
-  _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_end=1173
-  _globals['_INFERENCE']._serialized_start=1176
-  _globals['_INFERENCE']._serialized_end=1375
+  _globals['_GENERATEREQUEST']._serialized_end=277
+  _globals['_CHATMESSAGE']._serialized_start=279
+  _globals['_CHATMESSAGE']._serialized_end=398
+  _globals['_TOOLCALL']._serialized_start=400
+  _globals['_TOOLCALL']._serialized_end=455
+  _globals['_TOOLCHOICE']._serialized_start=457
+  _globals['_TOOLCHOICE']._serialized_end=515
+  _globals['_RESPONSEFORMAT']._serialized_start=517
+  _globals['_RESPONSEFORMAT']._serialized_end=598
+  _globals['_CHATREQUEST']._serialized_start=601
+  _globals['_CHATREQUEST']._serialized_end=993
+  _globals['_GENERATERESPONSE']._serialized_start=996
+  _globals['_GENERATERESPONSE']._serialized_end=1137
+  _globals['_TOOLCALLDELTA']._serialized_start=1139
+  _globals['_TOOLCALLDELTA']._serialized_end=1214
+  _globals['_FINISH']._serialized_start=1217
+  _globals['_FINISH']._serialized_end=1366
+  _globals['_USAGE']._serialized_start=1368
+  _globals['_USAGE']._serialized_end=1448
+  _globals['_TENSOR']._serialized_start=1450
+  _globals['_TENSOR']._serialized_end=1502
+  _globals['_PREDICTREQUEST']._serialized_start=1505
+  _globals['_PREDICTREQUEST']._serialized_end=1653
+  _globals['_PREDICTREQUEST_INPUTSENTRY']._serialized_start=1591
+  _globals['_PREDICTREQUEST_INPUTSENTRY']._serialized_end=1653
+  _globals['_PREDICTRESPONSE']._serialized_start=1656
+  _globals['_PREDICTRESPONSE']._serialized_end=1813
+  _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_start=1750
+  _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_end=1813
+  _globals['_INFERENCE']._serialized_start=1816
+  _globals['_INFERENCE']._serialized_end=2015
 # @@protoc_insertion_point(module_scope)

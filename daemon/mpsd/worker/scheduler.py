@@ -51,6 +51,8 @@ class Submission:
     deadline: float | None  # time.monotonic() seconds
     wake: Callable[[], None]
     sink: EventSink = dataclasses.field(default_factory=QueueSink)  # where its events go (sinks.py)
+    grammar: object = None      # agents.matcher.RowGrammar its tokens must follow, or None
+    keep_special: bool = False  # its text keeps special tokens (a tool-call marker can be one)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -133,9 +135,11 @@ class DecodeScheduler:
             self._prefix_budget = budget_bytes
             self._wakeup.notify()
 
-    def submit(self, params: GenerateParams, deadline: float | None = None, sink: EventSink | None = None) -> Submission:
-        """sink: where the request's events go (default: the Submission's own queue, read by iterating it)."""
-        submission = Submission(params, deadline, self._wake, sink or QueueSink())
+    def submit(self, params: GenerateParams, deadline: float | None = None, sink: EventSink | None = None,
+               grammar=None, keep_special: bool = False) -> Submission:
+        """sink: where the request's events go (default: the Submission's own queue, read by iterating it).
+        grammar: a RowGrammar compiled for it (agents/matcher.py) that every token it samples must follow."""
+        submission = Submission(params, deadline, self._wake, sink or QueueSink(), grammar, keep_special)
         with self._wakeup:
             self._inbox.append(submission)
             self._wakeup.notify()
@@ -196,8 +200,10 @@ class DecodeScheduler:
             return
         budget = min(params.max_tokens, engine.context_length - len(prompt_ids))
         seq_id = next(self._ids)
+        grammar = submission.grammar
         try:
-            cached = engine.add(seq_id, prompt_ids, params, budget)
+            cached = engine.add(seq_id, prompt_ids, params, budget, grammar=grammar) if grammar is not None else \
+                engine.add(seq_id, prompt_ids, params, budget)
         except Exception as exc:  # noqa: BLE001  (copying a cached prefix can run out of memory: this request only)
             if not exception_oom(exc):
                 raise
@@ -206,8 +212,9 @@ class DecodeScheduler:
             self._emit(submission, _as_failure(exc))
             return
         self._count_prefix_cache(hit=cached, miss=len(prompt_ids) - cached)
-        stream = SequenceStream(prompt_ids=prompt_ids, params=params, budget=budget,
-                                eos_ids=engine.eos_ids, decode=engine.decode, cached_tokens=cached)
+        decode = (lambda ids: engine.decode(ids, keep_special=True)) if submission.keep_special else engine.decode
+        stream = SequenceStream(prompt_ids=prompt_ids, params=params, budget=budget, eos_ids=engine.eos_ids,
+                                decode=decode, cached_tokens=cached, grammar=grammar)
         self._running[seq_id] = _Running(submission, stream)
 
     def _let_go(self) -> None:

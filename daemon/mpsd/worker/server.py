@@ -24,6 +24,10 @@ from mpsd.chat_params import parse_chat_request
 from mpsd.generate_params import InvalidRequest, parse_generate_request
 from mpsd.oom import exception_oom
 from mpsd.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
+from mpsd.worker.agents.grammar import CannotConstrain, chat_constraint
+from mpsd.worker.agents.matcher import WorkerGrammars
+from mpsd.worker.agents.reply_parser import ReplyParser
+from mpsd.worker.agents.reply_sink import ReplySink
 from mpsd.worker.backends.chat import NoChatTemplate, render_prompt
 from mpsd.worker.scheduler import DeadlinePassed, DecodeScheduler, OutOfMemory
 from mpsd.step_frames import frame
@@ -70,6 +74,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._pid = os.getpid()
         self._sessions: set[StepSession] = set()
         self._sessions_lock = threading.Lock()
+        self._grammars = WorkerGrammars(model, backend_name)
 
     # -- the hop: one Steps connection per daemon link ---------------------------
 
@@ -108,15 +113,29 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def _submit(self, request, deadline: float | None, sink):
         """A Generate or a Chat into the decode loop (or the engine); raises what refuses it (InvalidRequest...).
         A Chat is rendered with the model's chat template here, on the stream's reading thread (backends/chat.py
-        says why that is better than on the decode thread); an engine renders it with its own template."""
+        says why that is better than on the decode thread), and so is a grammar compiled (agents/matcher.py);
+        an engine renders it with its own template."""
         if request.WhichOneof("action") == "generate":
-            return self._scheduler.submit(parse_generate_request(request.generate), deadline, sink)
+            params = parse_generate_request(request.generate)
+            if hasattr(self._scheduler, "submit_chat"):  # an engine
+                _refuse_constraint(params.constraint and params.constraint.field, self._backend_name)
+                return self._scheduler.submit(params, deadline, sink)
+            grammar = self._grammars.row(params.constraint) if params.constraint else None
+            return self._scheduler.submit(params, deadline, sink, grammar=grammar)
         chat = parse_chat_request(request.chat)
         if hasattr(self._scheduler, "submit_chat"):
+            _refuse_constraint(_chat_constraint_field(chat), self._backend_name)
             return self._scheduler.submit_chat(chat, deadline, sink)
-        prompt = render_prompt(getattr(self._model, "chat_template", None), self._model_name, chat)
-        return self._scheduler.submit(dataclasses.replace(chat.sampling, prompt=prompt, prompt_field="messages"),
-                                      deadline, sink)
+        template = getattr(self._model, "chat_template", None)
+        prompt = render_prompt(template, self._model_name, chat)
+        syntax = template.tool_syntax if chat.calls_tools else None
+        constraint = chat_constraint(chat, syntax, self._grammars.special_literal) if _chat_constraint_field(chat) \
+            else None
+        grammar = self._grammars.row(constraint) if constraint else None
+        if syntax is not None:
+            sink = ReplySink(sink, ReplyParser(syntax))
+        params = dataclasses.replace(chat.sampling, prompt=prompt, prompt_field="messages", constraint=constraint)
+        return self._scheduler.submit(params, deadline, sink, grammar=grammar, keep_special=syntax is not None)
 
     def _count(self, inflight: int, requests: int, tokens: int) -> None:
         self._counters.add(inflight=inflight, requests=requests, tokens=tokens)
@@ -126,7 +145,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         (which the daemon reports as INTERNAL naming this worker). An OOM fails that request only and is counted."""
         if isinstance(exc, InvalidRequest):
             return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-        if isinstance(exc, NoChatTemplate):
+        if isinstance(exc, (NoChatTemplate, CannotConstrain)):
             return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
         if isinstance(exc, DeadlinePassed):
             return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
@@ -204,3 +223,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return {"running_sequences": scheduler.running, "kv_bytes": scheduler.kv_bytes,
                 "kv_reserve_bytes": scheduler.kv_reserve_bytes,
                 "prefix_cache": worker_pb2.PrefixCacheStats(**dataclasses.asdict(scheduler.prefix_cache))}
+
+
+def _chat_constraint_field(chat) -> str:
+    """The field that asks for a Chat's reply to be constrained, or "" when it is free."""
+    if chat.tool_choice in ("required", "function"):
+        return "tool_choice"
+    return "response_format" if chat.response_schema is not None else ""
+
+
+def _refuse_constraint(field: str | None, backend: str) -> None:
+    if field:
+        raise CannotConstrain(f"{field}: workers of backend {backend!r} cannot constrain their output (torch-lm and "
+                              "mlx-lm can); leave it out")

@@ -13,9 +13,9 @@ from __future__ import annotations
 import queue
 from typing import Iterator, Protocol
 
-from mpsd.worker.backends.base import Finished, TokenEvent
+from mpsd.worker.backends.base import Finished, TokenEvent, ToolCallEvent
 
-Event = TokenEvent | Finished | BaseException
+Event = TokenEvent | ToolCallEvent | Finished | BaseException
 
 
 class EventSink(Protocol):

@@ -19,7 +19,7 @@ from typing import Callable
 import grpc
 
 from mpsd.v1 import inference_pb2, worker_pb2
-from mpsd.worker.backends.base import Finished, TokenEvent
+from mpsd.worker.backends.base import Finished, TokenEvent, ToolCallEvent
 from mpsd.worker.sinks import Event
 
 STALL_S = 0.25  # a request holding stream_buffer events is cut once no `taken` has come for this long
@@ -150,7 +150,15 @@ def encode(batch: list[tuple[int, Event]], worker_id: str, pid: int,
                 reason=event.reason, worker_id=worker_id, worker_pid=pid,
                 usage=inference_pb2.Usage(prompt_tokens=event.prompt_tokens,
                                           completion_tokens=event.completion_tokens,
-                                          cached_tokens=event.cached_tokens))))
+                                          cached_tokens=event.cached_tokens),
+                tool_calls=[inference_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments)
+                            for c in event.tool_calls],
+                detail=event.detail)))
+        elif type(event) is ToolCallEvent:
+            response = add(id=request_id).response
+            response.index, response.token_id = event.index, max(event.token_id, 0)
+            delta = response.tool_call
+            delta.index, delta.id, delta.name, delta.arguments = event.call_index, event.id, event.name, event.arguments
         else:
             code, details = failure_status(event)
             add(id=request_id, code=code.value[0], details=details)

@@ -16,7 +16,7 @@ import time
 from typing import Callable, Iterable, Protocol
 
 from mpsd.v1 import worker_pb2
-from mpsd.worker.backends.base import Finished, TokenEvent
+from mpsd.worker.backends.base import Finished, TokenEvent, ToolCallEvent
 from mpsd.worker.sinks import Event
 from mpsd.worker.step_outbox import OutboxSink, StepOutbox
 
@@ -109,7 +109,7 @@ class StepSession:
         """After a batch went out: the requests it ended are no longer in flight; its tokens are counted."""
         tokens = 0
         for request_id, event in batch:
-            if type(event) is TokenEvent:
+            if type(event) is TokenEvent or type(event) is ToolCallEvent:
                 tokens += 1
             elif type(event) is Finished or isinstance(event, BaseException):
                 self._forget(request_id)

@@ -52,14 +52,25 @@ def _escaped(text: str) -> str:
     return text.translate(_ESCAPED) if any(c in text for c in (ESCAPE, MESSAGE, ROLE_END, TOOLS)) else text
 
 
-def chat_message_key(role: str, content: str) -> str:
-    return MESSAGE + _escaped(role) + ROLE_END + _escaped(content)
+def chat_message_key(role: str, content: str, escaped: bool = False) -> str:
+    return MESSAGE + _escaped(role) + ROLE_END + (content if escaped else _escaped(content))
 
 
 def chat_routing_key(messages: Iterable[Message], tools_json: str = "") -> str:
     """The text a Chat is routed by: its tools (they come first in a template) and its messages in order."""
     head = TOOLS + _escaped(tools_json) if tools_json else ""
-    return head + "".join(chat_message_key(m.role, m.content) for m in messages)
+    return head + "".join(_message_key(m) for m in messages)
+
+
+def _message_key(message: Message) -> str:
+    """A message's key; an assistant's tool calls follow its content, each after a TOOLS separator (which content
+    cannot hold unescaped)."""
+    calls = getattr(message, "tool_calls", ())
+    if not calls:
+        return chat_message_key(message.role, message.content)
+    text = _escaped(message.content) + "".join(TOOLS + _escaped(f"{c.id}\x00{c.name}\x00{c.arguments}")
+                                               for c in calls)
+    return chat_message_key(message.role, text, escaped=True)
 
 
 def chat_answer_suffix(answer: str) -> str:

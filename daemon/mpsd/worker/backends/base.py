@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from mpsd.worker.backends.chat import ChatTemplate
 
 __all__ = ["BatchEngine", "BootFailure", "Finished", "GenerateParams", "InvalidRequest", "MemoryReport", "PrefixCache",
-           "StepOutput", "TokenEvent"]
+           "StepOutput", "TokenEvent", "ToolCallEvent"]
 
 
 class BootFailure(RuntimeError):
@@ -39,6 +39,20 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens the prefix cache served (not prefilled again)
+    detail: str = ""        # why the answer is incomplete (max_tokens inside constrained output, or inside a call)
+    tool_calls: tuple = ()  # chat_params.ToolCall of the reply (agents/reply_sink.py); reason "tool_calls" then
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCallEvent:
+    """A piece of a tool call, in place of text: the first of a call has its id and name, the rest add arguments."""
+
+    index: int       # the token it came with
+    token_id: int
+    call_index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +107,15 @@ class BatchEngine(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: Sequence[int]) -> str: ...
+    def decode(self, ids: Sequence[int], keep_special: bool = False) -> str:
+        """keep_special: special tokens stay in the text (a tool-call marker can be one)."""
 
-    def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int) -> int:
-        """Returns how many of the prompt's tokens the prefix cache served (0 on a miss)."""
+    def grammar_tokenizer(self) -> "object | None":
+        """The Hugging Face tokenizer constrained decoding compiles grammars for; None: this engine cannot."""
+
+    def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int, grammar=None) -> int:
+        """Returns how many of the prompt's tokens the prefix cache served (0 on a miss). grammar: an
+        agents.matcher.RowGrammar whose mask every token this sequence samples obeys, and which it then consumes."""
 
     def step(self) -> StepOutput: ...
 

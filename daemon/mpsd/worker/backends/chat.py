@@ -29,9 +29,10 @@ from typing import Any, Callable
 
 from mpsd.chat_params import ChatParams
 from mpsd.generate_params import InvalidRequest, check_prompt_length
+from mpsd.worker.agents.tool_syntax import SYNTAXES, ToolSyntax, syntax_of
 
 # (messages, tools or None) -> the prompt text
-Render = Callable[[list[dict[str, str]], list[dict] | None], str]
+Render = Callable[[list[dict[str, Any]], list[dict] | None], str]
 
 
 class NoChatTemplate(Exception):
@@ -43,6 +44,7 @@ class ChatTemplate:
     render: Render
     takes_tools: bool      # the template reads a `tools` variable
     takes_tool_role: bool  # the template handles messages of role "tool"
+    tool_syntax: ToolSyntax | None = None  # how the model writes tool calls (agents/tool_syntax.py); None: unknown
 
 
 def template_of(tokenizer: Any) -> ChatTemplate | None:
@@ -56,7 +58,7 @@ def template_of(tokenizer: Any) -> ChatTemplate | None:
     if not isinstance(source, str) or not source:  # a renderer in code: nothing to read, so assume it takes both
         return ChatTemplate(_renderer(tokenizer), takes_tools=True, takes_tool_role=True)
     return ChatTemplate(_renderer(tokenizer), takes_tools=_reads_variable(source, "tools"),
-                        takes_tool_role=bool(re.search(r"""["']tool["']""", source)))
+                        takes_tool_role=bool(re.search(r"""["']tool["']""", source)), tool_syntax=syntax_of(source))
 
 
 def render_prompt(template: ChatTemplate | None, model_name: str, chat: ChatParams) -> str:
@@ -66,6 +68,10 @@ def render_prompt(template: ChatTemplate | None, model_name: str, chat: ChatPara
         raise NoChatTemplate(f"{label} has no chat template; use Generate")
     if chat.tools and not template.takes_tools:
         raise InvalidRequest(f"tools: the chat template of {label} does not take tools")
+    if chat.calls_tools and template.tool_syntax is None:
+        known = ", ".join(syntax.name for syntax in SYNTAXES)
+        raise InvalidRequest(f"tools: mpsd cannot read the tool calls of {label}: its chat template uses none of the "
+                             f"tool-call syntaxes it knows ({known}); send tool_choice \"none\" to get text")
     for index, message in enumerate(chat.messages):
         if message.role == "tool" and not template.takes_tool_role:
             raise InvalidRequest(f"messages[{index}].role: the chat template of {label} does not take 'tool' messages")
@@ -79,7 +85,7 @@ def render_prompt(template: ChatTemplate | None, model_name: str, chat: ChatPara
 def _renderer(tokenizer: Any) -> Render:
     from jinja2 import TemplateError
 
-    def render(messages: list[dict[str, str]], tools: list[dict] | None) -> str:
+    def render(messages: list[dict[str, Any]], tools: list[dict] | None) -> str:
         try:
             return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         except TemplateError as exc:  # the template's raise_exception(), e.g. "roles must alternate user/assistant"

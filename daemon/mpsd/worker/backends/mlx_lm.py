@@ -107,7 +107,7 @@ class MlxCausalLM:
         self._generator = None  # built on the scheduler thread: MLX streams belong to a thread
         self._uids: dict[int, int] = {}  # sequence id -> the generator's uid
         self._sequences: dict[int, int] = {}  # the generator's uid -> sequence id
-        self.kv_bytes_per_token = _kv_bytes_per_token(mx, self._model)
+        self.kv_bytes_per_token, self._logits_width = _kv_bytes_per_token(mx, self._model)
         from mlx.utils import tree_flatten
 
         self.weights_bytes = sum(int(array.nbytes) for _, array in tree_flatten(self._model.parameters()))
@@ -132,15 +132,24 @@ class MlxCausalLM:
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False))
 
-    def decode(self, ids) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    def decode(self, ids, keep_special: bool = False) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=not keep_special,
+                                      clean_up_tokenization_spaces=False)
 
-    def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int) -> int:
+    def grammar_tokenizer(self):
+        return getattr(self._tokenizer, "_tokenizer", self._tokenizer)  # the Hugging Face tokenizer it wraps
+
+    @property
+    def logits_width(self) -> int:
+        return self._logits_width
+
+    def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int, grammar=None) -> int:
         """Starts from a copy of the longest cached prefix, if any: only the rest of the prompt is prefilled."""
         cache, rest = self.prefix_cache.fetch(prompt_ids) if self.prefix_cache.budget_bytes else (None, prompt_ids)
         reused = len(prompt_ids) - len(rest)
+        processors = [_grammar_processor(self._mx, grammar)] if grammar is not None else []
         (uid,) = self._batch().insert([rest], max_tokens=[budget + 1], caches=[cache], all_tokens=[prompt_ids[:reused]],
-                                      samplers=[_make_sampler(self._mx, params)])
+                                      samplers=[_make_sampler(self._mx, params)], logits_processors=[processors])
         self._uids[seq_id], self._sequences[uid] = uid, seq_id
         return reused
 
@@ -289,18 +298,46 @@ def _make_sampler(mx, params: GenerateParams) -> Callable:
     return sampler
 
 
-def _kv_bytes_per_token(mx, model) -> int:
-    """One token through the model; MLX caches grow in blocks, so bytes are divided by the slots allocated."""
+def _grammar_processor(mx, grammar) -> Callable:
+    """A logits processor that keeps one row inside its grammar (agents/matcher.py).
+
+    BatchGenerator calls it with the row's tokens so far, whose last is the
+    token this step feeds: on its first call the prompt's last token, then the
+    token sampled a step before, which the grammar takes here, before its next
+    mask. A row is delivered to the scheduler only after that call, so the
+    grammar has always consumed what the scheduler sees (streaming.py reads
+    whether it stopped). The mask is computed here, not beside the forward pass:
+    the token it needs is the one the step before is still computing.
+    """
+    calls = 0
+
+    def processor(tokens, logits):
+        nonlocal calls
+        if calls:
+            grammar.consume(int(tokens[-1].item()))
+        calls += 1
+        if grammar.stopped:
+            return logits
+        allowed = mx.array(grammar.allowed(logits.shape[-1]))
+        return mx.where(allowed, logits, mx.array(-float("inf"), dtype=logits.dtype))
+
+    return processor
+
+
+def _kv_bytes_per_token(mx, model) -> tuple[int, int]:
+    """One token through the model; MLX caches grow in blocks, so bytes are divided by the slots allocated.
+    Also the width of its logits, which a grammar's mask must cover."""
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
-    mx.eval(model(mx.array([[0]]), cache=cache))
+    logits = model(mx.array([[0]]), cache=cache)
+    mx.eval(logits)
     total = 0
     for layer in cache:
         for array in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if array is not None and array.ndim == 4 and array.shape[2]:
                 total += array.nbytes // array.shape[2]
-    return total
+    return total, int(logits.shape[-1])
 
 
 def _apply_limits(mx, memory: int | None, wired: int | None, cache: int | None) -> dict[str, int]:

@@ -36,10 +36,13 @@ class NullLM:
     def encode(self, text: str) -> list[int]:
         return [0] * len(text.split())
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], keep_special: bool = False) -> str:
         return "".join(WORDS[i] for i in ids)
 
-    def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int) -> int:
+    def grammar_tokenizer(self) -> None:
+        return None  # no tokenizer: constrained requests are refused
+
+    def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int, grammar=None) -> int:
         self._generated[seq_id] = 0
         return 0
 

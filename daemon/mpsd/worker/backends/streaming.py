@@ -34,13 +34,17 @@ class SequenceStream:
     """
 
     def __init__(self, *, prompt_ids: Sequence[int], params: GenerateParams, budget: int,
-                 eos_ids: Collection[int], decode: Callable[[Sequence[int]], str], cached_tokens: int = 0) -> None:
+                 eos_ids: Collection[int], decode: Callable[[Sequence[int]], str], cached_tokens: int = 0,
+                 grammar=None) -> None:
+        """grammar: the request's agents.matcher.RowGrammar, which the engine feeds; the sequence ends where it
+        stops, and a budget that runs out before it accepts says the output is incomplete."""
         self._prompt_tokens = len(prompt_ids)
         self._cached_tokens = cached_tokens
         self._budget = budget
         self._eos_ids = eos_ids
         self._detokenizer = IncrementalDetokenizer(decode, prompt_ids)
         self._stops = StopMatcher(params.stop)
+        self._grammar = grammar
         self.generated = 0
         self.finished = False
 
@@ -50,8 +54,8 @@ class SequenceStream:
         if token_id in self._eos_ids:
             return self._finish(index, token_id, self._stops.flush(), "stop")
         text, stopped = self._stops.feed(self._detokenizer.push(token_id))
-        if stopped:
-            return self._finish(index, token_id, text, "stop")
+        if stopped or (self._grammar is not None and self._grammar.stopped):
+            return self._finish(index, token_id, text + ("" if stopped else self._stops.flush()), "stop")
         if self.generated == self._budget:
             return self._finish(index, token_id, text + self._stops.flush(), "length", last_text_always=True)
         return [TokenEvent(index, token_id, text)]
@@ -61,7 +65,11 @@ class SequenceStream:
         self.finished = True
         events: list[TokenEvent | Finished] = list(_held_back(index, token_id, text, last_text_always))
         completion = index + 1 if reason == "stop" else self._budget
-        events.append(Finished(reason, self._prompt_tokens, completion, self._cached_tokens))
+        detail = ""
+        if self._grammar is not None and not self._grammar.accepting:
+            cause = "max_tokens ran out" if reason == "length" else "a stop sequence ended it"
+            detail = f"{cause} inside the constrained output: it is incomplete and does not parse"
+        events.append(Finished(reason, self._prompt_tokens, completion, self._cached_tokens, detail))
         return events
 
 

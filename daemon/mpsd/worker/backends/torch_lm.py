@@ -32,6 +32,7 @@ from typing import Callable
 from mpsd.worker.backends import chat, sampling
 from mpsd.worker.backends.base import BootFailure, GenerateParams, MemoryReport, StepOutput
 from mpsd.worker.backends.memory import torch_memory_report
+from mpsd.worker.agents.mask_thread import MaskThread
 from mpsd.worker.backends.torch_batch import KVBatch, cache_nbytes, copy_cache
 from mpsd.worker.prefix_store import PrefixStore
 from mpsd.worker_spec import WorkerSpec
@@ -48,6 +49,7 @@ class _Sequence:
     prefilled: int = 0
     next_input: int = -1  # the token it feeds at its next decode step
     sampled: list[int] = dataclasses.field(default_factory=list)  # its answer so far, the KV of all but the last held
+    grammar: object = None  # agents.matcher.RowGrammar: the tokens it may sample, or None
 
 
 class TorchCausalLM:
@@ -72,6 +74,7 @@ class TorchCausalLM:
         self._sequences: dict[int, _Sequence] = {}
         self._prefilling: collections.deque[int] = collections.deque()
         self._batch = KVBatch()
+        self._masks = MaskThread()
         self.kv_bytes_per_token, layer_kinds = self._measure_kv_per_token()
         self.weights_bytes = sum(t.nbytes for t in (*self._model.parameters(), *self._model.buffers()))
         # Budget 0 until the worker sets it (scheduler.configure_prefix_cache).
@@ -93,17 +96,25 @@ class TorchCausalLM:
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False)
 
-    def decode(self, ids) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    def decode(self, ids, keep_special: bool = False) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=not keep_special, clean_up_tokenization_spaces=False)
 
-    def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int) -> int:
+    def grammar_tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def logits_width(self) -> int:
+        return int(self._model.get_output_embeddings().weight.shape[0])
+
+    def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int, grammar=None) -> int:
         """Starts from a copy of the longest cached prefix, if any; the copy is this sequence's own to extend."""
         from transformers import DynamicCache
 
         generator = sampling.make_generator(params.seed, self.device)
         match = self.prefix_cache.lookup(prompt_ids) if self.prefix_cache is not None else None
         cache = copy_cache(match.payload, match.reuse) if match else DynamicCache()
-        self._sequences[seq_id] = _Sequence(params, prompt_ids, generator, cache, prefilled=match.reuse if match else 0)
+        self._sequences[seq_id] = _Sequence(params, prompt_ids, generator, cache, prefilled=match.reuse if match else 0,
+                                            grammar=grammar)
         self._prefilling.append(seq_id)
         return match.reuse if match else 0
 
@@ -138,14 +149,17 @@ class TorchCausalLM:
         inputs = torch.tensor([[self._sequences[i].next_input] for i in batch.ids], device=self.device)
         undo = batch.checkpoint()
         mask, positions = batch.advance()
+        allowed = self._masks.start({i: self._sequences[i].grammar for i in batch.ids if self._sequences[i].grammar})
         try:
             result = self._model(input_ids=inputs, attention_mask=mask.to(self.device),
                                  position_ids=positions.to(self.device), past_key_values=batch.cache, use_cache=True)
         except Exception:
             batch.rollback(undo)  # the scheduler frees a sequence and tries the step again
+            allowed.result()
             raise
+        masks = allowed.result()
         for seq_id, logits in zip(batch.ids, result.logits[:, -1]):
-            output.tokens[seq_id] = self._sample(seq_id, logits)
+            output.tokens[seq_id] = self._sample(seq_id, logits, masks.get(seq_id))
         output.decode_rows = len(batch.ids)
 
     def _prefill(self, output: StepOutput) -> None:
@@ -219,11 +233,18 @@ class TorchCausalLM:
         result = self._model(input_ids=inputs, position_ids=positions, past_key_values=sequence.cache, use_cache=True)
         return result.logits[0, -1]
 
-    def _sample(self, seq_id: int, logits) -> int:
+    def _sample(self, seq_id: int, logits, allowed=None) -> int:
+        """allowed: the row's grammar mask, computed beside the forward pass; made here where it was not."""
         sequence = self._sequences[seq_id]
-        params = sequence.params
+        params, grammar = sequence.params, sequence.grammar
+        if grammar is not None:
+            if allowed is None:
+                allowed = grammar.allowed(logits.shape[-1])
+            logits = logits.masked_fill(~self._torch.from_numpy(allowed).to(logits.device), float("-inf"))
         sequence.next_input = sampling.next_token(logits, params.temperature, params.top_p, sequence.generator)
         sequence.sampled.append(sequence.next_input)
+        if grammar is not None:
+            grammar.consume(sequence.next_input)
         return sequence.next_input
 
 

@@ -37,9 +37,10 @@ def completions_body(params: GenerateParams) -> dict:
 
 
 def chat_body(chat: ChatParams) -> dict:
-    body = {"messages": chat.template_messages(), **_sampling(chat.sampling)}
+    body = {"messages": chat.openai_messages(), **_sampling(chat.sampling)}
     if chat.tools:
         body["tools"] = list(chat.tools)
+        body["tool_choice"] = chat.tool_choice  # "auto" or "none": the constrained choices are refused before
     return body
 
 

@@ -151,9 +151,11 @@ async def _stream(exchange: Exchange, messages: AsyncIterator, answer: Answer, i
     try:
         while message is not None:
             if message.HasField("finish"):
-                await exchange.write(sse(answer.chunk(finish_reason=message.finish.reason)))
+                await exchange.write(sse(answer.chunk(finish_reason=message.finish.reason, finish=message.finish)))
                 if include_usage:
                     await exchange.write(sse(answer.usage_chunk(message.finish)))
+            elif message.HasField("tool_call"):
+                await exchange.write(sse(answer.chunk(tool_call=message.tool_call)))
             elif message.text:  # "" while a character or a possible stop sequence is incomplete
                 await exchange.write(sse(answer.chunk(message.text)))
             message = await anext(messages, None)

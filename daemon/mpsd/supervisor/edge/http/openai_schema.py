@@ -4,8 +4,10 @@ A request body becomes the same ChatRequest or GenerateRequest a gRPC client
 sends, so every check and default after this is mpsd's own. As OpenAI's API
 does, fields it does not know are ignored; fields that would change the result
 in a way mpsd cannot honour (several choices, log probabilities, penalties,
-logit bias, a response format, tool calls as structured data) are refused with
-a 400 naming the field, rather than answered as if they had been applied.
+logit bias) are refused with a 400 naming the field, rather than answered as if
+they had been applied. Tools, tool_choice, parallel_tool_calls and
+response_format map onto ChatRequest's typed fields; tool calls come back as
+`message.tool_calls`, or streamed as `delta.tool_calls` pieces.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ HTTP_STATUS = {
 SERVER_ERROR = (500, "server_error", None)
 # Fields refused unless they hold the value that changes nothing.
 NEUTRAL = {"n": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
-           "top_logprobs": (None,), "response_format": (None, {"type": "text"})}
+           "top_logprobs": (None,)}
 CHAT_NEUTRAL = {**NEUTRAL, "logprobs": (None, False)}
-TEXT_NEUTRAL = {**NEUTRAL, "logprobs": (None,), "best_of": (None, 1), "echo": (None, False), "suffix": (None, "")}
+TEXT_NEUTRAL = {**NEUTRAL, "logprobs": (None,), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
+                "response_format": (None, {"type": "text"})}
 
 
 class BadField(ValueError):
@@ -89,14 +92,62 @@ def _refuse_lone_surrogates(value: Any, at: str) -> None:
 
 
 def parse_chat(body: dict[str, Any]) -> Completion:
+    """The shapes are checked here; what they mean (a named tool that exists, a tool message answering a call made
+    before it, a schema's JSON) is chat_params' to check, as for a gRPC client."""
     _refuse_changes(body, CHAT_NEUTRAL)
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise BadField("tools", "must be a list of tool definitions")
-    if tools and body.get("tool_choice") not in (None, "auto"):
-        raise BadField("tool_choice", "only 'auto' is supported (mpsd returns the model's text, not tool calls)")
     request = inference_pb2.ChatRequest(messages=_messages(body.get("messages")), tools_json=json.dumps(tools) if tools else "")
+    _tool_choice(body.get("tool_choice"), request.tool_choice)
+    parallel = body.get("parallel_tool_calls")
+    if parallel not in (None, True, False):
+        raise BadField("parallel_tool_calls", f"must be true or false, got {json.dumps(parallel)}")
+    if parallel is not None:
+        request.parallel_tool_calls = parallel
+    _response_format(body.get("response_format"), request)
     return _completion("Chat", request, body)
+
+
+def _tool_choice(value: Any, choice: inference_pb2.ToolChoice) -> None:
+    """"auto", "none", "required", or {"type": "function", "function": {"name": ...}}."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        choice.mode = value
+        return
+    function = value.get("function") if isinstance(value, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or value.get("type", "function") != "function":
+        raise BadField("tool_choice", 'must be "auto", "none", "required" or {"type": "function", "function": '
+                                      '{"name": ...}}')
+    choice.function = name
+
+
+def _response_format(value: Any, request: inference_pb2.ChatRequest) -> None:
+    """{"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}."""
+    if value is None:
+        return
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise BadField("response_format", 'must be an object like {"type": "json_object"}')
+    request.response_format.type = value["type"]
+    if value["type"] != "json_schema":
+        return
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise BadField("response_format.json_schema", "required: an object with the schema's name and schema")
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise BadField("response_format.json_schema.schema", "required: a JSON Schema object")
+    name = spec.get("name", "")
+    if not isinstance(name, str):
+        raise BadField("response_format.json_schema.name", f"must be a string, got {json.dumps(name)}")
+    strict = spec.get("strict")
+    if strict not in (None, True, False):
+        raise BadField("response_format.json_schema.strict", f"must be true or false, got {json.dumps(strict)}")
+    request.response_format.json_schema = json.dumps(schema)
+    request.response_format.name = name
+    request.response_format.strict = bool(strict)
 
 
 def parse_completion(body: dict[str, Any]) -> Completion:
@@ -143,11 +194,37 @@ def _messages(value: Any) -> list[inference_pb2.ChatMessage]:
         role = message.get("role")
         if not isinstance(role, str):
             raise BadField(f"{at}.role", f"must be a string, got {json.dumps(role)}")
-        if message.get("tool_calls"):
-            raise BadField(f"{at}.tool_calls", "not supported: mpsd neither returns nor takes tool calls as data")
         content = _content(message.get("content"), f"{at}.content")
-        messages.append(inference_pb2.ChatMessage(role="system" if role == "developer" else role, content=content))
+        entry = inference_pb2.ChatMessage(role="system" if role == "developer" else role, content=content,
+                                          tool_calls=_tool_calls(message.get("tool_calls"), f"{at}.tool_calls"))
+        for field in ("tool_call_id", "name"):
+            if (text := _string(message, field, at)) is not None:
+                setattr(entry, field, text)
+        messages.append(entry)
     return messages
+
+
+def _tool_calls(value: Any, at: str) -> list[inference_pb2.ToolCall]:
+    """An assistant's calls as OpenAI writes them: [{"id", "type": "function", "function": {"name", "arguments"}}]."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadField(at, "must be a list of tool calls")
+    calls = []
+    for index, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise BadField(f"{at}[{index}]", 'must be {"id": ..., "type": "function", "function": {"name": ..., '
+                                             '"arguments": ...}}')
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, dict):  # some clients send the object itself
+            arguments = json.dumps(arguments)
+        if not isinstance(arguments, str):
+            raise BadField(f"{at}[{index}].function.arguments", "must be a JSON object as a string")
+        calls.append(inference_pb2.ToolCall(id=_string(call, "id", f"{at}[{index}]") or "",
+                                            name=_string(function, "name", f"{at}[{index}].function") or "",
+                                            arguments=arguments))
+    return calls
 
 
 def _content(value: Any, at: str) -> str:
@@ -184,10 +261,10 @@ def _stop(value: Any) -> list[str]:
     raise BadField("stop", "must be a string or a list of strings")
 
 
-def _string(body: dict[str, Any], key: str) -> str | None:
+def _string(body: dict[str, Any], key: str, at: str = "") -> str | None:
     value = body.get(key)
     if value is not None and not isinstance(value, str):
-        raise BadField(key, f"must be a string, got {json.dumps(value)}")
+        raise BadField(f"{at}.{key}" if at else key, f"must be a string, got {json.dumps(value)}")
     return value
 
 
@@ -227,22 +304,53 @@ class Answer:
                 "model": self.model}
 
     def whole(self, text: str, finish: inference_pb2.Finish) -> dict[str, Any]:
-        """The non-streamed answer."""
-        choice = {"index": 0, **({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}),
-                  "logprobs": None, "finish_reason": finish.reason}
-        return {**self._head(chunk=False), "choices": [choice], "usage": usage(finish)}
-
-    def chunk(self, text: str = "", finish_reason: str | None = None, first: bool = False) -> dict[str, Any]:
-        """A streamed piece; a chat stream's first delta carries the role, as OpenAI's does."""
+        """The non-streamed answer; with tool calls, `content` is null unless the model also wrote text."""
         if self.chat:
-            piece = {"delta": {"role": "assistant", "content": text} if first else ({"content": text} if text else {})}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if finish.tool_calls:
+                message["content"] = text or None
+                message["tool_calls"] = [_tool_call(call) for call in finish.tool_calls]
+            piece: dict[str, Any] = {"message": message}
         else:
             piece = {"text": text}
-        choice = {"index": 0, **piece, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, **piece, "logprobs": None, "finish_reason": finish.reason, **_incomplete(finish)}
+        return {**self._head(chunk=False), "choices": [choice], "usage": usage(finish)}
+
+    def chunk(self, text: str = "", finish_reason: str | None = None, first: bool = False,
+              tool_call: inference_pb2.ToolCallDelta | None = None,
+              finish: inference_pb2.Finish | None = None) -> dict[str, Any]:
+        """A streamed piece; a chat stream's first delta carries the role, as OpenAI's does."""
+        if self.chat:
+            if tool_call is not None:
+                delta: dict[str, Any] = {"tool_calls": [_tool_call_delta(tool_call)]}
+            else:
+                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            piece: dict[str, Any] = {"delta": delta}
+        else:
+            piece = {"text": text}
+        choice = {"index": 0, **piece, "logprobs": None, "finish_reason": finish_reason,
+                  **(_incomplete(finish) if finish is not None else {})}
         return {**self._head(chunk=True), "choices": [choice]}
 
     def usage_chunk(self, finish: inference_pb2.Finish) -> dict[str, Any]:
         return {**self._head(chunk=True), "choices": [], "usage": usage(finish)}
+
+
+def _tool_call(call: inference_pb2.ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _tool_call_delta(delta: inference_pb2.ToolCallDelta) -> dict[str, Any]:
+    """A call's first piece has its id, type and name (arguments ""); the next ones only add to its arguments."""
+    if delta.name:
+        return {"index": delta.index, "id": delta.id, "type": "function",
+                "function": {"name": delta.name, "arguments": delta.arguments}}
+    return {"index": delta.index, "function": {"arguments": delta.arguments}}
+
+
+def _incomplete(finish: inference_pb2.Finish) -> dict[str, Any]:
+    """Why an answer is incomplete (max_tokens inside constrained output or a tool call), where it is."""
+    return {"incomplete_details": {"reason": finish.reason, "message": finish.detail}} if finish.detail else {}
 
 
 def usage(finish: inference_pb2.Finish) -> dict[str, Any]:
