@@ -2,9 +2,11 @@
 
 Both demo models share one tokenizer with one special token, so one small
 template serves both: each message as "role: content" closed by the end-of-text
-token, then "assistant:" for the reply. With tools it lists them first and
-writes tool calls and results in the Hermes/Qwen form (`<tool_call>` JSON
-`</tool_call>`, `<tool_response>`), so agents can be tested end to end. Neither model was trained on
+token, then "assistant:" for the reply. With tools it names them first (names
+only: the MLX demo's context is 256 tokens; the grammar, not the prompt, holds
+their schemas) and writes tool calls and results in the Hermes/Qwen form
+(`<tool_call>` JSON `</tool_call>`, `<tool_response>`), so agents can be
+tested end to end. Neither model was trained on
 conversations; the template is there so the demo and the tests can chat
 through the same path a real instruction-tuned model takes.
 
@@ -25,9 +27,8 @@ import tempfile
 TEMPLATE_FILE = "chat_template.jinja"
 DEMO_CHAT_TEMPLATE = (
     "{%- if tools %}"
-    "{{- 'system: You may call these functions. To call one, answer with <tool_call>\\n"
-    "{\"name\": <function name>, \"arguments\": <arguments object>}\\n</tool_call>\\n' }}"
-    "{%- for tool in tools %}{{- tool | tojson + '\\n' }}{%- endfor %}"
+    "{{- 'system: tools' }}"
+    "{%- for tool in tools %}{{- ' ' + tool['function']['name'] }}{%- endfor %}"
     "{{- eos_token }}"
     "{%- endif %}"
     "{%- for message in messages %}"

@@ -101,7 +101,7 @@ def parse_chat(body: dict[str, Any]) -> Completion:
     request = inference_pb2.ChatRequest(messages=_messages(body.get("messages")), tools_json=json.dumps(tools) if tools else "")
     _tool_choice(body.get("tool_choice"), request.tool_choice)
     parallel = body.get("parallel_tool_calls")
-    if parallel not in (None, True, False):
+    if parallel is not None and not isinstance(parallel, bool):
         raise BadField("parallel_tool_calls", f"must be true or false, got {json.dumps(parallel)}")
     if parallel is not None:
         request.parallel_tool_calls = parallel
@@ -143,7 +143,7 @@ def _response_format(value: Any, request: inference_pb2.ChatRequest) -> None:
     if not isinstance(name, str):
         raise BadField("response_format.json_schema.name", f"must be a string, got {json.dumps(name)}")
     strict = spec.get("strict")
-    if strict not in (None, True, False):
+    if strict is not None and not isinstance(strict, bool):
         raise BadField("response_format.json_schema.strict", f"must be true or false, got {json.dumps(strict)}")
     request.response_format.json_schema = json.dumps(schema)
     request.response_format.name = name
