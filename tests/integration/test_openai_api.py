@@ -120,7 +120,7 @@ def test_stop_ends_the_answer_before_the_stop_text(client):
 @pytest.mark.parametrize("fields, param", [
     ({"n": 2}, "n"), ({"logprobs": True}, "logprobs"), ({"messages": []}, "messages"),
     ({"messages": [{"role": "robot", "content": "beep"}]}, "messages[0].role"),
-    ({"tools": [{"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "now", "parameters": []}}]}, "tools[0].function.parameters"),
     ({"max_tokens": 5000}, "max_tokens"), ({"top_p": 1.5}, "top_p"),
 ])
 def test_bad_requests_raise_bad_request_naming_the_field(client, fields, param):
