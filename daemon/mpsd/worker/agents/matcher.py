@@ -155,6 +155,9 @@ def _first_line(problem: str, field: str) -> str:
     """llguidance's message without the position in the Lark text mpsd wrote around the user's schema."""
     lines = [line for line in problem.strip().splitlines() if line.strip()]
     first = lines[0] if lines else problem
-    if field != "grammar" and first.startswith("at ") and ": " in first:
+    if field == "grammar":
+        return "\n".join(lines)
+    if first.startswith("at ") and ": " in first:
         first = first.split(": ", 1)[1]
-    return first if field != "grammar" else "\n".join(lines)
+    return "the grammar engine (llguidance) cannot enforce this schema: " + first.removeprefix(
+        "failed to compile JSON schema: ")

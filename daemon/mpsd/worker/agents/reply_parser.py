@@ -47,6 +47,7 @@ class ReplyParser:
         self._marker = ""           # the marker that opened it ("" for a bare call)
         self._block_first = 0       # index of the block's first call
         self._started_any = False   # content or a call went out: a bare "{" is no longer a call
+        self._after_calls = False   # nothing but blank space since a block of calls closed
         self.calls: list[ToolCall] = []
         self._sent: list[int] = []  # characters of each call's arguments sent so far
 
@@ -66,7 +67,7 @@ class ReplyParser:
         if self._block is not None:  # ended inside a call whose name went out
             return pieces, f"the reply ended inside tool call {len(self.calls) - 1}: its arguments are incomplete"
         if self._held:
-            pieces.append(Content(self._held))
+            self._content(self._held, pieces)
             self._held = ""
         return pieces, ""
 
@@ -94,6 +95,10 @@ class ReplyParser:
         return pieces
 
     def _content(self, text: str, pieces: list[Piece]) -> None:
+        """Blank space right after calls (between them, or ending the reply) is layout, not content."""
+        if self._after_calls:
+            text = text.lstrip(WHITESPACE)
+            self._after_calls = not text
         if text:
             self._started_any = True
             pieces.append(Content(text))
@@ -131,7 +136,8 @@ class ReplyParser:
         self._block = None
         if scan.malformed and not started:  # not a call after all: content, the rest looked at again
             pieces.append(Content(marker + block[:scan.end]))
-        self._held = block[scan.end:].lstrip(WHITESPACE) if self.calls else block[scan.end:]  # no blank content between calls
+        self._after_calls = started
+        self._held = block[scan.end:]
         return self._advance_content(pieces)
 
 
