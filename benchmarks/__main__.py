@@ -11,7 +11,10 @@ directly, at 1 and 8 streams, and 2 replicas against 1;
 `python -m benchmarks engine_memory [--model 25m|demo] [--out DIR]`: two replicas of one GGUF under mpsd, each
 one's footprint against its RSS, USS and PSS, and the shared part shown once;
 `python -m benchmarks hop [--setups A,B,C] [--seconds N] [--streams N] [--max-tokens N] [--measure-only] [--out DIR]
-[--code-root DIR]`: CPU per 1k tokens in the worker -> daemon -> client hop, and where it goes by py-spy samples."""
+[--code-root DIR]`: CPU per 1k tokens in the worker -> daemon -> client hop, and where it goes by py-spy samples;
+`python -m benchmarks constrained [--model demo|25m] [--streams N] [--max-tokens N] [--rounds N] [--ttft-rounds N]
+[--out DIR]`: decode throughput with every row grammar-constrained against free, mask time per token, and the TTFT a
+new tool schema's compilation adds."""
 
 from __future__ import annotations
 
@@ -83,7 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     hop.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/hop"))
     hop.add_argument("--code-root", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parents[1],
                      help="the checkout whose mpsd and harness run (another commit's worktree); default: this one")
+    shaped = commands.add_parser("constrained", help="constrained decoding: throughput, mask time, compile TTFT")
+    shaped.add_argument("--model", choices=models.MODEL_CHOICES, default="demo")
+    shaped.add_argument("--streams", type=int, default=16, help="rows in the batch (16)")
+    shaped.add_argument("--max-tokens", type=int, default=128, help="tokens per row (128)")
+    shaped.add_argument("--rounds", type=int, default=4, help="rounds of free and constrained batches, alternating (4)")
+    shaped.add_argument("--ttft-rounds", type=int, default=15, help="requests of each kind for the TTFT (15)")
+    shaped.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/constrained"))
     args = parser.parse_args(argv)
+    if args.command == "constrained":
+        return _constrained(args, argv)
     if args.command == "hop":
         return _hop(args, argv)
     if args.command == "engines":
@@ -111,6 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     results["command"] = _command(argv)
     print(report.write(results, args.out))
     print(f"\nwritten: {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'chart.png'}", file=sys.stderr)
+    return 0
+
+
+def _constrained(args, argv) -> int:
+    from benchmarks import constrained
+
+    started = time.perf_counter()
+    progress = _progress(started)
+    model = models.resolve(args.model, progress)
+    results = constrained.run(model, args.streams, args.max_tokens, args.rounds, args.ttft_rounds, progress)
+    results["command"] = _command(argv)
+    results["elapsed_s"] = round(time.perf_counter() - started, 1)
+    print(constrained.report(results, args.out))
     return 0
 
 

@@ -114,8 +114,8 @@ class RowGrammar:
     def __init__(self, matcher, tokenizer_vocab: int, logits_width: int) -> None:
         from llguidance.numpy import allocate_token_bitmask
 
-        self._matcher = matcher
-        self._tokenizer_vocab = tokenizer_vocab
+        self.matcher = matcher
+        self.tokenizer_vocab = tokenizer_vocab
         self._width = logits_width
         self._bitmask = allocate_token_bitmask(1, tokenizer_vocab)
         self.consumed = 0
@@ -123,32 +123,74 @@ class RowGrammar:
     @property
     def stopped(self) -> bool:
         """The grammar is complete and nothing may follow: the sequence ends here."""
-        return self._matcher.is_stopped()
+        return self.matcher.is_stopped()
 
     @property
     def accepting(self) -> bool:
         """What was generated so far is a whole sentence of the grammar (it parses)."""
-        return self._matcher.is_accepting()
+        return self.matcher.is_accepting()
+
+    def bitmask(self):
+        """The next token's mask as llguidance packs it: int32 words, bit i of word w allowing token 32 * w + i."""
+        from llguidance.numpy import fill_next_token_bitmask
+
+        fill_next_token_bitmask(self.matcher, self._bitmask, 0)
+        return self._bitmask[0]
 
     def allowed(self, width: int | None = None):
         """Which of the model's tokens may come next, as a numpy array of booleans over the logits' width (extra
         columns: never)."""
         import numpy as np
-        from llguidance.numpy import fill_next_token_bitmask
 
-        fill_next_token_bitmask(self._matcher, self._bitmask, 0)
-        bits = np.unpackbits(self._bitmask[0].view(np.uint8), bitorder="little")
+        bits = np.unpackbits(self.bitmask().view(np.uint8), bitorder="little")
         width = width or self._width
         allowed = np.zeros(width, dtype=bool)
-        size = min(width, self._tokenizer_vocab)
+        size = min(width, self.tokenizer_vocab)
         allowed[:size] = bits[:size]
         return allowed
 
     def consume(self, token_id: int) -> None:
         """The token the row took (it was allowed: the mask said so); after the grammar stopped, nothing changes."""
         self.consumed += 1
-        if not self._matcher.is_stopped():
-            self._matcher.consume_token(token_id)
+        if not self.matcher.is_stopped():
+            self.matcher.consume_token(token_id)
+
+
+_executor = None  # llguidance's own thread pool for many rows' masks at once, made on first use
+
+
+def _llexecutor():
+    import llguidance
+
+    global _executor
+    if _executor is None:
+        _executor = llguidance.LLExecutor()
+    return _executor
+
+
+def consume_all(taken: list[tuple["RowGrammar", int]]) -> None:
+    """Each row's grammar takes its row's token, in one call (a grammar already stopped takes nothing)."""
+    live = [(grammar, token) for grammar, token in taken if not grammar.matcher.is_stopped()]
+    for grammar, _ in taken:
+        grammar.consumed += 1
+    if live:
+        _llexecutor().consume_token_par([(grammar.matcher, token) for grammar, token in live])
+
+
+def masks(grammars: list["RowGrammar"], width: int):
+    """Every row's next-token mask at once, as booleans [rows, width]: one call into llguidance, which spreads the
+    rows over its threads without the GIL, and one unpack."""
+    import numpy as np
+
+    vocab = grammars[0].tokenizer_vocab
+    words = np.full((len(grammars), (vocab + 31) // 32), -1, dtype=np.int32)
+    _llexecutor().unsafe_compute_mask_ptr([(g.matcher, row) for row, g in enumerate(grammars)], words.ctypes.data,
+                                      words.shape[1] * 4, len(grammars))
+    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")
+    allowed = np.zeros((len(grammars), width), dtype=bool)
+    size = min(width, vocab)
+    allowed[:, :size] = bits[:, :size]
+    return allowed
 
 
 def _first_line(problem: str, field: str) -> str:

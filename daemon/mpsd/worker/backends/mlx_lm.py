@@ -147,9 +147,12 @@ class MlxCausalLM:
         """Starts from a copy of the longest cached prefix, if any: only the rest of the prompt is prefilled."""
         cache, rest = self.prefix_cache.fetch(prompt_ids) if self.prefix_cache.budget_bytes else (None, prompt_ids)
         reused = len(prompt_ids) - len(rest)
-        processors = [_grammar_processor(self._mx, grammar)] if grammar is not None else []
+        sampler, processors = _make_sampler(self._mx, params), []
+        if grammar is not None:
+            processor, sampler = _constrained(self._mx, grammar, sampler)
+            processors.append(processor)
         (uid,) = self._batch().insert([rest], max_tokens=[budget + 1], caches=[cache], all_tokens=[prompt_ids[:reused]],
-                                      samplers=[_make_sampler(self._mx, params)], logits_processors=[processors])
+                                      samplers=[sampler], logits_processors=[processors])
         self._uids[seq_id], self._sequences[uid] = uid, seq_id
         return reused
 
@@ -298,30 +301,41 @@ def _make_sampler(mx, params: GenerateParams) -> Callable:
     return sampler
 
 
-def _grammar_processor(mx, grammar) -> Callable:
-    """A logits processor that keeps one row inside its grammar (agents/matcher.py).
+def _constrained(mx, grammar, sampler: Callable) -> tuple[Callable, Callable]:
+    """A logits processor that keeps one row inside its grammar (agents/matcher.py), and its sampler, which keeps
+    the token it sampled for the grammar to take.
 
-    BatchGenerator calls it with the row's tokens so far, whose last is the
-    token this step feeds: on its first call the prompt's last token, then the
-    token sampled a step before, which the grammar takes here, before its next
-    mask. A row is delivered to the scheduler only after that call, so the
-    grammar has always consumed what the scheduler sees (streaming.py reads
-    whether it stopped). The mask is computed here, not beside the forward pass:
-    the token it needs is the one the step before is still computing.
+    BatchGenerator runs a step ahead: the processor for a row's next token is
+    called before the token sampled at the step before has reached the
+    scheduler, so the grammar takes that token here, from the sampler's own
+    output. That output was computed with the whole step (async_eval), so only
+    a step's first row waits for it and reading it costs the others nothing;
+    a row is delivered to the scheduler only after this call, so the grammar
+    has always consumed what the scheduler sees (streaming.py reads whether it
+    stopped). The mask's bits are unpacked inside the graph. It is computed here,
+    not beside the forward pass: the token it needs is the one the step before
+    is still computing.
     """
-    calls = 0
+    sampled = []
 
     def processor(tokens, logits):
-        nonlocal calls
-        if calls:
-            grammar.consume(int(tokens[-1].item()))
-        calls += 1
+        if sampled:
+            grammar.consume(int(sampled.pop().item()))
         if grammar.stopped:
             return logits
-        allowed = mx.array(grammar.allowed(logits.shape[-1]))
+        words = mx.array(grammar.bitmask())
+        bits = mx.right_shift(words[:, None], mx.arange(32, dtype=words.dtype)) & 1
+        allowed = bits.reshape(-1)[:logits.shape[-1]].astype(mx.bool_)
+        if allowed.shape[0] < logits.shape[-1]:  # logits wider than the tokenizer's vocabulary: never those
+            allowed = mx.concatenate([allowed, mx.zeros(logits.shape[-1] - allowed.shape[0], dtype=mx.bool_)])
         return mx.where(allowed, logits, mx.array(-float("inf"), dtype=logits.dtype))
 
-    return processor
+    def keeping(logprobs):
+        token = sampler(logprobs)
+        sampled.append(token)
+        return token
+
+    return processor, keeping
 
 
 def _kv_bytes_per_token(mx, model) -> tuple[int, int]:

@@ -33,6 +33,7 @@ from mpsd.worker.backends import chat, sampling
 from mpsd.worker.backends.base import BootFailure, GenerateParams, MemoryReport, StepOutput
 from mpsd.worker.backends.memory import torch_memory_report
 from mpsd.worker.agents.mask_thread import MaskThread
+from mpsd.worker.agents.matcher import consume_all
 from mpsd.worker.backends.torch_batch import KVBatch, cache_nbytes, copy_cache
 from mpsd.worker.prefix_store import PrefixStore
 from mpsd.worker_spec import WorkerSpec
@@ -149,7 +150,8 @@ class TorchCausalLM:
         inputs = torch.tensor([[self._sequences[i].next_input] for i in batch.ids], device=self.device)
         undo = batch.checkpoint()
         mask, positions = batch.advance()
-        allowed = self._masks.start({i: self._sequences[i].grammar for i in batch.ids if self._sequences[i].grammar})
+        allowed = self._masks.start([(row, self._sequences[i].grammar) for row, i in enumerate(batch.ids)
+                                     if self._sequences[i].grammar is not None], self.logits_width)
         try:
             result = self._model(input_ids=inputs, attention_mask=mask.to(self.device),
                                  position_ids=positions.to(self.device), past_key_values=batch.cache, use_cache=True)
@@ -157,9 +159,15 @@ class TorchCausalLM:
             batch.rollback(undo)  # the scheduler frees a sequence and tries the step again
             allowed.result()
             raise
-        masks = allowed.result()
-        for seq_id, logits in zip(batch.ids, result.logits[:, -1]):
-            output.tokens[seq_id] = self._sample(seq_id, logits, masks.get(seq_id))
+        logits, masks = result.logits[:, -1], allowed.result()
+        if masks is not None:  # every constrained row masked in one operation
+            rows, allowed_rows = masks
+            logits[rows] = logits[rows].masked_fill(~torch.from_numpy(allowed_rows).to(logits.device), float("-inf"))
+        for seq_id, row in zip(batch.ids, logits):
+            output.tokens[seq_id] = self._sample(seq_id, row, masked=True)
+        if masks is not None:  # and every constrained row takes its token in one call
+            consume_all([(self._sequences[batch.ids[row]].grammar, self._sequences[batch.ids[row]].next_input)
+                         for row in masks[0]])
         output.decode_rows = len(batch.ids)
 
     def _prefill(self, output: StepOutput) -> None:
@@ -233,17 +241,17 @@ class TorchCausalLM:
         result = self._model(input_ids=inputs, position_ids=positions, past_key_values=sequence.cache, use_cache=True)
         return result.logits[0, -1]
 
-    def _sample(self, seq_id: int, logits, allowed=None) -> int:
-        """allowed: the row's grammar mask, computed beside the forward pass; made here where it was not."""
+    def _sample(self, seq_id: int, logits, masked: bool = False) -> int:
+        """masked: the row's grammar mask is applied already and the decode step feeds the grammar the token (both
+        batched); a prefill's first token is masked and consumed here."""
         sequence = self._sequences[seq_id]
         params, grammar = sequence.params, sequence.grammar
-        if grammar is not None:
-            if allowed is None:
-                allowed = grammar.allowed(logits.shape[-1])
+        if grammar is not None and not masked:
+            allowed = grammar.allowed(logits.shape[-1])
             logits = logits.masked_fill(~self._torch.from_numpy(allowed).to(logits.device), float("-inf"))
         sequence.next_input = sampling.next_token(logits, params.temperature, params.top_p, sequence.generator)
         sequence.sampled.append(sequence.next_input)
-        if grammar is not None:
+        if grammar is not None and not masked:
             grammar.consume(sequence.next_input)
         return sequence.next_input
 
