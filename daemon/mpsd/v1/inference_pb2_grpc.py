@@ -66,6 +66,9 @@ class InferenceServicer:
         """Generate for a conversation: the worker renders `messages` with the model's
         own chat template (the generation prompt added) and streams the reply as
         Generate does. A model without a chat template answers FAILED_PRECONDITION.
+        With tools, tool calls the model writes in its own syntax come as
+        `tool_call` pieces (never as text) and whole in `finish.tool_calls`;
+        tool_choice required/named and response_format are enforced by a grammar.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -152,16 +152,20 @@ def _guarded(scan: Callable[[str, list[CallScan]], int | None]) -> Callable[[str
     return run
 
 
-def _scan_hermes(text: str, calls: list[CallScan]) -> int | None:
-    """After `<tool_call>`: one object, then `</tool_call>` (the next call opens a block of its own)."""
-    at = _skip_space(text, 0)
+def _next_call(text: str, at: int, calls: list[CallScan]) -> int | None:
+    """The call object after blank space at `at`, added to `calls`; the index after it, None while it is open."""
+    at = _skip_space(text, at)
     if at == len(text):
         return None
     call, end = _scan_call(text, at)
     calls.append(call)
-    if end is None:
-        return None
-    return _expect(text, _skip_space(text, end), "</tool_call>")
+    return end
+
+
+def _scan_hermes(text: str, calls: list[CallScan]) -> int | None:
+    """After `<tool_call>`: one object, then `</tool_call>` (the next call opens a block of its own)."""
+    end = _next_call(text, 0, calls)
+    return None if end is None else _expect(text, _skip_space(text, end), "</tool_call>")
 
 
 def _scan_mistral(text: str, calls: list[CallScan]) -> int | None:
@@ -170,14 +174,7 @@ def _scan_mistral(text: str, calls: list[CallScan]) -> int | None:
     if _expect(text, at, "[") is None:
         return None
     at += 1
-    while True:
-        at = _skip_space(text, at)
-        if at == len(text):
-            return None
-        call, end = _scan_call(text, at)
-        calls.append(call)
-        if end is None:
-            return None
+    while (end := _next_call(text, at, calls)) is not None:
         at = _skip_space(text, end)
         if at == len(text):
             return None
@@ -186,16 +183,12 @@ def _scan_mistral(text: str, calls: list[CallScan]) -> int | None:
         if text[at] != ",":
             raise _Malformed(at)
         at += 1
+    return None
 
 
 def _scan_llama3(text: str, calls: list[CallScan]) -> int | None:
     """One object (after `<|python_tag|>`, or the reply itself)."""
-    at = _skip_space(text, 0)
-    if at == len(text):
-        return None
-    call, end = _scan_call(text, at)
-    calls.append(call)
-    return end
+    return _next_call(text, 0, calls)
 
 
 def _openai_id() -> str:
