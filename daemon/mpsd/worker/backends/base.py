@@ -104,6 +104,7 @@ class BatchEngine(Protocol):
     weights_bytes: int       # the loaded model's own tensors, measured: what a fractional prefix_cache is taken of
     chat_template: "ChatTemplate | None"  # the model's own (chat.py); None: Chat is refused
     prefix_cache: "PrefixCache | None"    # None: the engine keeps no prefix cache
+    logits_width: int  # the model's output width (can exceed the tokenizer's vocabulary): a grammar mask's width
 
     def encode(self, text: str) -> list[int]: ...
 

@@ -107,7 +107,7 @@ class MlxCausalLM:
         self._generator = None  # built on the scheduler thread: MLX streams belong to a thread
         self._uids: dict[int, int] = {}  # sequence id -> the generator's uid
         self._sequences: dict[int, int] = {}  # the generator's uid -> sequence id
-        self.kv_bytes_per_token, self._logits_width = _kv_bytes_per_token(mx, self._model)
+        self.kv_bytes_per_token, self.logits_width = _kv_bytes_per_token(mx, self._model)
         from mlx.utils import tree_flatten
 
         self.weights_bytes = sum(int(array.nbytes) for _, array in tree_flatten(self._model.parameters()))
@@ -138,10 +138,6 @@ class MlxCausalLM:
 
     def grammar_tokenizer(self):
         return getattr(self._tokenizer, "_tokenizer", self._tokenizer)  # the Hugging Face tokenizer it wraps
-
-    @property
-    def logits_width(self) -> int:
-        return self._logits_width
 
     def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int, grammar=None) -> int:
         """Starts from a copy of the longest cached prefix, if any: only the rest of the prompt is prefilled."""

@@ -24,6 +24,7 @@ class NullLM:
     eos_ids = frozenset()
     kv_bytes_per_token = 0
     weights_bytes = 0
+    logits_width = len(WORDS)
     prefix_cache = None  # it holds no KV to keep
     chat_template = None  # Chat answers FAILED_PRECONDITION: no template to render with
 

@@ -72,6 +72,7 @@ class TorchCausalLM:
         self.context_length = _context_length(self._model.config)
         self.eos_ids = _eos_ids(self._model.config, self._tokenizer)
         self.chat_template = chat.template_of(self._tokenizer)
+        self.logits_width = int(self._model.get_output_embeddings().weight.shape[0])  # a grammar mask's width
         self._sequences: dict[int, _Sequence] = {}
         self._prefilling: collections.deque[int] = collections.deque()
         self._batch = KVBatch()
@@ -102,10 +103,6 @@ class TorchCausalLM:
 
     def grammar_tokenizer(self):
         return self._tokenizer
-
-    @property
-    def logits_width(self) -> int:
-        return int(self._model.get_output_embeddings().weight.shape[0])
 
     def add(self, seq_id: int, prompt_ids: list[int], params: GenerateParams, budget: int, grammar=None) -> int:
         """Starts from a copy of the longest cached prefix, if any; the copy is this sequence's own to extend."""
