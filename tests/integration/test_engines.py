@@ -10,6 +10,7 @@ command and its last lines.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -173,6 +174,23 @@ def test_an_engine_that_dies_of_metal_oom_at_start_is_oom_not_fatal(engines):
     wait_for(lambda: worker(engines, "oom-at-start-0")["state"] in ("OOM", "REFUSED"), 60, "out of memory")
     w = worker(engines, "oom-at-start-0")
     assert "out of memory" in w["last_exit"] and "llama.cpp's Metal command buffer failed" in w["last_exit"]
+
+
+def test_an_engines_own_tool_calls_reach_openai_clients_as_tool_calls_whole_and_streamed(engines):
+    openai = pytest.importorskip("openai")
+    ready_worker(engines, "fake-0")
+    tools = [{"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]
+    ask = dict(model="fake", messages=[{"role": "user", "content": "find mpsd"}], tools=tools, max_tokens=8)
+    with openai.OpenAI(base_url=engines.http_url, api_key="unused", max_retries=0, timeout=60) as client:
+        whole = client.chat.completions.create(**ask)
+        chunks = [c for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+    [call] = whole.choices[0].message.tool_calls
+    assert whole.choices[0].finish_reason == "tool_calls" and call.id == "call_fake0"
+    assert call.function.name == "search" and json.loads(call.function.arguments) == {"query": "find mpsd"}
+    pieces = [part for c in chunks for part in c.choices[0].delta.tool_calls or ()]
+    assert pieces[0].id == "call_fake0" and pieces[0].function.name == "search"
+    assert "".join(p.function.arguments or "" for p in pieces) == call.function.arguments
+    assert not any(c.choices[0].delta.content for c in chunks) and chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
 def test_an_engines_http_500_prefill_failed_is_an_oom_of_that_request(engines):

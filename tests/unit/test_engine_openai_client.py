@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from mpsd.chat_params import ChatMessage, ChatParams
+from mpsd.chat_params import ChatMessage, ChatParams, ToolCall
 from mpsd.generate_params import GenerateParams, InvalidRequest
-from mpsd.worker.backends.base import Finished, TokenEvent
+from mpsd.worker.backends.base import Finished, TokenEvent, ToolCallEvent
 from mpsd.worker.engine.openai_client import (EngineCall, EngineError, chat_body, completions_body, finished,
                                               sse_events)
 from mpsd.worker.engine.prompt_count import PromptCounter
@@ -205,6 +205,31 @@ def test_a_chat_streams_delta_content_and_counts_pieces_without_usage(engine):
     events = list(call(engine, chat=True, body=chat_body(chat)))
     assert events == [TokenEvent(0, 0, "It is "), TokenEvent(1, 0, "noon."), Finished("stop", 0, 2, 0)]
     assert engine.requests[0][0] == "/v1/chat/completions"
+
+
+def test_a_chats_tool_calls_from_the_engine_stream_as_tool_call_events_and_end_whole_in_finished(engine):
+    """llama-server's shape: id and name first, then argument fragments; a second call by its own index."""
+    first = {"index": 0, "id": "call_a", "type": "function", "function": {"name": "clock", "arguments": ""}}
+    second = {"index": 1, "id": "call_b", "type": "function", "function": {"name": "add", "arguments": '{"a":1}'}}
+    engine.answer = stream([delta(role="assistant"), delta("Let me look."), delta(tool_calls=[first]),
+                            delta(tool_calls=[{"index": 0, "function": {"arguments": '{"zone":'}}]),
+                            delta(tool_calls=[{"index": 0, "function": {"arguments": '"UTC"}'}}]),
+                            delta(tool_calls=[second]), delta(reason="tool_calls"), "data: [DONE]"])
+    chat = ChatParams(messages=(ChatMessage("user", "Time?"),), tools=None, sampling=params(prompt=""))
+    events = list(call(engine, chat=True, body=chat_body(chat)))
+    assert events[:-1] == [TokenEvent(0, 0, "Let me look."), ToolCallEvent(1, 0, 0, "call_a", "clock", ""),
+                           ToolCallEvent(2, 0, 0, "", "", '{"zone":'), ToolCallEvent(3, 0, 0, "", "", '"UTC"}'),
+                           ToolCallEvent(4, 0, 1, "call_b", "add", '{"a":1}')]
+    assert events[-1] == Finished("tool_calls", 0, 5, 0, tool_calls=(ToolCall("call_a", "clock", '{"zone":"UTC"}'),
+                                                                    ToolCall("call_b", "add", '{"a":1}')))
+
+
+def test_an_engines_tool_call_without_an_id_gets_one(engine):
+    engine.answer = stream([delta(tool_calls=[{"function": {"name": "clock", "arguments": "{}"}}]),
+                            delta(reason="tool_calls"), "data: [DONE]"])
+    chat = ChatParams(messages=(ChatMessage("user", "Time?"),), tools=None, sampling=params(prompt=""))
+    event, done = list(call(engine, chat=True, body=chat_body(chat)))
+    assert event.id.startswith("call_") and done.tool_calls == (ToolCall(event.id, "clock", "{}"),)
 
 
 def test_http_400_is_an_invalid_request_naming_the_engines_message(engine):

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import http.client
 import json
+import secrets
 import socket
 import threading
 import time
 from typing import Callable, Iterator
 
-from mpsd.chat_params import ChatParams
+from mpsd.chat_params import ChatParams, ToolCall
 from mpsd.generate_params import GenerateParams, InvalidRequest
 from mpsd.oom import http_error_oom
-from mpsd.worker.backends.base import Finished, TokenEvent
+from mpsd.worker.backends.base import Finished, TokenEvent, ToolCallEvent
 from mpsd.worker.scheduler import DeadlinePassed, OutOfMemory  # what the service maps to gRPC statuses
 
 ERROR_BODY_CHARS = 500
@@ -116,7 +117,7 @@ class EngineCall:
     def _events(self, response: http.client.HTTPResponse) -> Iterator[TokenEvent | Finished]:
         if response.status != 200:
             raise _http_failure(response.status, response.read(64 << 10).decode("utf-8", "replace"))
-        index, reason, usage = 0, None, None
+        index, reason, usage, calls = 0, None, None, _EngineCalls()
         for chunk in sse_events(response):
             if self.cancelled.is_set():
                 return
@@ -130,12 +131,15 @@ class EngineCall:
                 if text:
                     yield TokenEvent(index, 0, text)
                     index += 1
+                for event in calls.events(choice, index) if self._chat else ():
+                    yield event
+                    index += 1
                 reason = choice.get("finish_reason") or reason
         if reason is None:
             raise EngineError("the engine ended its stream without a finish reason")
         if not (usage or {}).get("prompt_tokens") and self._count_prompt is not None:
             usage = {**(usage or {}), "prompt_tokens": self._count_prompt()}
-        yield finished(reason, usage, index)
+        yield calls.finish(finished(reason, usage, index))
 
 
 def sse_events(response) -> Iterator[dict]:
@@ -153,6 +157,31 @@ def sse_events(response) -> Iterator[dict]:
             raise EngineError(f"the engine sent an event that is not JSON: {data[:200]!r}") from None
         if isinstance(event, dict):
             yield event
+
+
+class _EngineCalls:
+    """The engine's own `delta.tool_calls` as mpsd's ToolCallEvents, numbered from 0 in the order calls start,
+    and the calls whole for the Finished: an engine that parses its model's tool calls loses none of them here."""
+
+    def __init__(self) -> None:
+        self._calls: dict[object, list[str]] = {}  # the engine's call index -> [id, name, arguments]
+
+    def events(self, choice: dict, index: int) -> Iterator[ToolCallEvent]:
+        for position, part in enumerate((choice.get("delta") or {}).get("tool_calls") or ()):
+            key, function = part.get("index", position), part.get("function") or {}
+            new = key not in self._calls
+            call = self._calls.setdefault(key, [part.get("id") or "call_" + secrets.token_hex(12), "", ""])
+            call[1] += function.get("name") or ""
+            call[2] += function.get("arguments") or ""
+            yield ToolCallEvent(index, 0, list(self._calls).index(key), call[0] if new else "",
+                                function.get("name") or "", function.get("arguments") or "")
+
+    def finish(self, done: Finished) -> Finished:
+        if not self._calls:
+            return done
+        calls = tuple(ToolCall(*call) for call in self._calls.values())
+        return Finished("tool_calls" if done.reason == "stop" else done.reason, done.prompt_tokens,
+                        done.completion_tokens, done.cached_tokens, tool_calls=calls)
 
 
 def _choice_text(choice: dict, chat: bool) -> str:
