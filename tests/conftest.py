@@ -7,6 +7,23 @@ import pytest
 from mpsd import paths
 from support import Daemon, data_dir, demo_config, running_daemon
 
+CHROMIUM = pathlib.Path("/usr/bin/chromium")
+CHROMEDRIVER = pathlib.Path("/usr/bin/chromedriver")
+
+
+LONGEST_FIRST = ("reliability", "service", "integration")  # then unit
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """The folders whose files take longest come first, each file's tests kept together: split over processes
+    (./dev test), no long file is left to run alone at the end."""
+    here = pathlib.Path(__file__).resolve().parent
+
+    def rank(item) -> int:
+        folder = pathlib.Path(str(item.fspath)).resolve().relative_to(here).parts[0]
+        return LONGEST_FIRST.index(folder) if folder in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)
+
 
 @pytest.fixture(scope="session")
 def demo_model() -> pathlib.Path:
@@ -63,3 +80,25 @@ def mlx_demo_model(demo_model) -> pathlib.Path:
         check=True, timeout=600,
     )
     return paths.mlx_demo_model_dir(data_dir())
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """The system's headless Chromium driven by Selenium (never a downloaded browser); skips, saying why, without it."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        pytest.skip(f"no system Chromium ({', '.join(missing)} missing): apt-get install chromium chromium-driver "
+                    "(.ci/run does this when run as root)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1400",
+                 "--force-prefers-reduced-motion"):
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")  # fresh: no state between runs
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -7,11 +7,15 @@ from typing import Any
 
 
 def to_plain(message) -> dict[str, Any]:
-    """Every field, defaults included, with 64-bit integers as JSON numbers (not strings)."""
+    """Every field, defaults included, with 64-bit integers as JSON numbers (not strings); an `optional` scalar
+    left unset is None (null): "the driver gives no temperature" is not 0 degrees."""
     plain: dict[str, Any] = {}
     for field in message.DESCRIPTOR.fields:
         value = getattr(message, field.name)
-        if field.message_type and field.message_type.GetOptions().map_entry:
+        if field.message_type is None and field.has_presence and not field.is_repeated \
+                and not message.HasField(field.name):
+            plain[field.name] = None
+        elif field.message_type and field.message_type.GetOptions().map_entry:
             plain[field.name] = {k: _scalar_or_plain(v) for k, v in value.items()}
         elif field.is_repeated:
             plain[field.name] = [_scalar_or_plain(v) for v in value]

@@ -23,8 +23,11 @@ class WorkerSpec:
     path: str | None = None
     factory: str | None = None
     device: str = "auto"
+    placed_device: str = ""  # the memory probe's device the daemon placed it on ("cuda:2"), for its stats
     threads: int = 0
     concurrency: int = 1
+    max_batch_size: int = 1                     # Predict requests stacked into one forward pass; 1: no batching
+    max_batch_delay_s: float = 0.0              # how long the oldest waits for neighbours
     stop_grace_s: float = 5.0
     mlx_memory_limit: int | None = None
     mlx_wired_limit: int | None = None

@@ -10,7 +10,6 @@ when it runs as root) the browser test skips and says so.
 import json
 import math
 import os
-import pathlib
 import signal
 import socket
 import subprocess
@@ -22,8 +21,6 @@ import pytest
 
 from support import DEMO_ONE_WORKER, ROOT, running_daemon, wait_for, write_probe
 
-CHROMIUM = pathlib.Path("/usr/bin/chromium")
-CHROMEDRIVER = pathlib.Path("/usr/bin/chromedriver")
 # Where each run leaves its screenshot (ignored by git); docs/status-page.png is a copy of one, taken by hand.
 SCREENSHOT = ROOT / ".cache" / "status-page.png"
 GiB = 1024**3
@@ -56,27 +53,6 @@ def daemon(tmp_path_factory):
         wait_for(lambda: _states(daemon.status()) == ["READY", "READY", "REFUSED"], 60, "2 READY, 1 REFUSED")
         daemon.page_url = daemon.metrics_url.removesuffix("metrics")
         yield daemon
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    if missing:
-        pytest.skip(f"no system Chromium ({', '.join(missing)} missing): apt-get install chromium chromium-driver "
-                    "(.ci/run does this when run as root)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1400",
-                 "--force-prefers-reduced-motion"):
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")  # fresh: no state between runs
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def _states(status):

@@ -72,6 +72,16 @@ def test_eviction_takes_the_least_recently_used_idle_worker_of_lower_priority_fi
         Stop("a-0", "evicted for model c (needs 10.0GiB, 0B free)", evicted_for="c")]
 
 
+def test_only_a_worker_on_the_device_the_load_waits_for_is_evicted_for_it():
+    models = [model("a", workers=1), model("b", workers=1), model("c", workers=0, queued=1, starting=True)]
+    workers = [dataclasses.replace(worker("a-0", "a", idle_since=NOW - 250), device="cuda:0"),
+               dataclasses.replace(worker("b-0", "b", idle_since=NOW - 100), device="cuda:1")]
+    actions = decide(models, workers, 5 * GiB, ["c"], NOW, 30.0, False, 0, device="cuda:1")
+    assert actions == [Stop("b-0", "evicted for model c (needs 10.0GiB, 5.0GiB free)", evicted_for="c")], \
+        "a-0 is idle longer, but its memory is on another GPU"
+    assert decide(models, workers[:1], 5 * GiB, ["c"], NOW, 30.0, False, 0, device="cuda:1") == []
+
+
 def test_busy_young_and_minimum_workers_are_never_evicted_and_the_refusal_says_who_holds_memory():
     models = [model("a", workers=1), model("b", workers=1), model("m", workers=1, min_replicas=1),
               model("c", queued=1, starting=True)]

@@ -323,3 +323,48 @@ def test_the_learned_footprint_leaves_room_for_the_kv_cache_a_full_batch_would_h
         assert h.fleet.snapshot().models[0].footprint_bytes == GiB // 2 + GiB
 
     run(scenario)
+
+
+TWO_GPUS = """
+[[models]]
+name = "lm"
+backend = "null-lm"
+device = "cuda"
+replicas = 2
+footprint = "6GiB"
+"""
+
+
+def write_gpus(path: pathlib.Path, *budgets: int) -> None:
+    import json
+
+    path.write_text(json.dumps({"devices": [{"device": f"cuda:{i}", "budget_bytes": b, "used_bytes": 0}
+                                            for i, b in enumerate(budgets)]}))
+
+
+def test_replicas_start_on_different_gpus_in_one_pass_and_an_oom_moves_to_a_gpu_that_holds_it(tmp_path):
+    async def scenario():
+        h = Harness(tmp_path, TWO_GPUS)
+        write_gpus(h.memory_file, 10 * GiB, 10 * GiB)
+        await h.step()
+        assert [h.state("lm-0"), h.state("lm-1")] == [WorkerState.STARTING] * 2, "per device: no wait for each other"
+        assert [(p.spec.placed_device, p.env["CUDA_VISIBLE_DEVICES"]) for p in h.processes] == [("cuda:0", "0"),
+                                                                                                  ("cuda:1", "1")]
+        await h.step()
+        h.processes[1].exit(1, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+        await h.step()
+        assert h.state("lm-1") == WorkerState.OOM
+        await h.step(5)
+        assert h.state("lm-1") == WorkerState.OOM, "nothing changed: no retry into the same wall"
+        write_gpus(h.memory_file, 20 * GiB, 10 * GiB)
+        await h.step()
+        worker = h.fleet.workers["lm-1"]
+        assert worker.state == WorkerState.STARTING and worker.device == "cuda:0"
+        assert h.processes[-1].env["CUDA_VISIBLE_DEVICES"] == "0"
+        assert ("lm-1", "OOM", "PENDING") in h.transitions
+        memory = h.fleet.snapshot().memory
+        assert [(d.snapshot.device, d.workers) for d in memory.devices] == [("cuda:0", ("lm-0", "lm-1")),
+                                                                             ("cuda:1", ())]
+        assert memory.free_for_workers_bytes == 10 * GiB and memory.snapshot.budget_bytes == 30 * GiB
+
+    run(scenario)

@@ -40,11 +40,12 @@ class Doors:
         self.counts: dict[str, ModelCounts] = {}
         self.stops: list[tuple[str, str, AfterStop]] = []
         self.free, self.memory_reads, self.stopping = free_bytes, 0, False
+        self.rooms_asked: list[str] = []
         footprints = {m.name: Footprint(estimated_bytes=GiB, configured_bytes=m.footprint_bytes) for m in models}
         self.demand = DemandBalancer(
             self.models, self.workers, load_of=self.loads.get, footprints=footprints,
             count=lambda name: self.counts.setdefault(name, ModelCounts()), add_worker=self.add_worker,
-            stop_worker=self._stop_worker, free_bytes=self._free_bytes, stopping=lambda: self.stopping)
+            stop_worker=self._stop_worker, room=self._room, stopping=lambda: self.stopping)
 
     def add_worker(self, m: ModelConfig, reason: str = "configured", state: WorkerState = WorkerState.PENDING,
                    ready_at: float = 0.0) -> WorkerRecord:
@@ -57,9 +58,10 @@ class Doors:
         self.stops.append((worker.id, reason, after))
         worker.state, worker.after_stop = WorkerState.DRAINING, after
 
-    def _free_bytes(self) -> int:
+    def _room(self, device: str) -> tuple[int, int]:
         self.memory_reads += 1
-        return self.free
+        self.rooms_asked.append(device)
+        return self.free, 0
 
 
 def model(name: str, low: int = 0, high: int = 2, **fields) -> ModelConfig:

@@ -3,12 +3,13 @@ status says why, the candidate waits until the worker reports it holds no more, 
 
 from __future__ import annotations
 
-from mpsd.config import ModelConfig
+from mpsd.config import MemoryConfig, ModelConfig
 from mpsd.supervisor.fleet.cache_budgets import CacheBudgets, requested_budget
+from mpsd.supervisor.fleet.devices import FleetDevices
 from mpsd.supervisor.fleet.records import WorkerRecord
 from mpsd.supervisor.fleet.states import WorkerState
-from mpsd.supervisor.memory.admission import MemoryView
 from mpsd.supervisor.memory.footprint import Footprint
+from mpsd.supervisor.memory.snapshot import MemorySnapshot
 from mpsd.v1 import worker_pb2
 from test_fleet import FakeProcess, Harness, run
 
@@ -138,6 +139,13 @@ def test_a_worker_admitted_with_its_own_cache_shrunk_gets_that_budget_with_its_f
     run(scenario)
 
 
+class OneDevice:
+    name = "test"
+
+    def devices(self):
+        return (MemorySnapshot("test", 16 * GiB, 0, 16 * GiB),)
+
+
 def test_nothing_is_given_back_while_a_worker_waits_pending_even_a_shrink_that_settled_at_once():
     # The worker runs a smaller cache than its model's fullest (1 GiB of 2): a shrink to 1.5 GiB is applied already.
     model = ModelConfig(name="lm", backend="torch-lm", path="@demo")
@@ -146,11 +154,14 @@ def test_nothing_is_given_back_while_a_worker_waits_pending_even_a_shrink_that_s
                               bytes=GiB // 2, budget_bytes=GiB, configured_bytes=GiB)))
     waiting = WorkerRecord(id="big-0", model=model, state=WorkerState.PENDING)
     workers, sent = {"lm-0": worker, "big-0": waiting}, []
+    devices = FleetDevices(workers, probe=lambda: OneDevice(), memory_config=MemoryConfig,
+                           counted_bytes=lambda w: 4 * GiB - caches.shrunk_by(w))
     caches = CacheBudgets(workers, footprints={"lm": Footprint(4 * GiB, 4 * GiB, estimated_cache_bytes=2 * GiB)},
-                          send_budget=sent.append, read_memory=lambda: MemoryView(16 * GiB, 0, 0),
-                          live_footprints=lambda: [4 * GiB - GiB // 2],
-                          settling=lambda: "big-0" if waiting.state == WorkerState.STARTING else None)
-    assert not caches.live()[0].pending and requested_budget(worker) == GiB, "no more than it resolved its cache to"
+                          send_budget=sent.append, devices=devices,
+                          settling=lambda device, looks: "big-0" if waiting.state == WorkerState.STARTING else None)
+    looks = devices.read()
+    assert not caches.live("default", looks)[0].pending and requested_budget(worker) == GiB, \
+        "no more than it resolved its cache to"
     caches.give_back()
     assert worker.prefix_cache_budget == 3 * GiB // 2 and sent == [], "the room is big-0's, admitted next pass"
     waiting.state = WorkerState.STARTING

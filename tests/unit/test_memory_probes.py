@@ -13,7 +13,9 @@ from collections import namedtuple
 
 import pytest
 from mpsd.config import MemoryConfig
+from mpsd.config.schema import DeviceMemoryConfig
 from mpsd.supervisor.memory.probes import (
+    CombinedProbe,
     FileMemoryProbe,
     HostMemoryProbe,
     MacMemoryProbe,
@@ -87,12 +89,42 @@ def test_file_probe_derives_available_and_rereads_after_rewrite(tmp_path):
     path = tmp_path / "mem.json"
     write(path, {"budget_bytes": 100, "used_bytes": 30})
     probe = FileMemoryProbe(path)
-    snap = probe.snapshot()
+    [snap] = probe.devices()
     assert (snap.probe, snap.budget_bytes, snap.used_bytes, snap.available_bytes) == (f"file:{path}", 100, 30, 70)
+    assert snap.device == "default"
     write(path, {"budget_bytes": 100, "used_bytes": 130})
-    assert probe.snapshot().available_bytes == 0  # never negative
+    assert probe.devices()[0].available_bytes == 0  # never negative
     write(path, {"budget_bytes": 200, "used_bytes": 50, "available_bytes": 120})
-    assert (probe.snapshot().budget_bytes, probe.snapshot().available_bytes) == (200, 120)
+    assert (probe.devices()[0].budget_bytes, probe.devices()[0].available_bytes) == (200, 120)
+
+
+def test_file_probe_describes_several_devices_each_with_its_own_figures(tmp_path):
+    path = tmp_path / "mem.json"
+    write(path, {"devices": [{"device": "cuda:0", "budget_bytes": 80, "used_bytes": 10},
+                             {"device": "cuda:1", "budget_bytes": 40, "used_bytes": 50},
+                             {"device": "cpu", "budget_bytes": 100, "used_bytes": 1, "available_bytes": 60}]})
+    devices = FileMemoryProbe(path).devices()
+    assert [(d.device, d.budget_bytes, d.used_bytes, d.available_bytes) for d in devices] == [
+        ("cuda:0", 80, 10, 70), ("cuda:1", 40, 50, 0), ("cpu", 100, 1, 60)]
+
+
+@pytest.mark.parametrize(("devices", "words"), [
+    ([], "devices must be a non-empty list"),
+    ({"device": "cuda:0"}, "devices must be a non-empty list"),
+    (["cuda:0"], "devices[0] must be an object"),
+    ([{"budget_bytes": 1, "used_bytes": 0}], "devices[0].device must be a name"),
+    ([{"device": "cuda:0", "budget_bytes": 1}], "devices[0].used_bytes: missing"),
+    ([{"device": "cuda:0", "budget_bytes": 1, "used_bytes": -1}], "devices[0].used_bytes cannot be negative"),
+    ([{"device": "cuda:0", "budget_bytes": 1, "used_bytes": 0, "free": 1}], "devices[0].free: unknown key"),
+    ([{"device": "a", "budget_bytes": 1, "used_bytes": 0}, {"device": "a", "budget_bytes": 1, "used_bytes": 0}],
+     "device names repeat"),
+])
+def test_file_probe_device_errors_name_the_entry_and_key(tmp_path, devices, words):
+    path = tmp_path / "mem.json"
+    write(path, {"devices": devices})
+    with pytest.raises(ProbeError) as info:
+        FileMemoryProbe(path).devices()
+    assert str(path) in str(info.value) and words in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -115,7 +147,7 @@ def test_file_probe_errors_name_the_file_and_the_problem(tmp_path, content, word
     if content is not None:
         write(path, content)
     with pytest.raises(ProbeError) as info:
-        FileMemoryProbe(path).snapshot()
+        FileMemoryProbe(path).devices()
     assert str(path) in str(info.value)
     assert words in str(info.value)
     assert isinstance(info.value, ValueError)  # admin status catches ValueError
@@ -277,37 +309,55 @@ H100 = ("NVIDIA H100 80GB HBM3", 85520809984, 600 * MiB)
 
 def test_nvml_probe_reads_one_gpu():
     nvml = fake_nvml([H100, (b"NVIDIA A10", 24 * GiB, 20 * GiB)])
-    snap = NvmlMemoryProbe(0, nvml=nvml).snapshot()
-    assert (snap.probe, snap.budget_bytes, snap.used_bytes, snap.available_bytes) == (
-        "nvml:0", 85520809984, 600 * MiB, 85520809984 - 600 * MiB,
+    [snap] = NvmlMemoryProbe(0, nvml=nvml).devices()
+    assert (snap.probe, snap.budget_bytes, snap.used_bytes, snap.available_bytes, snap.device) == (
+        "nvml:0", 85520809984, 600 * MiB, 85520809984 - 600 * MiB, "cuda:0",
     )
     assert snap.detail == "GPU 0 NVIDIA H100 80GB HBM3"
-    second = NvmlMemoryProbe(1, nvml=nvml).snapshot()
+    [second] = NvmlMemoryProbe(1, nvml=nvml).devices()
     assert (second.probe, second.budget_bytes, second.available_bytes) == ("nvml:1", 24 * GiB, 4 * GiB)
     assert second.detail == "GPU 1 NVIDIA A10"  # bytes names decoded
+
+
+def test_nvml_probe_reads_every_gpu_with_utilization_and_temperature_where_the_driver_gives_them():
+    nvml = fake_nvml([H100, (b"NVIDIA A10", 24 * GiB, 20 * GiB)])
+    nvml.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=[87, 3][h[1]], memory=0)
+    nvml.NVML_TEMPERATURE_GPU = 0
+
+    def temperature(handle, sensor):
+        if handle[1] == 1:
+            raise FakeNVMLError("Not Supported")
+        return 61
+    nvml.nvmlDeviceGetTemperature = temperature
+    devices = NvmlMemoryProbe(nvml=nvml).devices()
+    assert [(d.probe, d.device, d.budget_bytes, d.utilization_percent, d.temperature_c) for d in devices] == [
+        ("nvml", "cuda:0", 85520809984, 87, 61), ("nvml", "cuda:1", 24 * GiB, 3, None)]
+    assert NvmlMemoryProbe(nvml=fake_nvml([H100])).devices()[0].utilization_percent is None  # no such call
 
 
 def test_nvml_probe_initialises_once():
     nvml = fake_nvml([H100])
     probe = NvmlMemoryProbe(nvml=nvml)
-    probe.snapshot()
-    probe.snapshot()
+    probe.devices()
+    probe.devices()
     assert nvml.state["init"] == 1
 
 
 def test_nvml_probe_errors_are_probe_errors_and_balance_init():
     nvml = fake_nvml([H100])
     with pytest.raises(ProbeError, match="GPU 3.*Invalid Argument"):
-        NvmlMemoryProbe(3, nvml=nvml).snapshot()
+        NvmlMemoryProbe(3, nvml=nvml).devices()
     assert nvml.state["init"] == nvml.state["shutdown"] == 1
     with pytest.raises(ProbeError, match="Driver Not Loaded"):
-        NvmlMemoryProbe(0, nvml=fake_nvml([H100], init_error=True)).snapshot()
+        NvmlMemoryProbe(0, nvml=fake_nvml([H100], init_error=True)).devices()
+    with pytest.raises(ProbeError, match="no GPU"):
+        NvmlMemoryProbe(nvml=fake_nvml([])).devices()
 
 
 def test_nvml_probe_without_package_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml -> ImportError
     with pytest.raises(ProbeError, match="nvidia-ml-py"):
-        NvmlMemoryProbe().snapshot()
+        NvmlMemoryProbe().devices()
 
 
 def test_nvml_available_with_fakes():
@@ -342,9 +392,9 @@ def test_make_probe_explicit_choices(tmp_path):
     assert isinstance(file_probe, FileMemoryProbe) and file_probe.path == tmp_path / "m.json"
     mac = make_probe(MemoryConfig(probe="macos"), platform="linux", nvml_available=never)
     assert isinstance(mac, MacMemoryProbe)
-    gpu0 = make_probe(MemoryConfig(probe="nvml"), nvml_available=never)
+    every = make_probe(MemoryConfig(probe="nvml"), nvml_available=never)
     gpu2 = make_probe(MemoryConfig(probe="nvml:2"), nvml_available=never)
-    assert (gpu0.name, gpu0.device_index, gpu2.name, gpu2.device_index) == ("nvml:0", 0, "nvml:2", 2)
+    assert (every.name, gpu2.name, gpu2.device_index) == ("nvml+host", "nvml:2", 2)
 
 
 def test_make_probe_rejects_unknown_names():
@@ -366,7 +416,7 @@ def test_make_probe_auto_on_mac_passes_the_worker_report_through():
 
 def test_make_probe_auto_elsewhere_prefers_nvml_then_host():
     auto = MemoryConfig(probe="auto")
-    assert isinstance(make_probe(auto, platform="linux", nvml_available=lambda: True), NvmlMemoryProbe)
+    assert make_probe(auto, platform="linux", nvml_available=lambda: True).name == "nvml+host"
     assert isinstance(make_probe(auto, platform="linux", nvml_available=lambda: False), HostMemoryProbe)
 
 
@@ -393,6 +443,22 @@ def test_apply_overrides_replaces_budget_and_recomputes_available_ignoring_headr
     assert "[memory] budget" in out.detail
     low = apply_overrides(snap, MemoryConfig(budget_bytes=10 * GiB))
     assert low.available_bytes == 0
+
+
+def test_a_devices_own_budget_overrides_the_memory_tables_for_that_device_only():
+    config = MemoryConfig(budget_bytes=70 * GiB, headroom_bytes=GiB,
+                          devices=(DeviceMemoryConfig("cuda:1", budget_bytes=20 * GiB, headroom_bytes=2 * GiB),))
+    gpu0 = apply_overrides(MemorySnapshot("nvml", 80 * GiB, 0, 80 * GiB, device="cuda:0"), config)
+    gpu1 = apply_overrides(MemorySnapshot("nvml", 80 * GiB, 0, 80 * GiB, device="cuda:1"), config)
+    assert (gpu0.budget_bytes, gpu1.budget_bytes) == (70 * GiB, 20 * GiB)
+    assert '[memory.devices."cuda:1"] budget' in gpu1.detail and "[memory] budget" in gpu0.detail
+    assert (config.headroom_for("cuda:0"), config.headroom_for("cuda:1")) == (GiB, 2 * GiB)
+
+
+def test_combined_probe_lists_the_gpus_then_host_ram():
+    probe = CombinedProbe(NvmlMemoryProbe(nvml=fake_nvml([H100, H100])), HostMemoryProbe(
+        virtual_memory=lambda: LinuxVM(total=64 * GiB, available=40 * GiB, percent=0.0, used=0, free=0)))
+    assert [d.device for d in probe.devices()] == ["cuda:0", "cuda:1", "cpu"]
 
 
 # --- process footprint ----------------------------------------------------

@@ -111,3 +111,20 @@ def test_a_models_clean_shared_pages_are_noted_once_and_a_worker_detail_spells_o
     detail = format_worker(STATUS["workers"][0])
     assert "process_memory: footprint=81.0GiB rss=90.0GiB uss=85.0GiB pss=86.0GiB clean=9.0GiB (3 processes)" in detail
     assert "process_memory: -" in format_worker(STATUS["workers"][1])
+
+
+def device(name, budget, used, free, workers, **extra):
+    return {"device": name, "budget_bytes": budget, "used_bytes": used, "available_bytes": budget - used,
+            "headroom_bytes": 0, "free_for_workers_bytes": free, "detail": "", "workers": workers,
+            "utilization_percent": None, "temperature_c": None, **extra}
+
+
+def test_several_devices_get_a_bar_each_with_their_workers_and_gpu_figures():
+    gpus = [device("cuda:0", 80 << 30, 40 << 30, 40 << 30, ["big-0"], utilization_percent=87, temperature_c=61),
+            device("cuda:1", 80 << 30, 0, 80 << 30, [])]
+    status = {**STATUS, "memory": {**STATUS["memory"], "devices": gpus}}
+    lines = format_status(status).splitlines()
+    assert lines[2] == "  cuda:0 [##########..........] 40.0GiB/80.0GiB used, free for workers 40.0GiB, 87% busy 61°C: big-0"
+    assert lines[3] == "  cuda:1 [....................] 0B/80.0GiB used, free for workers 80.0GiB: no workers"
+    one = {**STATUS, "memory": {**STATUS["memory"], "devices": gpus[:1]}}
+    assert "cuda:0 [" not in format_status(one), "one device: the memory line says it all"

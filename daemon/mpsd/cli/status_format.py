@@ -51,6 +51,7 @@ def _heading(status: dict[str, Any]) -> list[str]:
         f"mpsd {daemon['version']}  pid {daemon['pid']}  up {format_duration(daemon['uptime_s'])}  "
         f"public {daemon['listen']}  config {daemon['config_path']}",
         _memory_line(status["memory"]),
+        *_device_lines(status["memory"]),
     ]
 
 
@@ -100,6 +101,33 @@ def _memory_line(memory: dict[str, Any]) -> str:
     return (f"memory ({memory['probe']}): budget {format_bytes(memory['budget_bytes'])}, used "
             f"{format_bytes(memory['used_bytes'])}, headroom {format_bytes(memory['headroom_bytes'])}, "
             f"free for workers {format_bytes(memory['free_for_workers_bytes'])}{detail}")
+
+
+BAR_CELLS = 20
+
+
+def _device_lines(memory: dict[str, Any]) -> list[str]:
+    """With several devices, one line each: a bar of used against budget, its room and the workers on it."""
+    devices = memory.get("devices") or []
+    if len(devices) < 2:
+        return []
+    width = max(len(d["device"]) for d in devices)
+    return [f"  {d['device'].ljust(width)} {_bar(d['used_bytes'], d['budget_bytes'])} "
+            f"{format_bytes(d['used_bytes'])}/{format_bytes(d['budget_bytes'])} used, free for workers "
+            f"{format_bytes(d['free_for_workers_bytes'])}{_gpu_figures(d)}: {', '.join(d['workers']) or 'no workers'}"
+            for d in devices]
+
+
+def _bar(used: int, budget: int) -> str:
+    filled = min(BAR_CELLS, round(BAR_CELLS * used / budget)) if budget else 0
+    return "[" + "#" * filled + "." * (BAR_CELLS - filled) + "]"
+
+
+def _gpu_figures(device: dict[str, Any]) -> str:
+    figures = [f"{device['utilization_percent']}% busy" if device.get("utilization_percent") is not None else "",
+               f"{device['temperature_c']}°C" if device.get("temperature_c") is not None else ""]
+    shown = " ".join(f for f in figures if f)
+    return f", {shown}" if shown else ""
 
 
 def _worker_row(worker: dict[str, Any]) -> list[str]:

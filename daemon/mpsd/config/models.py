@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 from typing import Any
 
 from mpsd import paths
@@ -13,13 +14,16 @@ from mpsd.config.schema import DEVICE_PATTERN, FACTORY_PATTERN, NAME_PATTERN, Mo
 from mpsd.units import parse_size
 
 _MODEL_KEYS = (
-    "name", "backend", "path", "factory", "replicas", "device", "concurrency", "threads",
+    "name", "backend", "path", "factory", "replicas", "device", "devices", "concurrency", "threads",
     "footprint", "env", "queue", "load_timeout", "memory_limit", "wired_limit", "cache_limit",
     "min_replicas", "max_replicas", "keep_alive", "priority", "scale_up_queue", "prefix_cache", "routing",
+    "max_batch_size", "max_batch_delay",
     *ENGINE_KEYS,
 )
 ROUTING_POLICIES = ("prefix", "least-loaded")
 DEFAULT_PREFIX_CACHE_FRACTION = 0.25  # of the worker's footprint (weights + a full batch's KV): docs/configuration.md
+DEFAULT_BATCH_DELAY_S = 0.0  # max_batch_delay: a batch is what waited while the module ran; configuration.md says why
+BATCHES_IN_FLIGHT = 2  # concurrency's default when batching, in batches: one runs while the next gathers
 
 
 def read_model(reader: Reader, table: dict[str, Any], index: int, base_dir: pathlib.Path) -> ModelConfig:
@@ -48,7 +52,8 @@ def read_model(reader: Reader, table: dict[str, Any], index: int, base_dir: path
         factory=_model_factory(reader, table, at, backend),
         **_demand(reader, table, at),
         device=device,
-        concurrency=reader.integer(table, "concurrency", at + "concurrency", default_concurrency, 1),
+        devices=_devices(reader, table, at, device),
+        **_concurrency_and_batching(reader, table, at, backend, default_concurrency),
         threads=reader.integer(table, "threads", at + "threads", 0, 0),
         footprint_bytes=reader.size(table, "footprint", at + "footprint"),
         env=_model_env(reader, table, at),
@@ -59,6 +64,47 @@ def read_model(reader: Reader, table: dict[str, Any], index: int, base_dir: path
         routing=_routing_policy(reader, table, at),
         engine=engine,
     )
+
+
+def _devices(reader: Reader, table: dict[str, Any], at: str, device: str) -> tuple[str, ...]:
+    """devices = ["cuda:0", "cuda:1"]: the GPUs mpsd may place this model's replicas on (docs/multi-gpu.md)."""
+    if "devices" not in table:
+        return ()
+    listed = table["devices"]
+    if not isinstance(listed, list) or not listed or not all(isinstance(d, str) for d in listed):
+        raise reader.fail(at + "devices", f'must be a non-empty list of GPUs like ["cuda:0", "cuda:1"], got {listed!r}')
+    if device not in ("cuda", "auto"):
+        raise reader.fail(at + "devices", f"chooses among GPUs for device \"cuda\" or \"auto\"; device is {device!r}"
+                                          " (a pinned device needs no list)")
+    for name in listed:
+        if not re.match(r"^cuda:[0-9]+$", name):
+            raise reader.fail(at + "devices", f"each must be a GPU like \"cuda:1\", got {name!r}")
+    if len(set(listed)) != len(listed):
+        raise reader.fail(at + "devices", f"lists a GPU twice: {listed!r}")
+    return tuple(listed)
+
+
+def _concurrency_and_batching(reader: Reader, table: dict[str, Any], at: str, backend: str,
+                              default_concurrency: int) -> dict[str, Any]:
+    """concurrency, and a Predict model's max_batch_size and max_batch_delay (worker/predict_batcher.py).
+
+    The daemon sends a worker at most `concurrency` requests at once, so a batch needs at least max_batch_size of
+    them; by default it may send two batches' worth, so the next batch gathers while one runs.
+    """
+    for key in ("max_batch_size", "max_batch_delay"):
+        if key in table and BACKENDS[backend].generates:
+            takers = ", ".join(b.name for b in BACKENDS.values() if not b.generates)
+            raise reader.fail(at + key, f"applies to backend {takers} only (Predict); language models batch up to "
+                                        "their concurrency by themselves")
+    size = reader.integer(table, "max_batch_size", at + "max_batch_size", 1, 1)
+    delay = reader.duration(table, "max_batch_delay", at + "max_batch_delay", DEFAULT_BATCH_DELAY_S)
+    if size > 1:
+        default_concurrency = max(default_concurrency, BATCHES_IN_FLIGHT * size)
+    concurrency = reader.integer(table, "concurrency", at + "concurrency", default_concurrency, 1)
+    if concurrency < size:
+        raise reader.fail(at + "max_batch_size", f"{size} is above concurrency {concurrency}: a worker is sent at "
+                                                 "most concurrency requests at once, so no batch could fill")
+    return dict(concurrency=concurrency, max_batch_size=size, max_batch_delay_s=delay)
 
 
 def _load_timeout(reader: Reader, table: dict[str, Any], at: str, engine) -> float:

@@ -13,8 +13,8 @@ from typing import Any
 from mpsd.config.models import read_model
 from mpsd.config.reader import Reader, check_listen, optional_path
 from mpsd.config.schema import (
-    EMBEDDED_DEFAULT, EMBEDDED_SOURCE, Config, ConfigError, DaemonConfig, HttpLimits, MemoryConfig, PublicAccess,
-    RoutingThresholds)
+    DEVICE_NAME_PATTERN, EMBEDDED_DEFAULT, EMBEDDED_SOURCE, Config, ConfigError, DaemonConfig, DeviceMemoryConfig,
+    HttpLimits, MemoryConfig, PublicAccess, RoutingThresholds)
 
 # [daemon] key -> HttpLimits field, for the timeouts (durations); http_max_connections and http_max_body follow them.
 HTTP_TIMEOUT_KEYS = {"http_idle_timeout": "idle_timeout_s", "http_head_timeout": "head_timeout_s",
@@ -147,7 +147,7 @@ def _access(reader: Reader, table: dict[str, Any], base_dir: pathlib.Path) -> Pu
 
 
 def _memory(reader: Reader, table: dict[str, Any], base_dir: pathlib.Path) -> MemoryConfig:
-    reader.only_keys(table, "memory.", ("probe", "budget", "headroom", "min_residency"))
+    reader.only_keys(table, "memory.", ("probe", "budget", "headroom", "min_residency", "devices"))
     probe = reader.string(table, "probe", "memory.probe", "auto")
     if probe not in ("auto", "host", "macos", "nvml") and not re.match(r"^(file:.+|nvml:[0-9]+)$", probe):
         raise reader.fail("memory.probe", f"must be auto, host, macos, nvml, nvml:N or file:PATH, got {probe!r}")
@@ -158,5 +158,21 @@ def _memory(reader: Reader, table: dict[str, Any], base_dir: pathlib.Path) -> Me
         budget_bytes=reader.size(table, "budget", "memory.budget"),
         headroom_bytes=reader.size(table, "headroom", "memory.headroom") or 0,
         min_residency_s=reader.duration(table, "min_residency", "memory.min_residency", MemoryConfig.min_residency_s),
+        devices=_device_memory(reader, reader.table(table, "devices")),
     )
+
+
+def _device_memory(reader: Reader, table: dict[str, Any]) -> tuple[DeviceMemoryConfig, ...]:
+    """[memory.devices."cuda:1"] budget / headroom: one device's own, where the machine's devices differ."""
+    devices = []
+    for name, entry in table.items():
+        at = f'memory.devices."{name}".'
+        if not DEVICE_NAME_PATTERN.match(name):
+            raise reader.fail(at[:-1], "must name a device as a probe reports it: cpu, mps, cuda:N or a file probe's name")
+        if not isinstance(entry, dict):
+            raise reader.fail(at[:-1], f"must be a table with budget and/or headroom, got {entry!r}")
+        reader.only_keys(entry, at, ("budget", "headroom"))
+        devices.append(DeviceMemoryConfig(name, reader.size(entry, "budget", at + "budget"),
+                                          reader.size(entry, "headroom", at + "headroom")))
+    return tuple(devices)
 

@@ -14,6 +14,7 @@ import re
 from mpsd.backends import BACKENDS
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
+DEVICE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]{0,62}$")  # a device as a memory probe names it
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 FACTORY_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -107,11 +108,32 @@ class DaemonConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DeviceMemoryConfig:
+    """[memory.devices."cuda:1"]: one device's own budget and headroom, where devices differ."""
+
+    device: str
+    budget_bytes: int | None = None
+    headroom_bytes: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class MemoryConfig:
     probe: str = "auto"
-    budget_bytes: int | None = None
-    headroom_bytes: int = 0
+    budget_bytes: int | None = None  # every device's, unless its own [memory.devices] entry says otherwise
+    headroom_bytes: int = 0          # kept free on every device, likewise
     min_residency_s: float = 30.0  # a worker READY for less is never evicted: the anti-thrash rule
+    devices: tuple[DeviceMemoryConfig, ...] = ()
+
+    def budget_for(self, device: str) -> int | None:
+        own = self._own(device)
+        return own.budget_bytes if own is not None and own.budget_bytes is not None else self.budget_bytes
+
+    def headroom_for(self, device: str) -> int:
+        own = self._own(device)
+        return own.headroom_bytes if own is not None and own.headroom_bytes is not None else self.headroom_bytes
+
+    def _own(self, device: str) -> DeviceMemoryConfig | None:
+        return next((d for d in self.devices if d.device == device), None)
 
 
 DEFAULT_START_TIMEOUT_S = 300.0
@@ -136,7 +158,10 @@ class ModelConfig:
     factory: str | None = None
     replicas: int = 1
     device: str = "auto"
+    devices: tuple[str, ...] = ()  # device "cuda"/"auto": the GPUs placement may choose among; (): any
     concurrency: int = 1  # parsed configs take the backend's default (backends.py)
+    max_batch_size: int = 1             # torch-module: Predicts stacked into one forward pass; 1: no batching
+    max_batch_delay_s: float = 0.0      # how long the oldest of them waits for more (config: max_batch_delay)
     threads: int = 0
     footprint_bytes: int | None = None
     env: dict[str, str] = dataclasses.field(default_factory=dict)

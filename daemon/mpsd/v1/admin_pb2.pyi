@@ -118,7 +118,7 @@ class ModelStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., replicas: _Optional[int] = ..., ready: _Optional[int] = ..., queued: _Optional[int] = ..., queue_limit: _Optional[int] = ..., concurrency: _Optional[int] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., footprint_bytes: _Optional[int] = ..., footprint_source: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., live: _Optional[int] = ..., desired: _Optional[int] = ..., last_change: _Optional[str] = ..., priority: _Optional[int] = ..., shared_bytes: _Optional[int] = ..., shared_by: _Optional[int] = ...) -> None: ...
 
 class MemoryStatus(_message.Message):
-    __slots__ = ("probe", "budget_bytes", "used_bytes", "available_bytes", "headroom_bytes", "detail", "free_for_workers_bytes")
+    __slots__ = ("probe", "budget_bytes", "used_bytes", "available_bytes", "headroom_bytes", "detail", "free_for_workers_bytes", "devices")
     PROBE_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class MemoryStatus(_message.Message):
     HEADROOM_BYTES_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     FREE_FOR_WORKERS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
     probe: str
     budget_bytes: int
     used_bytes: int
@@ -133,10 +134,35 @@ class MemoryStatus(_message.Message):
     headroom_bytes: int
     detail: str
     free_for_workers_bytes: int
-    def __init__(self, probe: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., headroom_bytes: _Optional[int] = ..., detail: _Optional[str] = ..., free_for_workers_bytes: _Optional[int] = ...) -> None: ...
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceMemory]
+    def __init__(self, probe: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., headroom_bytes: _Optional[int] = ..., detail: _Optional[str] = ..., free_for_workers_bytes: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceMemory, _Mapping]]] = ...) -> None: ...
+
+class DeviceMemory(_message.Message):
+    __slots__ = ("device", "budget_bytes", "used_bytes", "available_bytes", "headroom_bytes", "free_for_workers_bytes", "detail", "workers", "utilization_percent", "temperature_c")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEADROOM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FREE_FOR_WORKERS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_C_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    budget_bytes: int
+    used_bytes: int
+    available_bytes: int
+    headroom_bytes: int
+    free_for_workers_bytes: int
+    detail: str
+    workers: _containers.RepeatedScalarFieldContainer[str]
+    utilization_percent: int
+    temperature_c: int
+    def __init__(self, device: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., headroom_bytes: _Optional[int] = ..., free_for_workers_bytes: _Optional[int] = ..., detail: _Optional[str] = ..., workers: _Optional[_Iterable[str]] = ..., utilization_percent: _Optional[int] = ..., temperature_c: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("id", "model", "pid", "state", "reason", "state_age_s", "uptime_s", "restarts", "inflight", "tokens", "requests", "memory_bytes", "backend_memory", "backend_memory_note", "device", "last_exit", "stderr_tail", "oom_events", "running_sequences", "kv_bytes", "prefix_cache", "prefix_cache_note", "process_memory", "step_messages")
+    __slots__ = ("id", "model", "pid", "state", "reason", "state_age_s", "uptime_s", "restarts", "inflight", "tokens", "requests", "memory_bytes", "backend_memory", "backend_memory_note", "device", "last_exit", "stderr_tail", "oom_events", "running_sequences", "kv_bytes", "prefix_cache", "prefix_cache_note", "process_memory", "step_messages", "placed_device", "visible_devices")
     class BackendMemoryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +194,8 @@ class WorkerStatus(_message.Message):
     PREFIX_CACHE_NOTE_FIELD_NUMBER: _ClassVar[int]
     PROCESS_MEMORY_FIELD_NUMBER: _ClassVar[int]
     STEP_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PLACED_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    VISIBLE_DEVICES_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     pid: int
@@ -192,7 +220,9 @@ class WorkerStatus(_message.Message):
     prefix_cache_note: str
     process_memory: ProcessMemory
     step_messages: int
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., state_age_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., restarts: _Optional[int] = ..., inflight: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., device: _Optional[str] = ..., last_exit: _Optional[str] = ..., stderr_tail: _Optional[_Iterable[str]] = ..., oom_events: _Optional[int] = ..., running_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., prefix_cache: _Optional[_Union[_worker_pb2.PrefixCacheStats, _Mapping]] = ..., prefix_cache_note: _Optional[str] = ..., process_memory: _Optional[_Union[ProcessMemory, _Mapping]] = ..., step_messages: _Optional[int] = ...) -> None: ...
+    placed_device: str
+    visible_devices: str
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., state_age_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., restarts: _Optional[int] = ..., inflight: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., device: _Optional[str] = ..., last_exit: _Optional[str] = ..., stderr_tail: _Optional[_Iterable[str]] = ..., oom_events: _Optional[int] = ..., running_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., prefix_cache: _Optional[_Union[_worker_pb2.PrefixCacheStats, _Mapping]] = ..., prefix_cache_note: _Optional[str] = ..., process_memory: _Optional[_Union[ProcessMemory, _Mapping]] = ..., step_messages: _Optional[int] = ..., placed_device: _Optional[str] = ..., visible_devices: _Optional[str] = ...) -> None: ...
 
 class ProcessMemory(_message.Message):
     __slots__ = ("footprint_bytes", "rss_bytes", "uss_bytes", "pss_bytes", "clean_bytes", "processes")

@@ -70,7 +70,7 @@ class PrefixCacheStats(_message.Message):
     def __init__(self, bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., configured_bytes: _Optional[int] = ..., entries: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "pid", "backend", "device", "context_length", "tokens", "requests", "inflight", "backend_memory", "backend_memory_note", "oom_events", "last_oom", "running_sequences", "kv_bytes", "kv_reserve_bytes", "prefix_cache", "step_messages")
+    __slots__ = ("worker_id", "pid", "backend", "device", "context_length", "tokens", "requests", "inflight", "backend_memory", "backend_memory_note", "oom_events", "last_oom", "running_sequences", "kv_bytes", "kv_reserve_bytes", "prefix_cache", "step_messages", "predict_passes", "placed_device", "visible_devices")
     class BackendMemoryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,9 @@ class WorkerStats(_message.Message):
     KV_RESERVE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     STEP_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PREDICT_PASSES_FIELD_NUMBER: _ClassVar[int]
+    PLACED_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    VISIBLE_DEVICES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     pid: int
     backend: str
@@ -112,4 +115,7 @@ class WorkerStats(_message.Message):
     kv_reserve_bytes: int
     prefix_cache: PrefixCacheStats
     step_messages: int
-    def __init__(self, worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., inflight: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., oom_events: _Optional[int] = ..., last_oom: _Optional[str] = ..., running_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_reserve_bytes: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ..., step_messages: _Optional[int] = ...) -> None: ...
+    predict_passes: int
+    placed_device: str
+    visible_devices: str
+    def __init__(self, worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., inflight: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., oom_events: _Optional[int] = ..., last_oom: _Optional[str] = ..., running_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_reserve_bytes: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ..., step_messages: _Optional[int] = ..., predict_passes: _Optional[int] = ..., placed_device: _Optional[str] = ..., visible_devices: _Optional[str] = ...) -> None: ...

@@ -123,7 +123,8 @@ def _serve(spec: WorkerSpec, model, scheduler) -> int:
 
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=spec.concurrency + 4)
     server = grpc.server(executor, options=[("grpc.so_reuseport", 0)])
-    service = WorkerService(spec.worker_id, spec.backend, model, scheduler, spec.model)
+    service = WorkerService(spec.worker_id, spec.backend, model, scheduler, spec.model, spec.max_batch_size,
+                            spec.max_batch_delay_s, placed_device=spec.placed_device)
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
     socket_path = spec.socket
     if os.path.exists(socket_path):
@@ -144,6 +145,7 @@ def _serve(spec: WorkerSpec, model, scheduler) -> int:
             os.unlink(spec.steps_socket)
     service.finish_streams(spec.stop_grace_s)
     server.stop(grace=max(0.0, spec.stop_grace_s - (time.monotonic() - started))).wait()
+    service.stop_batching()
     return 0
 
 

@@ -10,6 +10,7 @@ calls on grpc's thread pool.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -28,6 +29,7 @@ from mpsd.worker.agents.grammar import CannotConstrain, chat_constraint
 from mpsd.worker.agents.matcher import WorkerGrammars
 from mpsd.worker.agents.reply_parser import ReplyParser
 from mpsd.worker.agents.reply_sink import ReplySink
+from mpsd.worker.predict_batcher import PredictBatcher
 from mpsd.worker.backends.chat import NoChatTemplate, render_prompt
 from mpsd.worker.scheduler import DeadlinePassed, DecodeScheduler, OutOfMemory
 from mpsd.step_frames import frame
@@ -48,13 +50,16 @@ class Counters:
         self.oom_events = 0
         self.last_oom = ""
         self.step_messages = 0
+        self.predict_passes = 0
 
-    def add(self, *, tokens: int = 0, requests: int = 0, inflight: int = 0, messages: int = 0) -> None:
+    def add(self, *, tokens: int = 0, requests: int = 0, inflight: int = 0, messages: int = 0,
+            passes: int = 0) -> None:
         with self._lock:
             self.tokens += tokens
             self.requests += requests
             self.inflight += inflight
             self.step_messages += messages
+            self.predict_passes += passes
 
     def record_oom(self, text: str) -> None:
         with self._lock:
@@ -64,8 +69,10 @@ class Counters:
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(self, worker_id: str, backend_name: str, model, scheduler: DecodeScheduler | None,
-                 model_name: str = "") -> None:
+                 model_name: str = "", max_batch_size: int = 1, max_batch_delay_s: float = 0.0,
+                 placed_device: str = "") -> None:
         self._worker_id = worker_id
+        self._placed_device = placed_device  # where the daemon counts its memory; with the GPUs it can open, below
         self._model_name = model_name
         self._backend_name = backend_name
         self._model = model
@@ -75,6 +82,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._sessions: set[StepSession] = set()
         self._sessions_lock = threading.Lock()
         self._grammars = WorkerGrammars(model, backend_name)
+        self._batcher: PredictBatcher | None = None  # tensor models with max_batch_size > 1 (predict_batcher.py)
+        if max_batch_size > 1 and hasattr(model, "predict"):
+            self._batcher = PredictBatcher(self._forward, max_batch_size, max_batch_delay_s, self._oom_text)
+            self._batcher.start()
+
+    def stop_batching(self) -> None:
+        """After the gRPC server stopped: no Predict is left waiting for the batcher."""
+        if self._batcher is not None:
+            self._batcher.stop()
 
     # -- the hop: one Steps connection per daemon link ---------------------------
 
@@ -187,10 +203,32 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model of backend {self._backend_name} does not take Predict; use Generate")
         with self._serving(context):
             inputs = {name: to_array(name, tensor) for name, tensor in request.inputs.items()}
-            outputs = self._model.predict(inputs)
+            outputs = self._forward(inputs) if self._batcher is None else self._batched(inputs, context)
         return inference_pb2.PredictResponse(
             outputs={name: to_tensor(array) for name, array in outputs.items()}, worker_id=self._worker_id,
         )
+
+    def _forward(self, inputs: dict) -> dict:
+        """One forward pass of the model, one request's or a batch's."""
+        self._counters.add(passes=1)
+        return self._model.predict(inputs)
+
+    def _batched(self, inputs: dict, context) -> dict:
+        """This request's share of a batched forward pass. A client that leaves, or a deadline that passes, while it
+        waits drops it from the batcher's queue: it is never run."""
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        future = self._batcher.submit(inputs, deadline)
+        context.add_callback(future.cancel)
+        try:
+            return future.result(timeout=remaining)
+        except DeadlinePassed as exc:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while the request waited for a batch")
+        except concurrent.futures.CancelledError:
+            context.abort(grpc.StatusCode.CANCELLED, "the client left while the request waited for a batch")
 
     def Stats(self, request, context):
         """Also where the daemon sets the prefix cache's budget (shrinking it to make room, giving it back)."""
@@ -213,6 +251,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             oom_events=self._counters.oom_events,
             last_oom=self._counters.last_oom,
             step_messages=self._counters.step_messages,
+            predict_passes=self._counters.predict_passes,
+            placed_device=self._placed_device,
+            visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             **self._batch_figures(),
         )
 

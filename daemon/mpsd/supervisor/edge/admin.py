@@ -19,7 +19,7 @@ from mpsd import __version__
 from mpsd.config import ConfigError
 from mpsd.supervisor.fleet.commands import ControlError
 from mpsd.supervisor.fleet.fleet import Fleet
-from mpsd.supervisor.fleet.snapshot import MemoryReading, ModelView, WorkerView
+from mpsd.supervisor.fleet.snapshot import DeviceReading, MemoryReading, ModelView, WorkerView
 from mpsd.supervisor.fleet.states import WorkerState
 from mpsd.supervisor.memory.process_memory import ProcessMemory
 from mpsd.supervisor.routing.pool import ModelPool
@@ -131,6 +131,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             prefix_cache=stats.prefix_cache if stats else None,
             prefix_cache_note=worker.prefix_cache_note, process_memory=_process_memory(worker.process_memory),
             step_messages=stats.step_messages if stats else 0,
+            placed_device=worker.device, visible_devices=stats.visible_devices if stats else "",
         )
 
 
@@ -147,5 +148,14 @@ def _memory_status(memory: MemoryReading) -> admin_pb2.MemoryStatus:
     return admin_pb2.MemoryStatus(
         probe=snap.probe, budget_bytes=snap.budget_bytes, used_bytes=snap.used_bytes,
         available_bytes=snap.available_bytes, headroom_bytes=memory.headroom_bytes, detail=snap.detail,
-        free_for_workers_bytes=memory.free_for_workers_bytes,
+        free_for_workers_bytes=memory.free_for_workers_bytes, devices=[_device_memory(d) for d in memory.devices],
     )
+
+
+def _device_memory(device: DeviceReading) -> admin_pb2.DeviceMemory:
+    snap = device.snapshot
+    return admin_pb2.DeviceMemory(
+        device=snap.device, budget_bytes=snap.budget_bytes, used_bytes=snap.used_bytes,
+        available_bytes=snap.available_bytes, headroom_bytes=device.headroom_bytes,
+        free_for_workers_bytes=device.free_for_workers_bytes, detail=snap.detail, workers=device.workers,
+        utilization_percent=snap.utilization_percent, temperature_c=snap.temperature_c)

@@ -120,6 +120,7 @@ class FleetCollector(Collector):
         yield from _workers(snapshot)
         yield from _prefix_caches(snapshot)
         yield from _memory(snapshot.memory)
+        yield from _devices(snapshot.memory)
 
     def _requests(self) -> Iterator[Metric]:
         queued = GaugeMetricFamily("mpsd_queue_depth", "Requests waiting for a free worker.", labels=["model"])
@@ -217,3 +218,37 @@ def _memory(memory: MemoryReading) -> Iterator[Metric]:
          memory.free_for_workers_bytes),
     ):
         yield GaugeMetricFamily(f"mpsd_memory_{name}_bytes", text, value=value)
+
+
+DEVICE_FIGURES = (
+    ("budget", "The ceiling workers may use on the device, from the memory probe or [memory] budget."),
+    ("used", "What the memory probe counts as used on the device, workers included."),
+    ("available", "What the memory probe counts as available on the device."),
+    ("headroom", "Memory admission keeps free on the device ([memory] headroom or the device's own)."),
+    ("free_for_workers", "Room for one more worker on the device after other use, its live workers and headroom."),
+)
+
+
+def _devices(memory: MemoryReading) -> Iterator[Metric]:
+    """Every device the probe sees, labelled `device`: its memory, the workers on it, and the driver's utilization
+    and temperature where it gives them (NVML)."""
+    families = {name: GaugeMetricFamily(f"mpsd_device_memory_{name}_bytes", text, labels=["device"])
+                for name, text in DEVICE_FIGURES}
+    workers = GaugeMetricFamily("mpsd_device_workers", "Workers with a process whose memory is on the device.",
+                                labels=["device"])
+    busy = GaugeMetricFamily("mpsd_device_utilization_percent", "The GPU's utilization as its driver reports it.",
+                             labels=["device"])
+    heat = GaugeMetricFamily("mpsd_device_temperature_celsius", "The GPU's temperature as its driver reports it.",
+                             labels=["device"])
+    for device in memory.devices:
+        snap, name = device.snapshot, [device.snapshot.device]
+        for figure, value in (("budget", snap.budget_bytes), ("used", snap.used_bytes),
+                              ("available", snap.available_bytes), ("headroom", device.headroom_bytes),
+                              ("free_for_workers", device.free_for_workers_bytes)):
+            families[figure].add_metric(name, value)
+        workers.add_metric(name, len(device.workers))
+        if snap.utilization_percent is not None:
+            busy.add_metric(name, snap.utilization_percent)
+        if snap.temperature_c is not None:
+            heat.add_metric(name, snap.temperature_c)
+    yield from (*families.values(), workers, busy, heat)

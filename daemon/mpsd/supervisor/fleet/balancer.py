@@ -7,9 +7,10 @@ applies its actions only through the doors the fleet hands it: a start adds a
 PENDING worker that admission then admits, a stop drains a worker and removes
 it, a block is kept for the fleet's admission to explain a refusal with. It
 never changes a worker's state itself, so it is tested alone with fakes of
-those doors and no memory probe. Room is the free memory plus what shrinking
-live prefix caches would give back (`reclaimable_bytes`): eviction is the
-last resort.
+those doors and no memory probe. Room is per device: the free memory on the
+device the refused worker waits for, plus what shrinking live prefix caches
+there would give back (`room`); only workers on that device are evicted for
+it, and eviction is the last resort.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ class DemandBalancer:
     def __init__(self, models: Mapping[str, ModelConfig], workers: Mapping[str, WorkerRecord], *,
                  load_of: Callable[[str], ModelLoad | None], footprints: Mapping[str, Footprint],
                  count: Callable[[str], ModelCounts], add_worker: Callable[[ModelConfig, str], WorkerRecord],
-                 stop_worker: Callable[[WorkerRecord, str, AfterStop], None], free_bytes: Callable[[], int],
-                 stopping: Callable[[], bool], reclaimable_bytes: Callable[[], int] = lambda: 0) -> None:
+                 stop_worker: Callable[[WorkerRecord, str, AfterStop], None],
+                 room: Callable[[str], tuple[int, int]], stopping: Callable[[], bool]) -> None:
         self._models = models
         self._workers = workers
         self._load_of = load_of
@@ -65,8 +66,7 @@ class DemandBalancer:
         self._count = count
         self._add_worker = add_worker
         self._stop_worker = stop_worker
-        self._free_bytes = free_bytes
-        self._reclaimable_bytes = reclaimable_bytes
+        self._room = room  # device -> (free bytes, what shrinking live prefix caches there would add)
         self._stopping = stopping
         self._last_start: dict[str, float] = {}   # model -> when demand last started a worker for it
         self._last_change: dict[str, str] = {}    # model -> the last start or stop demand made, for status
@@ -107,12 +107,14 @@ class DemandBalancer:
         models = [self._demand_of(model, loads[name]) for name, model in self._models.items()]
         ready = [self._load_view(w, loads[w.model.name]) for w in self._workers.values()
                  if w.state == WorkerState.READY and w.model.name in loads and w.after_stop == AfterStop.STAY]
-        waiting = sorted({w.model.name for w in self._workers.values() if w.state == WorkerState.REFUSED})
-        free = self._free_bytes() if waiting else 0
-        reclaimable = self._reclaimable_bytes() if waiting else 0
+        refused = [w for w in self._workers.values() if w.state == WorkerState.REFUSED]
+        device = refused[0].device if refused else ""  # one device a pass: evicting elsewhere makes no room there
+        waiting = sorted({w.model.name for w in refused if w.device == device})
+        free, reclaimable = self._room(device) if waiting else (0, 0)
         evicting = any(w.evicted_for and w.state == WorkerState.DRAINING for w in self._workers.values())
         self._blocked = {}
-        for action in demand.decide(models, ready, free, waiting, now, min_residency_s, evicting, reclaimable):
+        for action in demand.decide(models, ready, free, waiting, now, min_residency_s, evicting, reclaimable,
+                                    device=device):
             self._apply(action, now)
 
     def _demand_of(self, model: ModelConfig, load: ModelLoad) -> demand.ModelDemand:
@@ -129,7 +131,8 @@ class DemandBalancer:
     def _load_view(worker: WorkerRecord, load: ModelLoad) -> demand.WorkerLoad:
         idle_since = load.idle_since(worker.id)
         return demand.WorkerLoad(worker.id, worker.model.name, True, load.inflight(worker.id), worker.ready_at,
-                                 worker.ready_at if idle_since is None else max(idle_since, worker.ready_at))
+                                 worker.ready_at if idle_since is None else max(idle_since, worker.ready_at),
+                                 worker.device)
 
     def _apply(self, action: demand.Action, now: float) -> None:
         if isinstance(action, demand.Blocked):

@@ -10,12 +10,15 @@ tells a live worker its new budget at once (`send_budget`, a Stats call). The
 health probe carries the budget on every Stats request too (`requested_budget`),
 so a budget lost with a failed call reaches the worker on the next probe, and a
 new worker's shrunk budget reaches it with its first probe, before it serves.
+Caches shrink and grow back per device: only a cache on the device a
+candidate waits for makes room for it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from mpsd.supervisor.fleet.devices import FleetDevices, Looks
 from mpsd.supervisor.fleet.records import WorkerRecord
 from mpsd.supervisor.fleet.states import PROCESS_STATES, WorkerState
 from mpsd.supervisor.memory import admission
@@ -44,14 +47,12 @@ class CacheBudgets:
     """The fleet's prefix cache budgets; handed the records, the footprints and the doors it reads and sends through."""
 
     def __init__(self, workers: Mapping[str, WorkerRecord], *, footprints: Mapping[str, Footprint],
-                 send_budget: Callable[[WorkerRecord], None],
-                 read_memory: Callable[[], admission.MemoryView | None],
-                 live_footprints: Callable[[], list[int]], settling: Callable[[], str | None]) -> None:
+                 send_budget: Callable[[WorkerRecord], None], devices: FleetDevices,
+                 settling: Callable[[str, Looks], str | None]) -> None:
         self._workers = workers
         self._footprints = footprints
         self._send_budget = send_budget
-        self._read_memory = read_memory
-        self._live_footprints = live_footprints
+        self._devices = devices
         self._settling = settling
 
     def full_bytes(self, worker: WorkerRecord) -> int:
@@ -65,12 +66,13 @@ class CacheBudgets:
             return 0
         return max(0, self.full_bytes(worker) - worker.prefix_cache_budget)
 
-    def live(self) -> list[admission.LiveCache]:
-        """READY workers' caches, as admission sees them: what may shrink, and whether a shrink has taken effect."""
+    def live(self, device: str, looks: Looks) -> list[admission.LiveCache]:
+        """READY workers' caches on the device, as admission sees them: what may shrink, and whether a shrink has
+        taken effect."""
         caches = []
         for worker in self._workers.values():
             full = self.full_bytes(worker)
-            if worker.state != WorkerState.READY or not full:
+            if worker.state != WorkerState.READY or not full or self._devices.device_of(worker, looks) != device:
                 continue
             reported = worker.stats.prefix_cache if worker.stats is not None else None
             caches.append(admission.LiveCache(
@@ -88,11 +90,14 @@ class CacheBudgets:
         if decision.admit:
             self._set(worker, decision.cache_budget_bytes, OWN_SHRINK)
 
-    def reclaimable(self) -> int:
-        """What shrinking every live cache to 0 would add to free memory (0 when the probe fails): demand's room
-        before it evicts anyone."""
-        view = self._read_memory()
-        return admission.reclaimable_bytes(view, self._live_footprints(), self.live()) if view else 0
+    def reclaimable(self, device: str, looks: Looks) -> int:
+        """What shrinking every live cache on the device to 0 would add to its free memory: demand's room before it
+        evicts anyone, and placement's where a worker fits only so."""
+        look = looks.get(device)
+        if look is None:
+            return 0
+        return admission.reclaimable_bytes(look.view, self._devices.live_footprints(device, looks),
+                                           self.live(device, looks))
 
     def give_back(self) -> None:
         """Forgets budgets of workers with no process, and gives shrunk budgets back as admission's `restore` allows.
@@ -105,13 +110,16 @@ class CacheBudgets:
                 worker.prefix_cache_budget, worker.prefix_cache_note = None, ""
         if not any(w.prefix_cache_budget is not None for w in self._workers.values()):
             return  # nothing shrunk: no memory read
-        view = self._read_memory()
-        if view is None:
+        looks = self._devices.read()
+        if looks is None:
             return
         waiting = next((w.id for w in self._workers.values() if w.state == WorkerState.PENDING), None)
-        settling = self._settling() or waiting
-        for worker_id, budget in admission.restore(view, self._live_footprints(), self.live(), settling).items():
-            self._set(self._workers[worker_id], budget, GIVEN_BACK)
+        for device, look in looks.items():
+            settling = self._settling(device, looks) or waiting
+            given = admission.restore(look.view, self._devices.live_footprints(device, looks),
+                                      self.live(device, looks), settling)
+            for worker_id, budget in given.items():
+                self._set(self._workers[worker_id], budget, GIVEN_BACK)
 
     def _set(self, worker: WorkerRecord, budget: int | None, why: str) -> None:
         full = self.full_bytes(worker)

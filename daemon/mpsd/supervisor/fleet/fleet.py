@@ -11,8 +11,10 @@ What is not the lifecycle itself is a part the fleet composes and hands only
 what it needs, `_transition` among it, so each is read and tested alone:
 `health` (probes, the hung kill, learned footprints), `commands` (the
 operator's scale, restart, drain, reload), `demand` (starts and stops for
-the router's traffic) and `caches` (prefix cache budgets admission shrinks). Admission, spawning, exits and stopping stay here,
-where the records are.
+the router's traffic), `caches` (prefix cache budgets admission shrinks),
+`devices` (memory read per device, and placement) and `admission` (the pass
+that places and admits waiting workers). Spawning, exits and stopping stay
+here, where the records are.
 
 Processes come from an injected launcher (`WorkerProcess` by default), so the
 lifecycle is unit-tested with a fake one and a fake clock.
@@ -31,19 +33,20 @@ from collections.abc import Callable
 
 from mpsd.config import Config, ModelConfig
 from mpsd.supervisor.fleet.backoff import RestartPolicy, restart_delay, should_give_up
+from mpsd.supervisor.fleet.admitting import AdmissionPass
 from mpsd.supervisor.fleet.balancer import DemandBalancer, ModelLoad
 from mpsd.supervisor.fleet.cache_budgets import CacheBudgets
 from mpsd.supervisor.fleet.commands import OperatorCommands
+from mpsd.supervisor.fleet.devices import FleetDevices
 from mpsd.supervisor.fleet.exits import ExitKind, classify_exit
 from mpsd.supervisor.fleet.health import WorkerHealth
 from mpsd.supervisor.fleet.process import WorkerProcess
 from mpsd.supervisor.fleet.records import CONFIGURED, AfterStop, ModelCounts, WorkerRecord
-from mpsd.supervisor.fleet.snapshot import FleetSnapshot, MemoryReading, view_models, view_worker
+from mpsd.supervisor.fleet.snapshot import FleetSnapshot, view_memory, view_models, view_worker
 from mpsd.supervisor.fleet.states import PROCESS_STATES, WorkerState, check_transition
-from mpsd.supervisor.fleet.worker_env import worker_spec
-from mpsd.supervisor.memory import admission, process_memory
+from mpsd.supervisor.fleet.worker_env import device_env, worker_spec
+from mpsd.supervisor.memory import process_memory
 from mpsd.supervisor.memory.footprint import Footprint, estimate_bytes, estimate_cache_bytes
-from mpsd.supervisor.memory.probes import MemorySnapshot, apply_overrides
 from mpsd.units import format_bytes
 from mpsd.worker_spec import WorkerSpec
 
@@ -88,7 +91,6 @@ class Fleet:
         self.workers: dict[str, WorkerRecord] = {}
         self._footprints: dict[str, Footprint] = {}
         self._counts: dict[str, ModelCounts] = {}
-        self._memory_error = ""
         self.health = WorkerHealth(
             self.workers, transition=self._transition, background=self._background, footprints=self._footprints,
             count=self._count, interval_s=config.daemon.health_interval_s, timeout_s=config.daemon.health_timeout_s,
@@ -96,13 +98,17 @@ class Fleet:
         self.commands = OperatorCommands(self.models, self.workers, transition=self._transition,
                                          add_worker=self._add_worker, add_model=self._add_model,
                                          stop_worker=self._stop_worker)
+        self.devices = FleetDevices(self.workers, probe=lambda: self.probe, memory_config=lambda: self.config.memory,
+                                    counted_bytes=lambda w: self.footprint_of(w) - self.caches.shrunk_by(w))
         self.demand = DemandBalancer(
             self.models, self.workers, load_of=load_of, footprints=self._footprints, count=self._count,
-            add_worker=self._add_worker, stop_worker=self._stop_worker, free_bytes=self._free_bytes,
-            stopping=lambda: self._stopping, reclaimable_bytes=lambda: self.caches.reclaimable())
+            add_worker=self._add_worker, stop_worker=self._stop_worker, room=self._room,
+            stopping=lambda: self._stopping)
         self.caches = CacheBudgets(self.workers, footprints=self._footprints, send_budget=self.health.send_budget,
-                                   read_memory=lambda: self._read_memory()[0], live_footprints=self.live_footprints,
-                                   settling=self._settling)
+                                   devices=self.devices, settling=lambda d, looks: self.admission.settling(d, looks))
+        self.admission = AdmissionPass(self.workers, devices=self.devices, caches=self.caches,
+                                       footprint_of=self.footprint_of, transition=self._transition,
+                                       spawn=self._spawn, blocked=self.demand.blocked)
         self._on_tick = {WorkerState.STARTING: self.health.watch_starting, WorkerState.READY: self.health.watch_ready,
                          WorkerState.BACKOFF: self._tick_backoff, WorkerState.DRAINING: self._tick_draining}
         for model in config.models:
@@ -114,25 +120,17 @@ class Fleet:
     def _count(self, model_name: str) -> ModelCounts:
         return self._counts.setdefault(model_name, ModelCounts())
 
-    def live_footprints(self, excluding: WorkerRecord | None = None) -> list[int]:
-        """What admission counts as held: the footprint of every worker that has a process, less what its prefix
-        cache was shrunk by."""
-        return [self.footprint_of(w) - self.caches.shrunk_by(w) for w in self.workers.values()
-                if w.state in PROCESS_STATES and w is not excluding]
-
-    def _settling(self) -> str | None:  # a started worker not yet READY: memory not yet seen to settle
-        return next((w.id for w in self.workers.values() if w.state == WorkerState.STARTING), None)
-
-    def _free_bytes(self, excluding: WorkerRecord | None = None) -> int:
-        """Room for one more worker now, as admission counts it; 0 when the probe fails."""
-        view = self._read_memory()[0]
-        return admission.free_bytes(view, self.live_footprints(excluding)) if view else 0
+    def _room(self, device: str) -> tuple[int, int]:
+        """Demand's room on a device: free for one more worker as admission counts it, and what shrinking live
+        prefix caches there would add; (0, 0) when the probe fails."""
+        looks = self.devices.read()
+        if looks is None or device not in looks:
+            return 0, 0
+        return self.devices.free_bytes(device, looks), self.caches.reclaimable(device, looks)
 
     def snapshot(self) -> FleetSnapshot:
         """What status and metrics show, memory read now (admission reads it only while a worker waits)."""
-        view, memory = self._read_memory()
-        free = max(admission.free_bytes(view, self.live_footprints()), 0) if view else 0
-        reading = MemoryReading(self.probe.name, self.config.memory.headroom_bytes, memory, self._memory_error, free)
+        reading = view_memory(self.probe.name, self.devices, self.devices.read(), self.config.memory)
         now = self._clock()
         workers = tuple(view_worker(w, now, self._memory_of_pid(w.pid)) for w in self.workers.values())
         models = view_models(self.models, self._footprints, self._counts, list(self.workers.values()),
@@ -192,61 +190,10 @@ class Fleet:
         if now >= worker.stop_deadline:
             worker.process.send_signal(signal.SIGKILL)
 
-    # -- admission --------------------------------------------------------
+    # -- admission ------------------------------------------------------
 
     def _admit(self) -> None:
-        """Applies the pure admission decision to PENDING, REFUSED and OOM workers."""
-        waiting = [w for w in self.workers.values() if w.state in (WorkerState.PENDING, WorkerState.REFUSED, WorkerState.OOM)]
-        if not waiting:
-            return
-        view = self._read_memory()[0]
-        if view is None:
-            for worker in waiting:
-                if worker.state == WorkerState.PENDING:
-                    self._transition(worker, WorkerState.REFUSED, f"memory probe failed: {self._memory_error}")
-            return
-        live = self.live_footprints()
-        self._retry_ooms(admission.free_bytes(view, live), view.budget_bytes)
-        candidates = [self.caches.candidate(w, self.footprint_of(w)) for w in self.workers.values()
-                      if w.state in (WorkerState.PENDING, WorkerState.REFUSED)]
-        for decision in admission.decide(view, live, candidates, self._settling(), self.caches.live()):
-            self._apply_decision(self.workers[decision.worker_id], decision)
-
-    def _read_memory(self) -> tuple[admission.MemoryView | None, MemorySnapshot | None]:
-        """Reads the probe now: admission's view and the machine's own figures, or (None, None) when it fails
-        (`_memory_error` says why, logged once per new error)."""
-        try:
-            snapshot = apply_overrides(self.probe.snapshot(), self.config.memory)
-        except (OSError, ValueError, KeyError) as exc:
-            if str(exc) != self._memory_error:
-                log.warning("memory probe %s failed: %s", self.probe.name, exc)
-            self._memory_error = str(exc)
-            return None, None
-        self._memory_error = ""
-        view = admission.MemoryView(snapshot.budget_bytes, snapshot.used_bytes, self.config.memory.headroom_bytes)
-        return view, snapshot
-
-    def _retry_ooms(self, free: int, budget_bytes: int) -> None:
-        """One new attempt per real change in memory, never a loop into the same wall."""
-        for worker in self.workers.values():
-            if worker.state != WorkerState.OOM:
-                continue
-            if admission.oom_retry_due(free, worker.free_at_oom, self.footprint_of(worker), budget_bytes):
-                self._transition(worker, WorkerState.PENDING,
-                                 f"memory freed ({format_bytes(max(free, 0))} free now); trying once more")
-
-    def _apply_decision(self, worker: WorkerRecord, decision: admission.Decision) -> None:
-        """Admitted: it starts (with its own cache's budget); live caches shrinking for it: it waits PENDING."""
-        self.caches.apply(decision, worker)
-        if decision.admit:
-            if worker.state == WorkerState.REFUSED:
-                self._transition(worker, WorkerState.PENDING, "memory freed; " + decision.reason)
-            self._spawn(worker, decision.reason)
-        elif decision.shrink:
-            self._transition(worker, WorkerState.PENDING, decision.reason)
-        else:
-            blocked = self.demand.blocked(worker.model.name)
-            self._transition(worker, WorkerState.REFUSED, f"{decision.reason}; {blocked}" if blocked else decision.reason)
+        self.admission.run()
 
     # -- processes --------------------------------------------------------
 
@@ -254,7 +201,8 @@ class Fleet:
         model = worker.model
         if worker.process is not None:
             self._background(worker.process.close_channel())
-        worker.process = self._launch(self._spec_for(worker), self._worker_env(model))
+        worker.process = self._launch(self._spec_for(worker), {**self._worker_env(model),
+                                                               **device_env(model, worker.device)})
         worker.stats, worker.probe_failures, worker.peak_bytes, worker.oom_events_seen = None, 0, 0, 0
         worker.kill_cause, worker.kill_detail = None, ""
         worker.started_at = self._clock()
@@ -266,7 +214,7 @@ class Fleet:
 
     def _spec_for(self, worker: WorkerRecord) -> WorkerSpec:
         socket = self._run_dir / f"{next(self._socket_numbers)}.sock"
-        return worker_spec(worker.id, worker.model, socket, self.config.daemon.drain_grace_s)
+        return worker_spec(worker.id, worker.model, socket, self.config.daemon.drain_grace_s, worker.device)
 
     async def _start_and_reap(self, worker: WorkerRecord, process: WorkerProcess) -> None:
         try:
@@ -307,7 +255,9 @@ class Fleet:
         footprint = self._footprints[worker.model.name]
         footprint.raise_after_oom(worker.peak_bytes)
         self._count(worker.model.name).oom_exits += 1
-        worker.free_at_oom = self._free_bytes(excluding=worker)
+        looks = self.devices.read()
+        device = self.devices.device_of(worker, looks) if looks else ""
+        worker.free_at_oom = self.devices.free_bytes(device, looks, excluding=worker) if looks else 0
         self._transition(worker, WorkerState.OOM, (
             f"{description}; {worker.model.name} footprint raised to {format_bytes(footprint.bytes)} "
             f"({footprint.source}); not restarted until memory frees"))

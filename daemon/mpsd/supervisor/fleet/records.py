@@ -65,6 +65,7 @@ class WorkerRecord:
     evicted_for: str = ""  # the model it is being stopped to make room for
     prefix_cache_budget: int | None = None  # the budget the daemon set for its prefix cache; None: as configured
     prefix_cache_note: str = ""  # why its prefix cache is shrunk, with the numbers, for status; "" when it is not
+    device: str = ""  # the probe's device it was placed on (held while it has a process; goes back to on restart)
 
     @property
     def pid(self) -> int:

@@ -10,24 +10,55 @@ from __future__ import annotations
 
 import dataclasses
 
-from mpsd.config import ModelConfig
+from mpsd.config import MemoryConfig, ModelConfig
+from mpsd.supervisor.fleet.devices import FleetDevices, Looks
 from mpsd.supervisor.fleet.records import AfterStop, ModelCounts, WorkerRecord
 from mpsd.supervisor.fleet.states import WorkerState
 from mpsd.supervisor.memory.footprint import Footprint
-from mpsd.supervisor.memory.probes import MemorySnapshot
+from mpsd.supervisor.memory.snapshot import MemorySnapshot
 from mpsd.supervisor.memory.process_memory import NO_MEMORY, ProcessMemory, shared_part
 from mpsd.v1 import worker_pb2
 
 
 @dataclasses.dataclass(frozen=True)
+class DeviceReading:
+    """One device at the snapshot: the probe's figures, its headroom, its room, and the workers whose memory is there."""
+
+    snapshot: MemorySnapshot
+    headroom_bytes: int
+    free_for_workers_bytes: int  # room for one more worker there after other use, live workers and headroom; >= 0
+    workers: tuple[str, ...]     # ids of the workers with a process there
+
+
+@dataclasses.dataclass(frozen=True)
 class MemoryReading:
-    """The probe read when the snapshot was taken; `snapshot` is None when it failed and `error` says why."""
+    """The probe read when the snapshot was taken; `snapshot` is None when it failed and `error` says why.
+
+    `snapshot` is the only device's figures, or with several devices their sums
+    (device "all"); free_for_workers is then the most room on any one device:
+    a worker never spans two."""
 
     probe: str
     headroom_bytes: int
     snapshot: MemorySnapshot | None
     error: str
     free_for_workers_bytes: int  # room for one more worker after other use, live workers and headroom; never < 0
+    devices: tuple[DeviceReading, ...] = ()
+
+
+def view_memory(probe_name: str, devices: FleetDevices, looks: Looks | None, config: MemoryConfig) -> MemoryReading:
+    if looks is None:
+        return MemoryReading(probe_name, config.headroom_bytes, None, devices.error, 0)
+    readings = tuple(DeviceReading(look.snapshot, look.view.headroom_bytes,
+                                   max(devices.free_bytes(name, looks), 0), devices.workers_on(name, looks))
+                     for name, look in looks.items())
+    free = max(r.free_for_workers_bytes for r in readings)
+    if len(readings) == 1:
+        return MemoryReading(probe_name, readings[0].headroom_bytes, readings[0].snapshot, "", free, readings)
+    total = MemorySnapshot(probe_name, *(sum(getattr(r.snapshot, f) for r in readings)
+                                         for f in ("budget_bytes", "used_bytes", "available_bytes")),
+                           f"{len(readings)} devices", device="all")
+    return MemoryReading(probe_name, sum(r.headroom_bytes for r in readings), total, "", free, readings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +93,7 @@ class WorkerView:
     stderr_tail: tuple[str, ...]
     prefix_cache_note: str = ""  # why its prefix cache is shrunk ("shrunk to … configured: …"); "" if not
     process_memory: ProcessMemory = NO_MEMORY  # its process tree's figures in full; memory_bytes is their footprint
+    device: str = ""  # the device the daemon placed it on ("" before placement)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +113,7 @@ def view_worker(worker: WorkerRecord, now: float, memory: ProcessMemory) -> Work
         state_age_s=now - worker.state_since, uptime_s=(now - worker.started_at) if pid else 0.0, pid=pid,
         restarts=worker.restarts, memory_bytes=memory.footprint, stats=worker.stats, last_exit=worker.last_exit,
         stderr_tail=tuple(worker.stderr_tail), prefix_cache_note=worker.prefix_cache_note, process_memory=memory,
+        device=worker.device,
     )
 
 

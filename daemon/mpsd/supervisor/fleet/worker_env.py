@@ -42,12 +42,31 @@ def worker_env(model: ModelConfig) -> dict[str, str]:
     return env
 
 
-def worker_spec(worker_id: str, model: ModelConfig, socket: pathlib.Path, stop_grace_s: float) -> WorkerSpec:
-    """What the worker is to be; its socket sits in the private run directory."""
+def visible_gpu(model: ModelConfig, placed: str) -> str | None:
+    """The GPU index a worker placed on `placed` is to see alone, or None to leave CUDA's view as it is: for a
+    model whose device lets mpsd choose (cuda, auto) or names that GPU, unless its env sets the view itself."""
+    if not placed.startswith("cuda:") or "CUDA_VISIBLE_DEVICES" in model.env:
+        return None
+    return placed[5:] if model.device in ("cuda", "auto", placed) else None
+
+
+def device_env(model: ModelConfig, placed: str) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES for a worker placed on one GPU, so no process it runs opens a context on another; in
+    NVML's (PCI bus) order, which is how the probe and placement number GPUs."""
+    index = visible_gpu(model, placed)
+    return {} if index is None else {"CUDA_VISIBLE_DEVICES": index, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def worker_spec(worker_id: str, model: ModelConfig, socket: pathlib.Path, stop_grace_s: float,
+                placed: str = "") -> WorkerSpec:
+    """What the worker is to be; its socket sits in the private run directory. A worker that sees one GPU alone
+    calls it "cuda" (it is index 0 in its process), whichever GPU that is."""
+    device = "cuda" if visible_gpu(model, placed) is not None and model.device.startswith("cuda") else model.device
     return WorkerSpec(
         worker_id=worker_id, model=model.name, socket=str(socket), backend=model.backend, parent_pid=os.getpid(),
-        path=model.path, factory=model.factory, device=model.device, threads=model.threads,
+        path=model.path, factory=model.factory, device=device, placed_device=placed, threads=model.threads,
         concurrency=model.concurrency, stop_grace_s=stop_grace_s, mlx_memory_limit=model.memory_limit_bytes,
+        max_batch_size=model.max_batch_size, max_batch_delay_s=model.max_batch_delay_s,
         mlx_wired_limit=model.wired_limit_bytes, mlx_cache_limit=model.cache_limit_bytes,
         prefix_cache_bytes=model.prefix_cache_bytes, prefix_cache_fraction=model.prefix_cache_fraction,
         replica=int(worker_id.rpartition("-")[2] or 0), **_engine_spec(worker_id, model, socket.parent.parent),

@@ -53,6 +53,7 @@ class WorkerLoad:
     inflight: int
     ready_since: float
     idle_since: float            # when its last request ended (or it became READY)
+    device: str = ""             # the device its memory is on: only a worker on the needy device makes room there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +89,11 @@ Action = Start | Stop | Blocked
 
 
 def decide(models: Sequence[ModelDemand], workers: Sequence[WorkerLoad], free_bytes: int, waiting: Sequence[str],
-           now: float, min_residency_s: float, evicting: bool, reclaimable_bytes: int = 0) -> list[Action]:
+           now: float, min_residency_s: float, evicting: bool, reclaimable_bytes: int = 0,
+           device: str | None = None) -> list[Action]:
     """waiting: models whose next worker admission refused for memory; evicting: a stop for room is under way;
-    reclaimable_bytes: what shrinking every live prefix cache to 0 would add to free_bytes."""
+    reclaimable_bytes: what shrinking every live prefix cache to 0 would add to free_bytes; device: the device
+    free_bytes is of (the waiting workers'), whose workers alone are evicted for them (None: one device)."""
     by_name = {m.name: m for m in models}
     actions: list[Action] = [a for m in models if (a := _scale_up(m, now))]
     actions += _idle_stops(by_name, workers, now)
@@ -99,7 +102,8 @@ def decide(models: Sequence[ModelDemand], workers: Sequence[WorkerLoad], free_by
         needy = by_name[name]
         if evicting or needy.queued == 0 and needy.workers > needy.min_replicas:
             continue  # no request waits for it any more: evict nobody for a load that lost its reason
-        actions += _make_room(needy, by_name, workers, free_bytes, reclaimable_bytes, now, min_residency_s, stopping)
+        there = [w for w in workers if device is None or w.device == device]
+        actions += _make_room(needy, by_name, there, free_bytes, reclaimable_bytes, now, min_residency_s, stopping)
     return actions
 
 

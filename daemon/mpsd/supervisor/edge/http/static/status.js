@@ -40,12 +40,12 @@ function el(tag, attrs, text) {
   return node;
 }
 
-function renderMemory(status) {
-  const mem = status.memory, bar = document.getElementById("memory-bar");
+// One memory bar: other use, each live worker's footprint, headroom, free, then what waits and does not fit.
+function drawBar(bar, status, mem, workers) {
   const footprints = new Map(status.models.map(m => [m.name, Number(m.footprint_bytes)]));
   const budget = Number(mem.budget_bytes);
-  const live = status.workers.filter(w => LIVE_STATES.has(w.state));
-  const waiting = status.workers.filter(w => WAITING_STATES.has(w.state));
+  const live = workers.filter(w => LIVE_STATES.has(w.state));
+  const waiting = workers.filter(w => WAITING_STATES.has(w.state));
   const liveBytes = live.reduce((sum, w) => sum + (footprints.get(w.model) || 0), 0);
   const other = Math.max(0, Number(mem.used_bytes) - liveBytes);
   const segments = [{cls: "other", bytes: other, label: "other use", title: "other use: " + bytes(other)}];
@@ -78,6 +78,28 @@ function renderMemory(status) {
     const mark = el("div", {class: "budget-mark", title: "budget " + bytes(budget)});
     mark.style.left = (100 * budget / scale) + "%";
     bar.appendChild(mark);
+  }
+}
+
+// The memory: one bar, or one bar per device where the probe sees several.
+function renderMemory(status) {
+  const mem = status.memory, devices = mem.devices || [];
+  const several = devices.length > 1;  // then one bar per device, each with the workers placed on it
+  const budget = Number(mem.budget_bytes);
+  const bar = document.getElementById("memory-bar");
+  bar.hidden = several;
+  if (!several) drawBar(bar, status, mem, status.workers);
+  const rows = document.getElementById("device-bars");
+  rows.replaceChildren();
+  for (const d of several ? devices : []) {
+    const gpu = [d.utilization_percent != null ? d.utilization_percent + "% busy" : "",
+                 d.temperature_c != null ? d.temperature_c + "°C" : ""].filter(Boolean).join(" ");
+    rows.appendChild(el("div", {class: "muted"}, `${d.device}: budget ${bytes(d.budget_bytes)} · used ` +
+      `${bytes(d.used_bytes)} · free for workers ${bytes(d.free_for_workers_bytes)}${gpu ? " · " + gpu : ""}`));
+    const deviceBar = el("div", {class: "bar", role: "img", "aria-label": "memory of " + d.device,
+                                 "data-device": d.device});
+    drawBar(deviceBar, status, d, status.workers.filter(w => w.placed_device === d.device));
+    rows.appendChild(deviceBar);
   }
   document.getElementById("memory-line").textContent = budget
     ? `budget ${bytes(budget)} (${mem.probe}) · used ${bytes(mem.used_bytes)} · headroom ${bytes(mem.headroom_bytes)}` +
