@@ -14,7 +14,9 @@ one's footprint against its RSS, USS and PSS, and the shared part shown once;
 [--code-root DIR]`: CPU per 1k tokens in the worker -> daemon -> client hop, and where it goes by py-spy samples;
 `python -m benchmarks constrained [--model demo|25m] [--streams N] [--max-tokens N] [--rounds N] [--ttft-rounds N]
 [--out DIR]`: decode throughput with every row grammar-constrained against free, mask time per token, and the TTFT a
-new tool schema's compilation adds."""
+new tool schema's compilation adds;
+`python -m benchmarks predict [--model mlp-9m|mlp-1m] [--seconds S] [--no-peer] [--out DIR]`: a small MLP's Predict
+throughput and p50/p99 latency at 1, 8 and 32 clients, mpsd batched against unbatched and LitServe's batching."""
 
 from __future__ import annotations
 
@@ -93,7 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     shaped.add_argument("--rounds", type=int, default=4, help="rounds of free and constrained batches, alternating (4)")
     shaped.add_argument("--ttft-rounds", type=int, default=15, help="requests of each kind for the TTFT (15)")
     shaped.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/constrained"))
+    batched = commands.add_parser("predict", help="batched Predict: mpsd batched, unbatched and LitServe, side by side")
+    batched.add_argument("--model", choices=("mlp-9m", "mlp-1m"), default="mlp-9m",
+                         help="mlp-9m: 9M parameters; mlp-1m: 1.3M, whose forward pass is less than its serving")
+    batched.add_argument("--seconds", type=float, default=None, help="measured seconds per cell and round (6)")
+    batched.add_argument("--no-peer", action="store_true", help="skip LitServe")
+    batched.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's smoke run
+    batched.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/predict"))
     args = parser.parse_args(argv)
+    if args.command == "predict":
+        return _predict(args, argv)
     if args.command == "constrained":
         return _constrained(args, argv)
     if args.command == "hop":
@@ -136,6 +147,23 @@ def _constrained(args, argv) -> int:
     results["command"] = _command(argv)
     results["elapsed_s"] = round(time.perf_counter() - started, 1)
     print(constrained.report(results, args.out))
+    return 0
+
+
+def _predict(args, argv) -> int:
+    import dataclasses
+
+    from benchmarks import predict, predict_report
+    from benchmarks.predict_models import MODELS
+
+    sizes = predict.Sizes.tiny() if args.tiny else predict.Sizes()
+    sizes = dataclasses.replace(sizes, **{k: v for k, v in (("seconds", args.seconds),) if v})
+    if args.no_peer:
+        sizes = dataclasses.replace(sizes, peer=False)
+    results = predict.run(MODELS[args.model], sizes, _progress(time.perf_counter()), args.out, _command(argv))
+    print(predict_report.markdown(results))
+    print(f"\nwritten: {args.out / 'results.json'}, {args.out / 'results.md'} ({results['elapsed_s']}s)",
+          file=sys.stderr)
     return 0
 
 

@@ -81,8 +81,9 @@ def test_a_request_that_cannot_be_split_by_rows_stacks_with_nothing():
 
 
 def test_groups_keep_arrival_order_and_leave_the_unstackable_alone():
-    pending = [PendingPredict(inputs, None, 0.0) for inputs in
-               (rows(1.0), rows(2.0, width=4), {"x": np.float32(0)}, rows(3.0), {"x": np.float32(1)}, rows(4.0, width=4))]
+    arrivals = (rows(1.0), rows(2.0, width=4), {"x": np.float32(0)}, rows(3.0), {"x": np.float32(1)},
+                rows(4.0, width=4))
+    pending = [PendingPredict(inputs, None, 0.0) for inputs in arrivals]
     assert [[pending.index(p) for p in members] for members in group(pending)] == [[0, 3], [1, 5], [2], [4]]
 
 
