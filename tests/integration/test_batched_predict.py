@@ -46,7 +46,8 @@ def daemon(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def worker_stats(daemon):
-    """The worker's own Stats, from the socket its spec names (the daemon's status does not carry passes)."""
+    """The worker's own Stats, from the socket its spec names: exact at once (status shows them from the next
+    health probe on)."""
     pid = daemon.status()["workers"][0]["pid"]
     command = psutil.Process(pid).cmdline()
     socket = json.loads(command[command.index("--spec") + 1])["socket"]
@@ -109,6 +110,8 @@ def test_concurrent_clients_get_their_own_rows_as_if_alone_from_fewer_forward_pa
     assert after.requests - before.requests == BATCH
     passes = after.predict_passes - before.predict_passes
     assert 1 <= passes < BATCH, f"{BATCH} requests ran in {passes} forward passes: no batch formed"
+    wait_for(lambda: daemon.status()["workers"][0]["predict_passes"] >= after.predict_passes, 30,
+             "status showing the worker's forward passes")
 
 
 def test_a_malformed_request_fails_alone_and_its_batch_neighbours_are_answered(daemon):

@@ -162,7 +162,7 @@ class DeviceMemory(_message.Message):
     def __init__(self, device: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., headroom_bytes: _Optional[int] = ..., free_for_workers_bytes: _Optional[int] = ..., detail: _Optional[str] = ..., workers: _Optional[_Iterable[str]] = ..., utilization_percent: _Optional[int] = ..., temperature_c: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("id", "model", "pid", "state", "reason", "state_age_s", "uptime_s", "restarts", "inflight", "tokens", "requests", "memory_bytes", "backend_memory", "backend_memory_note", "device", "last_exit", "stderr_tail", "oom_events", "running_sequences", "kv_bytes", "prefix_cache", "prefix_cache_note", "process_memory", "step_messages", "placed_device", "visible_devices")
+    __slots__ = ("id", "model", "pid", "state", "reason", "state_age_s", "uptime_s", "restarts", "inflight", "tokens", "requests", "memory_bytes", "backend_memory", "backend_memory_note", "device", "last_exit", "stderr_tail", "oom_events", "running_sequences", "kv_bytes", "prefix_cache", "prefix_cache_note", "process_memory", "step_messages", "placed_device", "visible_devices", "predict_passes")
     class BackendMemoryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +196,7 @@ class WorkerStatus(_message.Message):
     STEP_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PLACED_DEVICE_FIELD_NUMBER: _ClassVar[int]
     VISIBLE_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    PREDICT_PASSES_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     pid: int
@@ -222,7 +223,8 @@ class WorkerStatus(_message.Message):
     step_messages: int
     placed_device: str
     visible_devices: str
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., state_age_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., restarts: _Optional[int] = ..., inflight: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., device: _Optional[str] = ..., last_exit: _Optional[str] = ..., stderr_tail: _Optional[_Iterable[str]] = ..., oom_events: _Optional[int] = ..., running_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., prefix_cache: _Optional[_Union[_worker_pb2.PrefixCacheStats, _Mapping]] = ..., prefix_cache_note: _Optional[str] = ..., process_memory: _Optional[_Union[ProcessMemory, _Mapping]] = ..., step_messages: _Optional[int] = ..., placed_device: _Optional[str] = ..., visible_devices: _Optional[str] = ...) -> None: ...
+    predict_passes: int
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., state_age_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., restarts: _Optional[int] = ..., inflight: _Optional[int] = ..., tokens: _Optional[int] = ..., requests: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., backend_memory: _Optional[_Mapping[str, int]] = ..., backend_memory_note: _Optional[str] = ..., device: _Optional[str] = ..., last_exit: _Optional[str] = ..., stderr_tail: _Optional[_Iterable[str]] = ..., oom_events: _Optional[int] = ..., running_sequences: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., prefix_cache: _Optional[_Union[_worker_pb2.PrefixCacheStats, _Mapping]] = ..., prefix_cache_note: _Optional[str] = ..., process_memory: _Optional[_Union[ProcessMemory, _Mapping]] = ..., step_messages: _Optional[int] = ..., placed_device: _Optional[str] = ..., visible_devices: _Optional[str] = ..., predict_passes: _Optional[int] = ...) -> None: ...
 
 class ProcessMemory(_message.Message):
     __slots__ = ("footprint_bytes", "rss_bytes", "uss_bytes", "pss_bytes", "clean_bytes", "processes")

@@ -132,6 +132,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             prefix_cache_note=worker.prefix_cache_note, process_memory=_process_memory(worker.process_memory),
             step_messages=stats.step_messages if stats else 0,
             placed_device=worker.device, visible_devices=stats.visible_devices if stats else "",
+            predict_passes=stats.predict_passes if stats else 0,
         )
 
 
