@@ -106,8 +106,7 @@ class AdmissionPass:
         for worker in self._workers.values():
             if worker.state != WorkerState.OOM:
                 continue
-            footprint, device = self._footprint_of(worker), self._devices.device_of(worker, looks)
-            free = self._devices.free_bytes(device, looks, excluding=worker)
+            footprint, (device, free) = self._footprint_of(worker), self._devices.free_around(worker, looks)
             budget = looks[device].view.budget_bytes if device in looks else 0
             elsewhere = next((d for d, room in self._devices.eligible_free(worker, looks)
                               if d != device and room >= footprint), None)

@@ -99,6 +99,11 @@ class FleetDevices:
         look = looks.get(device)
         return admission.free_bytes(look.view, self.live_footprints(device, looks, excluding)) if look else 0
 
+    def free_around(self, worker: WorkerRecord, looks: Looks) -> tuple[str, int]:
+        """The worker's device and the room there leaving it out: what an OOM death is measured against."""
+        device = self.device_of(worker, looks)
+        return device, self.free_bytes(device, looks, excluding=worker)
+
     def place(self, worker: WorkerRecord, looks: Looks, footprint_bytes: int, cache_bytes: int,
               floors: Mapping[str, int], planned: Mapping[str, int],
               planned_replicas: Mapping[tuple[str, str], int]) -> Placement:

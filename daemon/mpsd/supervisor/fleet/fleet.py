@@ -32,8 +32,8 @@ import time
 from collections.abc import Callable
 
 from mpsd.config import Config, ModelConfig
-from mpsd.supervisor.fleet.backoff import RestartPolicy, restart_delay, should_give_up
 from mpsd.supervisor.fleet.admitting import AdmissionPass
+from mpsd.supervisor.fleet.backoff import RestartPolicy, restart_delay, should_give_up
 from mpsd.supervisor.fleet.balancer import DemandBalancer, ModelLoad
 from mpsd.supervisor.fleet.cache_budgets import CacheBudgets
 from mpsd.supervisor.fleet.commands import OperatorCommands
@@ -179,7 +179,7 @@ class Fleet:
                 handler(worker, now)
         if not self._stopping:
             self.demand.balance(now, self.config.memory.min_residency_s)
-            self._admit()
+            self.admission.run()
             self.caches.give_back()
 
     def _tick_backoff(self, worker: WorkerRecord, now: float) -> None:
@@ -189,11 +189,6 @@ class Fleet:
     def _tick_draining(self, worker: WorkerRecord, now: float) -> None:
         if now >= worker.stop_deadline:
             worker.process.send_signal(signal.SIGKILL)
-
-    # -- admission ------------------------------------------------------
-
-    def _admit(self) -> None:
-        self.admission.run()
 
     # -- processes --------------------------------------------------------
 
@@ -256,8 +251,7 @@ class Fleet:
         footprint.raise_after_oom(worker.peak_bytes)
         self._count(worker.model.name).oom_exits += 1
         looks = self.devices.read()
-        device = self.devices.device_of(worker, looks) if looks else ""
-        worker.free_at_oom = self.devices.free_bytes(device, looks, excluding=worker) if looks else 0
+        worker.free_at_oom = self.devices.free_around(worker, looks)[1] if looks else 0
         self._transition(worker, WorkerState.OOM, (
             f"{description}; {worker.model.name} footprint raised to {format_bytes(footprint.bytes)} "
             f"({footprint.source}); not restarted until memory frees"))
