@@ -24,6 +24,10 @@ from hosts import LM, Load, free_port, run_one, served, start_host
 from mpsd.v1 import inference_pb2
 from support import ROOT, Daemon, wait_for
 
+# Failover timing (a drain, a kill -9, nginx or the client re-routing) is measured against the clock: these
+# run with the machine to themselves, after the parallel part of ./dev test.
+pytestmark = pytest.mark.alone
+
 RARE_SERVED = '\n[[models]]\nname = "rare"\nbackend = "null-lm"\nreplicas = 1\n'
 ON_DEMAND = '\n[[models]]\nname = "lazy"\nbackend = "null-lm"\nmin_replicas = 0\nmax_replicas = 1\n'
 RARE_BROKEN = '\n[[models]]\nname = "rare"\nbackend = "torch-lm"\npath = "{path}"\nreplicas = 1\nthreads = 1\n'

@@ -26,8 +26,11 @@ from mpsd.client import Client
 from support import ROOT, Daemon, wait_for
 
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if pathlib.Path(p).exists()), None)
-pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light; .ci/run "
-                                                      "installs it when run as root)")
+# Failover timing (a drain, a kill -9, nginx re-routing) is measured against the clock: `alone` runs these with
+# the machine to themselves, after the parallel part of ./dev test.
+pytestmark = [pytest.mark.alone,
+              pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light; .ci/run "
+                                                       "installs it when run as root)")]
 SHIPPED = ROOT / "deploy" / "nginx" / "mpsd.conf"
 MAIN = """
 daemon off;
