@@ -54,7 +54,12 @@ class RunningDaemon:
         def ready():
             if self.process.poll() is not None:
                 raise RuntimeError(f"mpsd exited: {self.log()[-2000:]}")
-            status = self.status()
+            try:
+                status = self.status()
+            except grpc.RpcError as exc:  # the admin socket is bound a moment after the public port
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    return None
+                raise
             return status if sum(w["state"] == "READY" for w in status["workers"]) >= count else None
         return _wait(ready, timeout, f"{count} READY workers")
 

@@ -39,6 +39,8 @@ from mpsd.supervisor.listeners import ListenError, serving_status, start_admin, 
 from mpsd.supervisor.memory.probes import ReportedWorkingSet, make_probe
 from mpsd.supervisor.routing.pool import ModelPool, NoWorkers
 
+REFUSAL_GRACE_S = 1.0  # after a drain, for calls still being refused when the port closes
+
 log = logging.getLogger("mpsd")
 
 
@@ -182,11 +184,14 @@ class Daemon:
         idle = asyncio.create_task(self._inference.wait_idle())
         force = asyncio.create_task(self._force.wait())
         await asyncio.wait({idle, force}, timeout=self.config.daemon.drain_grace_s, return_when=asyncio.FIRST_COMPLETED)
+        drained = idle.done() and not self._force.is_set()
         if not idle.done():
             log.warning("drain grace over with requests still in flight: cancelling them")
         idle.cancel()
         force.cancel()
-        await public.stop(0)
+        # Drained, the only calls left are ones arriving now, each being refused UNAVAILABLE: a moment's grace lets
+        # that answer out (stop(0) would end them CANCELLED, which a client's retry policy does not retry).
+        await public.stop(REFUSAL_GRACE_S if drained else 0)
         timeout = 0.0 if self._force.is_set() else self.config.daemon.stop_timeout_s
         await fleet.stop_all(timeout)
 
